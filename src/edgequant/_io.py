@@ -1,0 +1,55 @@
+"""Safe file writing: temporary name, then rename; never overwrite silently."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+
+def atomic_write_text(path: Path, text: str, overwrite: bool = False) -> None:
+    """Write ``text`` to ``path`` via a temporary file in the same folder and ``os.replace``."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{str(path)!r} exists; pass overwrite=True to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def replace_dir(tmp_dir: Path, final: Path, overwrite: bool) -> None:
+    """Move a fully written ``tmp_dir`` to ``final``; an existing ``final`` needs ``overwrite``.
+
+    The old folder is moved aside first and removed only after the new one is in place, so a
+    failure at any step leaves one complete folder at ``final`` (the old or the new).
+    """
+    if not final.exists():
+        os.replace(tmp_dir, final)
+        return
+    if not overwrite:
+        raise FileExistsError(f"{str(final)!r} exists; pass overwrite=True to replace it")
+    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    os.replace(final, old)
+    try:
+        os.replace(tmp_dir, final)
+    except BaseException:
+        os.replace(old, final)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()

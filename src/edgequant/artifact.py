@@ -1,0 +1,198 @@
+"""`save` and `load`: an edgequant bundle is a folder with two files.
+
+- ``model.safetensors``: every tensor of the model's ``state_dict`` (packed integers, scales,
+  float tensors), a tensor shared by tied modules stored once;
+- ``manifest.json``: format and version, edgequant and torch versions, the recipe, the model
+  family and config (when the model declares them), each quantized module's scheme, the tied
+  tensor names, and the sha256 and size of ``model.safetensors``.
+
+The folder is written under a temporary name and renamed into place, so a reader never sees a
+half-written bundle; an existing bundle is replaced only with ``overwrite=True``. ``load``
+checks the sha256 before reading a byte of tensor data, and refuses a truncated or altered file
+by name.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+from edgequant import __version__
+from edgequant._io import replace_dir, sha256_file
+from edgequant.layers import QuantizedEmbedding, QuantizedLinear, linear_weight
+from edgequant.quantize import _set_module
+from edgequant.recipe import Recipe
+from edgequant.schemes import Scheme
+
+FORMAT = "edgequant.bundle"
+FORMAT_VERSION = 1
+TENSORS = "model.safetensors"
+MANIFEST = "manifest.json"
+
+
+def _families() -> dict[str, Any]:
+    from edgequant.models import llama2c
+
+    return {"llama2c": llama2c.build}
+
+
+def save(model: nn.Module, path: str | Path, *, overwrite: bool = False) -> Path:
+    """Write ``model`` (quantized or not) as a bundle folder at ``path``; returns the path.
+
+    >>> import torch.nn as nn, tempfile, edgequant
+    >>> m, _ = edgequant.quantize(nn.Sequential(nn.Linear(64, 8)), "8da4w")
+    >>> out = save(m, tempfile.mkdtemp() + "/bundle")
+    >>> sorted(p.name for p in out.iterdir())
+    ['manifest.json', 'model.safetensors']
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{str(path)!r} exists; pass overwrite=True to replace it")
+    state = model.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple[int, int, tuple[int, ...], torch.dtype], str] = {}
+    for name, tensor in state.items():
+        key = (
+            tensor.untyped_storage().data_ptr(),
+            tensor.storage_offset(),
+            tuple(tensor.shape),
+            tensor.dtype,
+        )
+        if key in seen:
+            aliases[name] = seen[key]
+        else:
+            seen[key] = name
+            tensors[name] = tensor.detach().contiguous()
+    layers = {
+        fqn: {
+            "kind": "embedding" if isinstance(m, QuantizedEmbedding) else "linear",
+            "scheme": m.scheme.to_dict(),
+        }
+        for fqn, m in model.named_modules()
+        if isinstance(m, (QuantizedLinear, QuantizedEmbedding))
+    }
+    recipe = getattr(model, "edgequant_recipe", None)
+    family = getattr(model, "edgequant_family", None)
+    config = model.edgequant_config() if hasattr(model, "edgequant_config") else None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        save_file(tensors, str(tmp / TENSORS), metadata={"format": FORMAT})
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "edgequant_version": __version__,
+            "torch_version": torch.__version__,
+            "model": {"family": family, "config": config} if family else None,
+            "recipe": recipe.to_dict() if isinstance(recipe, Recipe) else None,
+            "layers": layers,
+            "aliases": aliases,
+            "files": {
+                TENSORS: {
+                    "sha256": sha256_file(tmp / TENSORS),
+                    "bytes": (tmp / TENSORS).stat().st_size,
+                }
+            },
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        replace_dir(tmp, path, overwrite)
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    """The bundle's manifest, after checking that it and every file it lists are intact."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"bundle folder {str(path)!r} does not exist")
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise FileNotFoundError(f"{str(manifest_path)!r} is missing: not an edgequant bundle")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{str(manifest_path)!r} is corrupted (not valid JSON: {e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ValueError(f"{str(manifest_path)!r} is not an edgequant bundle manifest")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{str(manifest_path)!r}: format_version {manifest.get('format_version')!r} is not "
+            f"supported (this edgequant reads {FORMAT_VERSION})"
+        )
+    for name, facts in manifest["files"].items():
+        file = path / name
+        if not file.is_file():
+            raise FileNotFoundError(f"{str(file)!r} is missing from the bundle")
+        size = file.stat().st_size
+        if size != facts["bytes"]:
+            raise ValueError(
+                f"{str(file)!r} is truncated or altered: {size} bytes, the manifest says "
+                f"{facts['bytes']}"
+            )
+        digest = sha256_file(file)
+        if digest != facts["sha256"]:
+            raise ValueError(
+                f"{str(file)!r} is corrupted or altered: sha256 {digest}, the manifest says "
+                f"{facts['sha256']}"
+            )
+    return manifest
+
+
+def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
+    """Rebuild a saved model with identical outputs.
+
+    ``model`` is a float skeleton of the same architecture; it may be omitted when the bundle
+    records a model family edgequant knows (``manifest["model"]``).
+    """
+    path = Path(path)
+    manifest = read_manifest(path)
+    if model is None:
+        info = manifest.get("model")
+        families = _families()
+        if not info or info.get("family") not in families:
+            raise ValueError(
+                f"{str(path)!r} does not record a model family edgequant can build "
+                f"({', '.join(families)}); pass the float model: load(path, model=...)"
+            )
+        model = families[info["family"]](info["config"])
+    # Swap in empty packed modules; tied ones share the first one's buffers.
+    aliases: dict[str, str] = manifest["aliases"]
+    built: dict[str, nn.Module] = {}
+    for fqn, facts in manifest["layers"].items():
+        scheme = Scheme.from_dict(facts["scheme"], where=f"{MANIFEST}: layers.{fqn}")
+        try:
+            module = model.get_submodule(fqn)
+        except AttributeError:
+            raise ValueError(f"the model has no module {fqn!r} that the bundle quantized") from None
+        if facts["kind"] == "embedding":
+            new = QuantizedEmbedding(module.num_embeddings, module.embedding_dim, scheme)
+        else:
+            rows, cols = linear_weight(module).shape
+            new = QuantizedLinear(cols, rows, scheme, bias=module.bias is not None)
+        built[fqn] = new
+    for fqn, new in built.items():
+        for buf in new.packed_buffers():
+            target = aliases.get(f"{fqn}.{buf}")
+            if target is not None:
+                owner, _, owner_buf = target.rpartition(".")
+                if owner in built:
+                    setattr(new, buf, getattr(built[owner], owner_buf))
+        _set_module(model, fqn, new)
+    state = load_file(str(path / TENSORS))
+    for name, target in aliases.items():
+        state[name] = state[target]
+    model.load_state_dict(state, strict=True)
+    if manifest.get("recipe") is not None:
+        model.edgequant_recipe = Recipe.from_dict(manifest["recipe"], where=f"{MANIFEST}: recipe")
+    return model.eval()

@@ -1,0 +1,11 @@
+"""The AI Edge (LiteRT) generative front door: recipes with the names its users know.
+
+``quant_recipes.full_int8_dynamic_recipe()`` and friends, ``quant_recipe_utils``'s
+``create_layer_quant_*``, ``LayerQuantRecipe``, ``GenerativeQuantRecipe`` and ``QuantConfig``;
+each converts to an edgequant `Recipe` with ``.to_recipe()``.
+"""
+
+from edgequant.generative.quant_config import QuantConfig
+from edgequant.generative.quant_recipe import GenerativeQuantRecipe, LayerQuantRecipe
+
+__all__ = ["GenerativeQuantRecipe", "LayerQuantRecipe", "QuantConfig"]

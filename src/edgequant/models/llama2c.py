@@ -1,0 +1,398 @@
+"""Llama as trained by Karpathy's llama2.c, in one readable file.
+
+Holds the model (``ModelArgs``, ``Transformer``), a reader for llama2.c's legacy version-0 ``.bin``
+checkpoints (``load_checkpoint``), its ``tok*.bin`` tokenizer (``Tokenizer``), ``load`` for both,
+and greedy decoding (``generate``). q/k rows use the Hugging Face "rotate half" RoPE order.
+
+Example (the tinyllamas model from the shared data folder)::
+
+    >>> model, tok = load("../shared/data/stories260K")
+    >>> tok.decode(generate(model, [tok.bos_id], max_new_tokens=30))[:26]
+    'Once upon a time, there wa'
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import math
+import re
+import struct
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    """Shape of a llama2.c model: the seven ``.bin`` header ints plus constants llama2.c fixes.
+
+    >>> ModelArgs(64, 172, 5, 8, 4, 512, 512).head_dim
+    8
+    """
+
+    dim: int
+    hidden_dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    vocab_size: int
+    max_seq_len: int
+    norm_eps: float = 1e-5  # hard-coded in llama2.c's rmsnorm()
+    rope_theta: float = 10000.0  # hard-coded in llama2.c's RoPE
+    tied_embedding: bool = True  # the .bin header says so with a positive vocab_size
+
+    def __post_init__(self) -> None:
+        for f in fields(self)[:7]:
+            value = getattr(self, f.name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"ModelArgs.{f.name} must be a positive int, got {value!r}")
+        if self.dim % self.n_heads or self.n_heads % self.n_kv_heads or self.head_dim % 2:
+            raise ValueError(
+                f"need dim % n_heads == 0, n_heads % n_kv_heads == 0 and an even head_dim; got "
+                f"dim={self.dim}, n_heads={self.n_heads}, n_kv_heads={self.n_kv_heads}"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    def to_dict(self) -> dict:
+        """Plain dict of all fields (JSON-friendly); ``from_dict`` inverts it."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelArgs:
+        """Build from a dict such as ``to_dict()`` returns; unknown keys raise ``ValueError``."""
+        allowed = [f.name for f in fields(cls)]
+        unknown = sorted(set(d) - set(allowed))
+        if unknown:
+            raise ValueError(f"unknown ModelArgs key(s) {unknown}; allowed keys: {allowed}")
+        missing = [f.name for f in fields(cls)[:7] if f.name not in d]
+        if missing:
+            raise ValueError(f"ModelArgs dict lacks required key(s) {missing}")
+        return cls(**d)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.type_as(x) * self.weight
+
+
+def rope_cos_sin(
+    seq_len: int, head_dim: int, theta: float, device: torch.device | None = None
+) -> tuple[Tensor, Tensor]:
+    """cos and sin tables ``[seq_len, head_dim]`` for rotate-half RoPE (float32)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim)
+    angles = torch.outer(torch.arange(seq_len, device=device).float(), inv_freq)  # [T, D/2]
+    angles = torch.cat([angles, angles], dim=-1)  # [T, D]
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate ``x [B, H, T, D]``: pairs are (i, i + D/2), the Hugging Face convention."""
+    x1, x2 = x.chunk(2, dim=-1)  # [B, H, T, D/2] each
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, KV, T, D]
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, KV, T, D]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        n_rep = self.n_heads // self.n_kv_heads  # grouped-query attention: share each kv head
+        k = k.repeat_interleave(n_rep, dim=1)  # [B, H, T, D]
+        v = v.repeat_interleave(n_rep, dim=1)  # [B, H, T, D]
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [B, H, T, D]
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # [B, T, H * D]
+        return self.wo(y)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)  # gate
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)  # down
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)  # up
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.attention = Attention(args)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.feed_forward = FeedForward(args.dim, args.hidden_dim)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    """Decoder-only Llama without a KV cache: ``forward(tokens [B, T]) -> logits [B, T, vocab]``."""
+
+    edgequant_family = "llama2c"
+
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tied_embedding:
+            self.output.weight = self.tok_embeddings.weight
+
+    def edgequant_config(self) -> dict:
+        """The ``ModelArgs`` as a dict; ``build(model.edgequant_config())`` rebuilds the shape."""
+        return self.args.to_dict()
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        if tokens.dim() != 2 or tokens.shape[1] > self.args.max_seq_len:
+            raise ValueError(
+                f"tokens must be [batch, seq] with seq <= max_seq_len={self.args.max_seq_len}, "
+                f"got shape {tuple(tokens.shape)}"
+            )
+        h = self.tok_embeddings(tokens)  # [B, T, dim]
+        cos, sin = rope_cos_sin(tokens.shape[1], self.args.head_dim, self.args.rope_theta, h.device)
+        cos, sin = cos.to(h.dtype), sin.to(h.dtype)  # [T, D]
+        for layer in self.layers:
+            h = layer(h, cos, sin)
+        return self.output(self.norm(h)).float()  # [B, T, vocab]
+
+
+def build(config: dict) -> Transformer:
+    """A model of the shape ``config`` describes, with placeholder weights (load them next).
+
+    >>> build({"dim": 8, "hidden_dim": 16, "n_layers": 1, "n_heads": 2, "n_kv_heads": 1,
+    ...        "vocab_size": 10, "max_seq_len": 4}).output.weight.shape
+    torch.Size([10, 8])
+    """
+    return Transformer(ModelArgs.from_dict(config))
+
+
+def _meta_to_rotate_half(w: Tensor, n_heads: int) -> Tensor:
+    """Reorder q/k rows from Meta's interleaved pairs to rotate-half pairs (i, i + D/2)."""
+    dim_out, dim_in = w.shape
+    w = w.view(n_heads, dim_out // n_heads // 2, 2, dim_in)  # [H, D/2, 2, in]
+    return w.transpose(1, 2).reshape(dim_out, dim_in)  # [H * D, in], evens then odds per head
+
+
+def load_checkpoint(path: str | Path) -> Transformer:
+    """Read a llama2.c legacy version-0 ``.bin`` into a float32 ``Transformer`` in eval mode.
+
+    >>> load_checkpoint("../shared/data/stories260K/stories260K.bin").args.n_kv_heads
+    4
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"llama2.c checkpoint not found: {path}")
+    actual = path.stat().st_size
+    if actual < 28:
+        raise ValueError(f"{path}: expected at least 28 bytes (the header), got {actual} bytes")
+    header = np.fromfile(path, "<i4", 7).tolist()
+    dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len = header
+    try:
+        args = ModelArgs(*header[:5], abs(vocab), seq_len, tied_embedding=vocab > 0)
+    except ValueError as e:
+        raise ValueError(f"{path}: not a llama2.c version-0 checkpoint header: {e}") from None
+    L, kv_dim, each = n_layers, n_kv * args.head_dim, "layers.{}."  # [L, ...] arrays, per layer
+    shapes = [  # file order
+        ("tok_embeddings.weight", (args.vocab_size, dim)),
+        (each + "attention_norm.weight", (L, dim)),
+        (each + "attention.wq.weight", (L, dim, dim)),
+        (each + "attention.wk.weight", (L, kv_dim, dim)),
+        (each + "attention.wv.weight", (L, kv_dim, dim)),
+        (each + "attention.wo.weight", (L, dim, dim)),
+        (each + "ffn_norm.weight", (L, dim)),
+        (each + "feed_forward.w1.weight", (L, hidden, dim)),
+        (each + "feed_forward.w2.weight", (L, dim, hidden)),
+        (each + "feed_forward.w3.weight", (L, hidden, dim)),
+        ("norm.weight", (dim,)),
+        ("rope tables", (2, seq_len, args.head_dim // 2)),  # unused: RoPE is computed
+    ]
+    if not args.tied_embedding:
+        shapes.append(("output.weight", (args.vocab_size, dim)))  # after the RoPE tables
+    expected = 28 + 4 * sum(math.prod(shape) for _, shape in shapes)
+    if actual != expected:
+        raise ValueError(
+            f"{path}: expected {expected} bytes for a llama2.c version-0 checkpoint with "
+            f"{args}, got {actual} bytes (truncated, or not a legacy llama2.c .bin)"
+        )
+    flat = torch.from_numpy(np.fromfile(path, "<f4", offset=28))
+    state, offset = {}, 0
+    for name, shape in shapes:
+        tensor = flat[offset : offset + math.prod(shape)].view(shape)
+        offset += math.prod(shape)
+        if name.startswith(each):
+            state.update({name.format(i): tensor[i] for i in range(L)})
+        else:
+            state[name] = tensor
+    state.pop("rope tables")
+    state.setdefault("output.weight", state["tok_embeddings.weight"])  # tied
+    for i in range(L):  # Meta's interleaved q/k rows -> rotate-half rows
+        for key, heads in (("wq", n_heads), ("wk", n_kv)):
+            key = f"layers.{i}.attention.{key}.weight"
+            state[key] = _meta_to_rotate_half(state[key], heads)
+    model = Transformer(args)
+    model.load_state_dict(state, strict=True)
+    logger.info("loaded llama2.c checkpoint %s: %s", path, args)
+    return model.float().eval()
+
+
+class Tokenizer:
+    """llama2.c's ``tok*.bin`` BPE tokenizer (sentencepiece-compatible ids, byte fallback).
+
+    >>> tok = Tokenizer("../shared/data/stories260K/tok512.bin")
+    >>> tok.decode(tok.encode("Hi, Lily!"))
+    'Hi, Lily!'
+    """
+
+    bos_id = 1
+    eos_id = 2
+    _BYTE_PIECE = re.compile(rb"<0x([0-9A-F]{2})>")
+
+    def __init__(self, path: str | Path) -> None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"llama2.c tokenizer not found: {path}")
+        raw = path.read_bytes()
+        self.pieces: list[bytes] = []
+        self.scores: list[float] = []
+        offset = 4  # skips max_token_length, which only sizes a C buffer
+        while offset < len(raw):
+            if offset + 8 > len(raw):
+                raise ValueError(f"{path}: truncated token record at byte {offset} of {len(raw)}")
+            score, n = struct.unpack_from("<fi", raw, offset)
+            if n < 0 or offset + 8 + n > len(raw):
+                raise ValueError(f"{path}: token of {n} bytes at byte {offset} overruns the file")
+            self.pieces.append(raw[offset + 8 : offset + 8 + n])
+            self.scores.append(score)
+            offset += 8 + n
+        self._ids = {piece: i for i, piece in reversed(list(enumerate(self.pieces)))}
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.pieces)
+
+    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+        """llama2.c ``encode``: dummy-prefix space, characters (or bytes), then best-score merges.
+
+        Merges are applied as llama2.c does (highest score first, leftmost on ties), with a heap.
+        """
+        ids = [self._ids[b" "]] if text else []
+        for char in text:
+            encoded = char.encode("utf-8")
+            if encoded in self._ids:
+                ids.append(self._ids[encoded])
+            else:  # byte fallback: <0x00> is id 3
+                ids.extend(b + 3 for b in encoded)
+        nxt, prv = list(range(1, len(ids) + 1)), list(range(-1, len(ids) - 1))
+        heap: list[tuple[float, int, int, int, int]] = []
+
+        def push(i: int) -> None:
+            if i < 0 or nxt[i] >= len(ids):
+                return
+            j = nxt[i]
+            merged = self._ids.get(self.pieces[ids[i]] + self.pieces[ids[j]])
+            if merged is not None:
+                heapq.heappush(heap, (-self.scores[merged], i, j, ids[i], ids[j]))
+
+        for i in range(len(ids) - 1):
+            push(i)
+        while heap:
+            _, i, j, id_i, id_j = heapq.heappop(heap)
+            if nxt[i] != j or ids[i] != id_i or ids[j] != id_j:
+                continue  # stale: a neighbour merged since this pair was pushed
+            ids[i] = self._ids[self.pieces[id_i] + self.pieces[id_j]]
+            ids[j] = -1
+            nxt[i] = nxt[j]
+            if nxt[i] < len(ids):
+                prv[nxt[i]] = i
+            push(prv[i])
+            push(i)
+        out = [t for t in ids if t >= 0]
+        return [self.bos_id] * bos + out + [self.eos_id] * eos
+
+    def decode(self, ids: list[int]) -> str:
+        """Concatenate pieces; ``<0xXX>`` become bytes, BOS/EOS vanish, and the dummy-prefix
+        space after BOS (or at the start) is stripped, as llama2.c and sentencepiece do."""
+        out, prev = [], self.bos_id
+        for t in ids:
+            if not 0 <= t < self.vocab_size:
+                raise ValueError(f"token id {t} out of range [0, {self.vocab_size})")
+            if t not in (self.bos_id, self.eos_id):
+                piece = self.pieces[t]
+                if prev == self.bos_id and piece.startswith(b" "):
+                    piece = piece[1:]
+                if m := self._BYTE_PIECE.fullmatch(piece):
+                    piece = bytes([int(m.group(1), 16)])
+                out.append(piece)
+            prev = t
+        return b"".join(out).decode("utf-8", errors="replace")
+
+
+def load(
+    model_dir_or_bin: str | Path, tokenizer_path: str | Path | None = None
+) -> tuple[Transformer, Tokenizer]:
+    """Load ``(Transformer, Tokenizer)`` from a checkpoint or a folder holding one.
+
+    A folder must hold exactly one ``*.bin`` not named ``tok*.bin``; the tokenizer defaults to
+    ``tok{vocab_size}.bin`` beside the checkpoint (``tok512.bin`` for stories260K).
+    """
+    path = Path(model_dir_or_bin)
+    if path.is_dir():
+        bins = sorted(p for p in path.glob("*.bin") if not p.name.startswith("tok"))
+        if len(bins) != 1:
+            raise ValueError(f"expected exactly one model *.bin in {path}, found {bins}")
+        path = bins[0]
+    model = load_checkpoint(path)
+    tokenizer = Tokenizer(tokenizer_path or path.parent / f"tok{model.args.vocab_size}.bin")
+    if tokenizer.vocab_size != model.args.vocab_size:
+        raise ValueError(
+            f"tokenizer has {tokenizer.vocab_size} tokens, model expects {model.args.vocab_size}"
+        )
+    return model, tokenizer
+
+
+@torch.no_grad()
+def generate(model: Transformer, tokens: list[int], max_new_tokens: int) -> list[int]:
+    """Greedy decoding, recomputing the whole sequence each step; returns prompt + new tokens.
+
+    Stops after ``max_new_tokens`` or when the sequence reaches ``model.args.max_seq_len``.
+    """
+    if not tokens:
+        raise ValueError("generate needs at least one prompt token (e.g. the BOS id 1)")
+    out = list(tokens)
+    device = next(model.parameters()).device
+    while len(out) < min(len(tokens) + max_new_tokens, model.args.max_seq_len):
+        logits = model(torch.tensor([out], device=device))  # [1, T, vocab]
+        out.append(int(logits[0, -1].argmax()))
+    return out

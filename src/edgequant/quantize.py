@@ -1,0 +1,320 @@
+"""`plan` and `quantize`: resolve each module's scheme from a recipe, then swap it in place.
+
+``plan(model, recipe)`` changes nothing and says, per module, which rule decided its scheme and
+what it will cost; ``quantize(model, recipe)`` does it and returns the same plan. Both check the
+whole recipe against the model first, so a bad recipe fails before any weight is touched.
+
+Tied weights (an embedding shared with the lm_head) are quantized once when their rules agree,
+and the two packed modules share one storage; when the rules give them different schemes each
+gets its own copy, and the plan says so.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from edgequant.layers import (
+    QuantizedEmbedding,
+    QuantizedLinear,
+    check_shape,
+    layout_bytes,
+    linear_weight,
+)
+from edgequant.recipe import Recipe
+from edgequant.roles import infer_roles, is_quantizable, is_quantized
+from edgequant.schemes import Scheme
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """What the recipe decided for one module. Bytes count weights, scales and zero points."""
+
+    fqn: str
+    kind: str  # "linear", "conv1d" or "embedding"
+    role: str | None
+    layer: int | None
+    shape: tuple[int, int]  # [rows, cols] = [out, in] for linears, [vocab, dim] for embeddings
+    scheme: Scheme | None  # None: left float
+    rule: int | None  # index of the deciding rule in the recipe, None if no rule matched
+    bytes_before: int
+    bytes_after: int
+    tied_to: str | None = None  # FQN of the module whose packed storage this one shares
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "fqn": self.fqn,
+            "kind": self.kind,
+            "role": self.role,
+            "layer": self.layer,
+            "shape": list(self.shape),
+            "scheme": None if self.scheme is None else self.scheme.to_dict(),
+            "rule": self.rule,
+            "bytes_before": self.bytes_before,
+            "bytes_after": self.bytes_after,
+            "tied_to": self.tied_to,
+        }
+
+
+@dataclass
+class Plan:
+    """Per-module decisions of a recipe on a model, in module order."""
+
+    recipe: Recipe
+    layers: list[LayerPlan]
+    bytes_before: int  # float bytes of all weights, a tied tensor counted once
+    bytes_after: int  # stored bytes after quantization, shared storage counted once
+
+    def __iter__(self):
+        return iter(self.layers)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __getitem__(self, fqn: str) -> LayerPlan:
+        for lp in self.layers:
+            if lp.fqn == fqn:
+                return lp
+        raise KeyError(f"no quantizable module {fqn!r} in the plan")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "recipe": self.recipe.to_dict(),
+            "bytes_before": self.bytes_before,
+            "bytes_after": self.bytes_after,
+            "layers": [lp.to_dict() for lp in self.layers],
+        }
+
+    def table(self) -> str:
+        """A fixed-width table, one module per line, with totals."""
+        head = f"{'module':<40} {'role':<11} {'shape':>12}  {'scheme':<44} {'MiB':>8}"
+        lines = [head, "-" * len(head)]
+        for lp in self.layers:
+            scheme = "float (kept)" if lp.scheme is None else lp.scheme.describe()
+            if lp.tied_to:
+                scheme += f" [tied to {lp.tied_to}]"
+            shape = "x".join(map(str, lp.shape))
+            lines.append(
+                f"{lp.fqn:<40} {lp.role or '-':<11} {shape:>12}  {scheme:<44} "
+                f"{lp.bytes_after / 2**20:>8.3f}"
+            )
+        lines.append("-" * len(head))
+        ratio = self.bytes_before / max(self.bytes_after, 1)
+        lines.append(
+            f"weights: {self.bytes_before / 2**20:.3f} MiB -> {self.bytes_after / 2**20:.3f} MiB "
+            f"({ratio:.2f}x smaller)"
+        )
+        return "\n".join(lines)
+
+
+def as_recipe(recipe: Any) -> Recipe:
+    """Accept a `Recipe`, a preset name, a recipe file path, or an object with ``to_recipe()``."""
+    if isinstance(recipe, Recipe):
+        return recipe
+    if hasattr(recipe, "to_recipe"):
+        return recipe.to_recipe()
+    if isinstance(recipe, str):
+        from edgequant import recipes
+
+        if recipe in recipes.names():
+            return recipes.get(recipe)
+        if recipe.endswith((".json", ".yaml", ".yml")):
+            return Recipe.load(recipe)
+        raise ValueError(
+            f"recipe {recipe!r} is neither a preset ({', '.join(recipes.names())}) nor a "
+            ".json/.yaml recipe file"
+        )
+    raise TypeError(
+        "recipe must be a Recipe, a preset name, a recipe file path or a QuantConfig / "
+        f"GenerativeQuantRecipe, got {type(recipe).__name__}"
+    )
+
+
+def _kind(module: nn.Module) -> str:
+    if isinstance(module, nn.Embedding):
+        return "embedding"
+    return "linear" if isinstance(module, nn.Linear) else "conv1d"
+
+
+def _weight(module: nn.Module):
+    return module.weight if isinstance(module, nn.Embedding) else linear_weight(module)
+
+
+def _after_bytes(scheme: Scheme | None, rows: int, cols: int, before: int) -> int:
+    if scheme is None or scheme.weight == "fp32":
+        return before
+    return layout_bytes(rows, cols, scheme)
+
+
+def _check_rules(model: nn.Module, recipe: Recipe, candidates: dict[str, nn.Module], roles) -> None:
+    """Refuse rules aimed at modules edgequant cannot quantize; warn on rules matching nothing."""
+    leaves = {
+        fqn: m
+        for fqn, m in model.named_modules()
+        if fqn and not list(m.children()) and list(m.parameters(recurse=False))
+    }
+    for i, rule in enumerate(recipe.rules):
+        if rule.module is not None:
+            hits = [f for f in leaves if rule.matches(f, None, None)]
+            wrong = [f for f in hits if f not in candidates]
+            if wrong and rule.scheme is not None:
+                names = ", ".join(f"{f} ({type(leaves[f]).__name__})" for f in wrong[:5])
+                raise ValueError(
+                    f"rules[{i}] ({rule.selector()}) targets {names}: edgequant quantizes "
+                    "nn.Linear, nn.Embedding and Conv1D modules only; narrow the selector or "
+                    "map it to null"
+                )
+        else:
+            hits = [f for f in candidates if rule.matches(f, *roles[f])]
+        if not hits:
+            key = rule.module[3:] if rule.module and rule.module.startswith("re:") else rule.module
+            near = difflib.get_close_matches(
+                key or rule.role or "", list(candidates), n=5, cutoff=0.3
+            )
+            log.warning(
+                "rules[%d] (%s) matches no module%s",
+                i,
+                rule.selector(),
+                f"; did you mean one of: {', '.join(near)}" if near else "",
+            )
+
+
+def plan(model: nn.Module, recipe: Any) -> Plan:
+    """What `quantize` would do, without changing the model.
+
+    Raises ValueError for a scheme a module's shape cannot hold (naming the rule, the module and
+    the group sizes that fit) and for rules aimed at module types edgequant cannot quantize.
+    """
+    recipe = as_recipe(recipe)
+    already = [fqn for fqn, m in model.named_modules() if is_quantized(m)]
+    if already:
+        raise ValueError(
+            f"the model is already quantized ({len(already)} packed modules, e.g. {already[0]}); "
+            "quantize a float model"
+        )
+    roles = infer_roles(model)
+    candidates = {fqn: m for fqn, m in model.named_modules() if is_quantizable(m)}
+    _check_rules(model, recipe, candidates, roles)
+
+    decided: dict[str, tuple[Scheme | None, int | None]] = {}
+    errors = []
+    for fqn, module in candidates.items():
+        scheme, rule = recipe.resolve(fqn, *roles[fqn])
+        decided[fqn] = (scheme, rule)
+        if scheme is None:
+            continue
+        if scheme.activation == "int8_static":
+            raise NotImplementedError(
+                f"rules[{rule}] gives {fqn} activation 'int8_static', which needs calibrated "
+                "activation ranges; eager quantize() supports 'none' and 'int8_dynamic'"
+            )
+        try:
+            check_shape(scheme, _weight(module).shape[1], fqn)
+        except ValueError as e:
+            errors.append(f"rules[{rule}] ({recipe.rules[rule].selector()}): {e}")
+    if errors:
+        more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
+        raise ValueError("; ".join(errors[:3]) + more)
+
+    # Tied weights: one tensor used by several modules (first in module order owns it).
+    groups: dict[int, list[str]] = {}
+    for fqn, module in candidates.items():
+        groups.setdefault(id(_weight(module).untyped_storage()), []).append(fqn)
+    tied_to: dict[str, str] = {}
+    for members in groups.values():
+        schemes = {decided[f][0] for f in members}
+        if len(members) < 2:
+            continue
+        if len(schemes) == 1 and None not in schemes:
+            tied_to.update({f: members[0] for f in members[1:]})
+        else:
+            log.warning(
+                "%s share one weight but the recipe gives them different schemes (%s); each is "
+                "stored on its own",
+                " and ".join(members),
+                ", ".join("float" if s is None else s.describe() for s in schemes),
+            )
+
+    layers = []
+    before_total = after_total = 0
+    for members in groups.values():
+        float_counted = False
+        for i, fqn in enumerate(members):
+            module = candidates[fqn]
+            weight = _weight(module)
+            rows, cols = weight.shape
+            before = weight.numel() * weight.element_size()
+            scheme, rule = decided[fqn]
+            after = _after_bytes(scheme, rows, cols, before)
+            before_total += before if i == 0 else 0
+            if scheme is None:  # the float tensor is held once however many modules use it
+                after_total += 0 if float_counted else after
+                float_counted = True
+            elif fqn not in tied_to:
+                after_total += after
+            layers.append(
+                LayerPlan(
+                    fqn=fqn,
+                    kind=_kind(module),
+                    role=roles[fqn][0],
+                    layer=roles[fqn][1],
+                    shape=(rows, cols),
+                    scheme=scheme,
+                    rule=rule,
+                    bytes_before=before,
+                    bytes_after=after,
+                    tied_to=tied_to.get(fqn),
+                )
+            )
+    order = {fqn: i for i, fqn in enumerate(candidates)}
+    layers.sort(key=lambda lp: order[lp.fqn])
+    return Plan(recipe=recipe, layers=layers, bytes_before=before_total, bytes_after=after_total)
+
+
+def _set_module(model: nn.Module, fqn: str, new: nn.Module) -> None:
+    parent_name, _, child = fqn.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def quantize(model: nn.Module, recipe: Any) -> tuple[nn.Module, Plan]:
+    """Swap every module the recipe quantizes for its packed twin, in place.
+
+    Returns ``(model, plan)``; the recipe is kept as ``model.edgequant_recipe`` so that
+    `edgequant.save` stores it in the artifact.
+
+    >>> import torch
+    >>> model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8))
+    >>> model, p = quantize(model, "int8-dynamic")
+    >>> type(model[0]).__name__, p["0"].scheme.weight
+    ('QuantizedLinear', 'int8')
+    """
+    p = plan(model, recipe)
+    packed: dict[str, nn.Module] = {}
+    todo = [lp for lp in p if lp.scheme is not None and lp.scheme.weight != "fp32"]
+    for lp in tqdm(todo, desc="quantize", unit="layer", disable=len(todo) < 50 or None):
+        module = model.get_submodule(lp.fqn)
+        cls = QuantizedEmbedding if lp.kind == "embedding" else QuantizedLinear
+        if lp.tied_to is None:
+            new = cls.from_float(module, lp.scheme, name=lp.fqn)
+        else:
+            owner = packed[lp.tied_to]
+            if cls is QuantizedEmbedding:
+                new = QuantizedEmbedding(lp.shape[0], lp.shape[1], lp.scheme)
+            else:
+                new = QuantizedLinear(lp.shape[1], lp.shape[0], lp.scheme, module.bias is not None)
+                if module.bias is not None:
+                    new.bias = module.bias.detach().float().clone()
+            new.set_packed(owner.packed_buffers())
+        packed[lp.fqn] = new
+    for fqn, new in packed.items():
+        _set_module(model, fqn, new)
+    model.edgequant_recipe = p.recipe
+    return model, p

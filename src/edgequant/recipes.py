@@ -1,0 +1,77 @@
+"""Named presets: ``edgequant.recipes.get(name, **overrides)`` and ``edgequant.recipes.names()``.
+
+Every preset is one ``role: default`` rule, so it quantizes every Linear and Embedding (an
+embedding lookup ignores the activation mode). Keyword overrides replace scheme fields in every
+rule, e.g. ``get("8da4w", group_size=64)`` or ``get("int8-dynamic", scale_dtype="fp16")``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import replace
+
+from edgequant.recipe import Recipe, Rule
+from edgequant.schemes import Scheme
+
+_PRESETS: dict[str, tuple[Scheme, str]] = {
+    "fp16": (Scheme("fp16"), "fp16 weights, fp32 activations and compute"),
+    "int8-weight-only": (
+        Scheme("int8"),
+        "int8 per-channel symmetric weights, float activations and compute",
+    ),
+    "int8-dynamic": (
+        Scheme("int8", activation="int8_dynamic"),
+        "int8 per-channel symmetric weights, activations int8 per token at run time "
+        "(dynamic range), integer matmul",
+    ),
+    "8da4w": (
+        Scheme("int4", "per_group", group_size=32, scale_dtype="fp16", activation="int8_dynamic"),
+        "int4 symmetric group-wise weights (group 32, fp16 scales), activations int8 dynamic "
+        "per token, asymmetric",
+    ),
+    "int4-weight-only": (
+        Scheme("int4", "per_group", group_size=32, scale_dtype="fp16"),
+        "int4 symmetric group-wise weights (group 32, fp16 scales), float activations",
+    ),
+}
+
+
+def names() -> list[str]:
+    """The preset names, e.g. ``['fp16', 'int8-weight-only', 'int8-dynamic', '8da4w', ...]``."""
+    return list(_PRESETS)
+
+
+def describe(name: str) -> str:
+    """One line saying what a preset does."""
+    return _PRESETS[_check(name)][1]
+
+
+def _check(name: str) -> str:
+    if name not in _PRESETS:
+        raise ValueError(f"unknown preset {name!r}; presets: {', '.join(_PRESETS)}")
+    return name
+
+
+def get(name: str, **overrides) -> Recipe:
+    """The preset ``name`` as a `Recipe`, with scheme fields replaced by ``overrides``.
+
+    >>> get("8da4w", group_size=64).rules[0].scheme.group_size
+    64
+    >>> get("8da4w", groupsize=64)
+    Traceback (most recent call last):
+    ...
+    ValueError: preset '8da4w': unknown override(s) ['groupsize']; allowed: ['weight', \
+'granularity', 'group_size', 'symmetric', 'scale_dtype', 'activation', 'activation_symmetric', \
+'algorithm']
+    """
+    scheme, _ = _PRESETS[_check(name)]
+    allowed = [f.name for f in dataclasses.fields(Scheme)]
+    unknown = sorted(set(overrides) - set(allowed))
+    if unknown:
+        raise ValueError(f"preset {name!r}: unknown override(s) {unknown}; allowed: {allowed}")
+    try:
+        scheme = replace(scheme, **overrides)
+    except ValueError as e:
+        raise ValueError(f"preset {name!r}: {e}") from None
+    suffix = "".join(f",{k}={v}" for k, v in overrides.items())
+    return Recipe(rules=(Rule(scheme, role="default"),), name=name + suffix)

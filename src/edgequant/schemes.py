@@ -1,0 +1,168 @@
+"""`Scheme`: how one layer is quantized. One frozen dataclass that validates itself.
+
+A scheme is data, never guessed from a name: artifacts store it field by field.
+
+Weight dtypes: ``int2`` .. ``int8`` (integers with scales), ``fp16`` / ``bf16`` (a plain cast),
+``fp32`` (kept as is). Activation modes: ``none`` (float compute), ``int8_dynamic`` (each token's
+activations quantized to int8 at run time with its own scale, integer matmul, float output),
+``int8_static`` (one activation scale from calibration).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from edgequant.primitives import FLOAT_DTYPES, GRANULARITIES
+
+INT_DTYPES = tuple(f"int{b}" for b in range(2, 9))
+WEIGHT_DTYPES = INT_DTYPES + ("fp16", "bf16", "fp32")
+ACTIVATIONS = ("none", "int8_dynamic", "int8_static")
+# Algorithms edgequant implements today; the recipe refuses others by name.
+ALGORITHMS = ("minmax",)
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """How one Linear / Embedding is stored and computed.
+
+    >>> Scheme(weight="int4", granularity="per_group", group_size=32, activation="int8_dynamic")
+    Scheme(weight='int4', granularity='per_group', group_size=32, symmetric=True, \
+scale_dtype='fp32', activation='int8_dynamic', activation_symmetric=False, algorithm='minmax')
+    >>> Scheme(weight="int4", granularity="per_group")
+    Traceback (most recent call last):
+    ...
+    ValueError: Scheme: granularity 'per_group' needs a group_size (e.g. 32)
+    """
+
+    weight: str
+    granularity: str = "per_channel"
+    group_size: int | None = None
+    symmetric: bool = True
+    # fp32 scales by default; fp16 saves 2 bytes a group and is what GGUF's Q4_0/Q8_0 hold.
+    scale_dtype: str = "fp32"
+    activation: str = "none"
+    # Per-token activation ranges are skewed (e.g. after SiLU), so asymmetric is the default, as
+    # in ExecuTorch's 8da4w and XNNPACK's dynamically quantized linear.
+    activation_symmetric: bool = False
+    algorithm: str = "minmax"
+
+    def __post_init__(self) -> None:
+        def bad(field: str, value: Any, allowed: Any) -> ValueError:
+            return ValueError(f"Scheme: {field} {value!r} is not allowed; allowed: {allowed}")
+
+        if self.weight not in WEIGHT_DTYPES:
+            raise bad("weight", self.weight, list(WEIGHT_DTYPES))
+        if self.activation not in ACTIVATIONS:
+            raise bad("activation", self.activation, list(ACTIVATIONS))
+        if self.algorithm not in ALGORITHMS:
+            raise bad("algorithm", self.algorithm, list(ALGORITHMS))
+        if not isinstance(self.symmetric, bool):
+            raise bad("symmetric", self.symmetric, [True, False])
+        if not isinstance(self.activation_symmetric, bool):
+            raise bad("activation_symmetric", self.activation_symmetric, [True, False])
+        if not self.is_integer:
+            if self.activation != "none":
+                raise ValueError(
+                    f"Scheme: a {self.weight} weight computes in float; activation "
+                    f"{self.activation!r} needs an integer weight (e.g. weight='int8')"
+                )
+            return
+        if self.granularity not in GRANULARITIES:
+            raise bad("granularity", self.granularity, list(GRANULARITIES))
+        if self.scale_dtype not in FLOAT_DTYPES:
+            raise bad("scale_dtype", self.scale_dtype, list(FLOAT_DTYPES))
+        if self.granularity == "per_group":
+            if self.group_size is None:
+                raise ValueError("Scheme: granularity 'per_group' needs a group_size (e.g. 32)")
+            if isinstance(self.group_size, bool) or not isinstance(self.group_size, int):
+                raise bad("group_size", self.group_size, "a positive integer")
+            if self.group_size <= 0 or self.group_size % 2:
+                raise bad("group_size", self.group_size, "a positive even integer")
+        elif self.group_size is not None:
+            raise ValueError(
+                f"Scheme: group_size {self.group_size!r} is only meaningful with "
+                f"granularity 'per_group', not {self.granularity!r}"
+            )
+
+    # ---- derived facts -----------------------------------------------------------------------
+    @property
+    def is_integer(self) -> bool:
+        """True for int2..int8 weights (stored as integers plus scales)."""
+        return self.weight in INT_DTYPES
+
+    @property
+    def bits(self) -> int:
+        """Bits of one stored weight value (16 for fp16/bf16, 32 for fp32)."""
+        return (
+            int(self.weight[3:])
+            if self.is_integer
+            else {"fp16": 16, "bf16": 16}.get(self.weight, 32)
+        )
+
+    @property
+    def torch_scale_dtype(self) -> torch.dtype:
+        return FLOAT_DTYPES[self.scale_dtype]
+
+    def bits_per_weight(self, cols: int) -> float:
+        """Storage bits per weight for rows of ``cols`` values, scales and zero points included.
+
+        >>> Scheme("int4", "per_group", 32, scale_dtype="fp16").bits_per_weight(4096)
+        4.5
+        """
+        if not self.is_integer:
+            return float(self.bits)
+        if self.granularity == "per_group":
+            group = self.group_size
+        elif self.granularity == "per_channel":
+            group = cols
+        else:  # per-tensor: one scale for the whole tensor, negligible per weight
+            return float(self.bits)
+        extra = torch.finfo(self.torch_scale_dtype).bits + (0 if self.symmetric else 8)
+        return self.bits + extra / group
+
+    def describe(self) -> str:
+        """A short human label, e.g. ``int4 g32 sym fp16-scales, act int8 dynamic``.
+
+        >>> Scheme("int8").describe()
+        'int8 per-channel sym'
+        """
+        if not self.is_integer:
+            return self.weight
+        gran = {"per_tensor": "per-tensor", "per_channel": "per-channel"}.get(
+            self.granularity, f"g{self.group_size}"
+        )
+        parts = [self.weight, gran, "sym" if self.symmetric else "asym"]
+        if self.scale_dtype != "fp32":
+            parts.append(f"{self.scale_dtype}-scales")
+        text = " ".join(parts)
+        if self.activation != "none":
+            kind = "sym" if self.activation_symmetric else "asym"
+            text += f", act {self.activation.replace('_', ' ')} {kind}"
+        if self.algorithm != "minmax":
+            text += f", {self.algorithm}"
+        return text
+
+    # ---- file form ---------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict of every field (JSON/YAML ready)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "scheme") -> Scheme:
+        """Build from a dict, naming ``where`` in errors (unknown keys, missing weight)."""
+        if not isinstance(data, dict):
+            raise TypeError(f"{where}: expected a mapping of scheme fields, got {data!r}")
+        allowed = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(data) - set(allowed))
+        if unknown:
+            raise ValueError(f"{where}: unknown key(s) {unknown}; allowed: {allowed}")
+        if "weight" not in data:
+            raise ValueError(f"{where}: missing 'weight' (one of {list(WEIGHT_DTYPES)})")
+        try:
+            return cls(**data)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
