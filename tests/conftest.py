@@ -25,3 +25,36 @@ def stories260k():
     except FileNotFoundError as e:
         require_data(str(e))
     return llama2c.load(folder)
+
+
+@pytest.fixture
+def fresh_stories260k():
+    """A function returning a new float stories260K ``(model, tokenizer)`` at each call (to
+    quantize in place without touching the session copy)."""
+    from edgequant.data import stories260k_dir
+    from edgequant.models import llama2c
+
+    try:
+        folder = stories260k_dir()
+    except FileNotFoundError as e:
+        require_data(str(e))
+    return lambda: llama2c.load(folder)
+
+
+STORY = (
+    "Once upon a time, there was a little girl named Lily. She loved to play outside in the "
+    "park. One day, she saw a big, red ball. She wanted to play with it, but it was too high. "
+    "Lily's mom said, \"Lily, let's go to the park.\" Lily was sad, but she did not give up. "
+    "She asked her friend Tom to help her. Tom was a big boy and he could reach the ball. "
+)
+
+
+@pytest.fixture(scope="session")
+def story_ids(stories260k):
+    """The first 256 token ids of a TinyStories-like passage, ``[1, 256]``."""
+    import torch
+
+    _, tokenizer = stories260k
+    ids = tokenizer.encode(STORY * 4)[:256]
+    assert len(ids) == 256
+    return torch.tensor([ids])

@@ -85,7 +85,7 @@ def layout_bytes(rows: int, cols: int, scheme: Scheme) -> int:
 
 def pack_weight(weight: torch.Tensor, scheme: Scheme, name: str) -> dict[str, torch.Tensor]:
     """Quantize a float ``[rows, cols]`` weight into the buffers a packed module stores."""
-    weight = weight.detach()
+    weight = weight.detach().contiguous()
     bad = int((~torch.isfinite(weight)).sum())
     if bad:
         raise ValueError(
@@ -190,8 +190,9 @@ class QuantizedLinear(_Packed):
     def from_float(cls, module: nn.Module, scheme: Scheme, name: str = "linear") -> QuantizedLinear:
         """Quantize an ``nn.Linear`` (or Hugging Face's transposed ``Conv1D``)."""
         weight = linear_weight(module)
+        packed = pack_weight(weight, scheme, name)  # checks the shape, naming the layer
         out = cls(weight.shape[1], weight.shape[0], scheme, bias=module.bias is not None)
-        out.set_packed(pack_weight(weight, scheme, name))
+        out.set_packed(packed)
         if module.bias is not None:
             out.bias = module.bias.detach().float().clone()
         return out
@@ -225,8 +226,9 @@ class QuantizedEmbedding(_Packed):
     def from_float(
         cls, module: nn.Embedding, scheme: Scheme, name: str = "embedding"
     ) -> QuantizedEmbedding:
+        packed = pack_weight(module.weight, scheme, name)
         out = cls(module.num_embeddings, module.embedding_dim, scheme)
-        out.set_packed(pack_weight(module.weight, scheme, name))
+        out.set_packed(packed)
         return out
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
