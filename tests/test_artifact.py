@@ -1,0 +1,143 @@
+"""save / load: identical outputs, manifest contents, size formula, refusals of bad bundles."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+
+import edgequant
+from edgequant.artifact import MANIFEST, TENSORS, read_manifest
+
+STORIES_8DA4W = "examples/stories260k-8da4w.yaml"
+
+
+@pytest.fixture
+def bundle(fresh_stories260k, story_ids, tmp_path):
+    model, _ = fresh_stories260k()
+    model, plan = edgequant.quantize(model, STORIES_8DA4W)
+    with torch.no_grad():
+        logits = model(story_ids)
+    path = edgequant.save(model, tmp_path / "bundle")
+    return path, logits, plan
+
+
+def test_load_rebuilds_identical_outputs(bundle, story_ids):
+    path, logits, _ = bundle
+    model = edgequant.load(path)
+    with torch.no_grad():
+        assert torch.equal(model(story_ids), logits)
+    assert model.output.qweight is model.tok_embeddings.qweight  # still tied after loading
+    assert model.edgequant_recipe.name == "stories260k-8da4w"
+
+
+def test_load_into_a_given_skeleton(bundle, fresh_stories260k, story_ids):
+    path, logits, _ = bundle
+    skeleton, _ = fresh_stories260k()
+    model = edgequant.load(path, model=skeleton)
+    with torch.no_grad():
+        assert torch.equal(model(story_ids), logits)
+
+
+def test_manifest_records_what_made_the_bundle(bundle):
+    path, _, plan = bundle
+    manifest = read_manifest(path)
+    assert manifest["format"] == "edgequant.bundle" and manifest["format_version"] == 1
+    assert manifest["edgequant_version"] == edgequant.__version__
+    assert manifest["torch_version"] == torch.__version__
+    assert manifest["model"]["family"] == "llama2c"
+    assert manifest["model"]["config"]["dim"] == 64
+    assert manifest["recipe"] == plan.recipe.to_dict()
+    assert manifest["layers"]["layers.0.feed_forward.w2"]["scheme"]["group_size"] == 86
+    assert manifest["aliases"] == {"output.qweight": "tok_embeddings.qweight", "output.scale": "tok_embeddings.scale"}
+    assert sorted(p.name for p in path.iterdir()) == [MANIFEST, TENSORS]
+
+
+def test_8da4w_bytes_match_the_formula(bundle):
+    """Quantized weights + fp16 scales = params * (4 + 16 / group) / 8, within 2%."""
+    path, _, plan = bundle
+    stored = 0
+    params = expected = 0.0
+    with safe_open(str(path / TENSORS), "pt") as f:
+        for lp in plan:
+            if lp.tied_to:
+                continue
+            group = lp.scheme.group_size
+            n = lp.shape[0] * lp.shape[1]
+            params += n
+            expected += n * (4 + 16 / group) / 8
+            for buf in ("qweight", "scale"):
+                t = f.get_tensor(f"{lp.fqn}.{buf}")
+                stored += t.numel() * t.element_size()
+    assert abs(stored - expected) / expected < 0.02
+    assert stored == plan.bytes_after
+    # the whole model: g32 everywhere would be exactly 4.5 bits per weight; the five w2 (g86) less
+    assert 4.18 < stored * 8 / params < 4.5
+
+
+def test_save_refuses_to_overwrite(bundle, fresh_stories260k):
+    path, _, _ = bundle
+    model, _ = fresh_stories260k()
+    with pytest.raises(FileExistsError, match=re.escape(f"{str(path)!r} exists; pass overwrite=True")):
+        edgequant.save(model, path)
+    edgequant.save(model, path, overwrite=True)
+    assert read_manifest(path)["layers"] == {}  # the float model replaced the quantized one
+    assert sorted(p.name for p in path.parent.iterdir()) == ["bundle"]  # no temporary left
+
+
+def test_missing_bundle_and_missing_files(bundle, tmp_path):
+    path, _, _ = bundle
+    with pytest.raises(FileNotFoundError, match="bundle folder .*nowhere.* does not exist"):
+        edgequant.load(tmp_path / "nowhere")
+    (path / TENSORS).unlink()
+    with pytest.raises(FileNotFoundError, match=re.escape(f"{str(path / TENSORS)!r} is missing from the bundle")):
+        edgequant.load(path)
+    (path / MANIFEST).unlink()
+    with pytest.raises(FileNotFoundError, match="manifest.json' is missing: not an edgequant bundle"):
+        edgequant.load(path)
+
+
+def test_truncated_file_is_refused_by_name(bundle):
+    path, _, _ = bundle
+    data = (path / TENSORS).read_bytes()
+    (path / TENSORS).write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=re.escape(
+        f"{str(path / TENSORS)!r} is truncated or altered: {len(data) // 2} bytes, the manifest says {len(data)}"
+    )):
+        edgequant.load(path)
+
+
+def test_altered_file_is_refused_by_name(bundle):
+    path, _, _ = bundle
+    data = bytearray((path / TENSORS).read_bytes())
+    data[-10] ^= 0xFF
+    (path / TENSORS).write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=re.escape(f"{str(path / TENSORS)!r} is corrupted or altered: sha256 ")):
+        edgequant.load(path)
+
+
+def test_corrupted_manifest_is_refused(bundle):
+    path, _, _ = bundle
+    (path / MANIFEST).write_text("{not json")
+    with pytest.raises(ValueError, match="manifest.json' is corrupted"):
+        edgequant.load(path)
+    (path / MANIFEST).write_text(json.dumps({"format": "edgequant.bundle", "format_version": 7}))
+    with pytest.raises(ValueError, match="format_version 7 is not supported"):
+        edgequant.load(path)
+
+
+def test_unknown_family_needs_a_skeleton(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 8))
+    model, _ = edgequant.quantize(model, "int8-dynamic")
+    path = edgequant.save(model, tmp_path / "b")
+    with pytest.raises(ValueError, match="does not record a model family edgequant can build"):
+        edgequant.load(path)
+    skeleton = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 8))
+    loaded = edgequant.load(path, model=skeleton)
+    x = torch.randn(3, 64)
+    assert torch.equal(loaded(x), model(x))
