@@ -34,6 +34,9 @@ def _layer(scheme, k=256, n=128, bias=True, seed=0):
         (INT4_WO, "int4_weight_only", 45.0),
         (INT4_WO_ASYM, "int4_weight_only", 45.0),
         (W8DA4, "int4_dynamic", 45.0),
+        # the same computation as the reference, with the fp32 weight cached: bit-exact
+        (Scheme("fp16"), "upcast_cached", float("inf")),
+        (Scheme("bf16"), "upcast_cached", float("inf")),
     ],
 )
 @pytest.mark.parametrize("tokens", [1, 5, 33])
@@ -86,7 +89,6 @@ def test_three_dim_input_and_no_bias(scheme):
         (Scheme("int4", "per_group", 96), 192, 64),  # and groups of 32/64/128/256
         (Scheme("int2", "per_group", 32), 64, 64),  # no fast int2 kernel
         (Scheme("int8", "per_group", 32, activation="int8_dynamic"), 64, 64),
-        (Scheme("fp16"), 64, 64),
     ],
 )
 def test_outside_kernel_limits_uses_reference(scheme, k, n):
