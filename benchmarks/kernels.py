@@ -82,9 +82,13 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(torch.get_num_threads())
     rows = run(args.rounds)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{torch.backends.cpu.get_cpu_capability()}, {platform.processor() or platform.machine()}")
-    print(f"{'M':>3} {'K x N':>11}  {'scheme':<17} {'kernel':<17} {'ms':>8} {'x fp32':>7} {'MiB':>7}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"{torch.backends.cpu.get_cpu_capability()}, {platform.processor() or platform.machine()}"
+    )
+    print(
+        f"{'M':>3} {'K x N':>11}  {'scheme':<17} {'kernel':<17} {'ms':>8} {'x fp32':>7} {'MiB':>7}"
+    )
     for r in rows:
         print(
             f"{r['M']:>3} {r['K']:>5}x{r['N']:<5}  {r['scheme']:<17} {r['kernel']:<17} "
@@ -92,8 +96,12 @@ def main() -> None:
         )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(),
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "rounds": args.rounds}
+    meta = {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "rounds": args.rounds,
+    }
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     print(f"wrote {out}")
 

@@ -53,7 +53,10 @@ def test_manifest_records_what_made_the_bundle(bundle):
     assert manifest["model"]["config"]["dim"] == 64
     assert manifest["recipe"] == plan.recipe.to_dict()
     assert manifest["layers"]["layers.0.feed_forward.w2"]["scheme"]["group_size"] == 86
-    assert manifest["aliases"] == {"output.qweight": "tok_embeddings.qweight", "output.scale": "tok_embeddings.scale"}
+    assert manifest["aliases"] == {
+        "output.qweight": "tok_embeddings.qweight",
+        "output.scale": "tok_embeddings.scale",
+    }
     assert sorted(p.name for p in path.iterdir()) == [MANIFEST, TENSORS]
 
 
@@ -82,7 +85,9 @@ def test_8da4w_bytes_match_the_formula(bundle):
 def test_save_refuses_to_overwrite(bundle, fresh_stories260k):
     path, _, _ = bundle
     model, _ = fresh_stories260k()
-    with pytest.raises(FileExistsError, match=re.escape(f"{str(path)!r} exists; pass overwrite=True")):
+    with pytest.raises(
+        FileExistsError, match=re.escape(f"{str(path)!r} exists; pass overwrite=True")
+    ):
         edgequant.save(model, path)
     edgequant.save(model, path, overwrite=True)
     assert read_manifest(path)["layers"] == {}  # the float model replaced the quantized one
@@ -94,10 +99,14 @@ def test_missing_bundle_and_missing_files(bundle, tmp_path):
     with pytest.raises(FileNotFoundError, match="bundle folder .*nowhere.* does not exist"):
         edgequant.load(tmp_path / "nowhere")
     (path / TENSORS).unlink()
-    with pytest.raises(FileNotFoundError, match=re.escape(f"{str(path / TENSORS)!r} is missing from the bundle")):
+    with pytest.raises(
+        FileNotFoundError, match=re.escape(f"{str(path / TENSORS)!r} is missing from the bundle")
+    ):
         edgequant.load(path)
     (path / MANIFEST).unlink()
-    with pytest.raises(FileNotFoundError, match="manifest.json' is missing: not an edgequant bundle"):
+    with pytest.raises(
+        FileNotFoundError, match="manifest.json' is missing: not an edgequant bundle"
+    ):
         edgequant.load(path)
 
 
@@ -105,9 +114,13 @@ def test_truncated_file_is_refused_by_name(bundle):
     path, _, _ = bundle
     data = (path / TENSORS).read_bytes()
     (path / TENSORS).write_bytes(data[: len(data) // 2])
-    with pytest.raises(ValueError, match=re.escape(
-        f"{str(path / TENSORS)!r} is truncated or altered: {len(data) // 2} bytes, the manifest says {len(data)}"
-    )):
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            f"{str(path / TENSORS)!r} is truncated or altered: {len(data) // 2} bytes, "
+            f"the manifest says {len(data)}"
+        ),
+    ):
         edgequant.load(path)
 
 
@@ -116,7 +129,9 @@ def test_altered_file_is_refused_by_name(bundle):
     data = bytearray((path / TENSORS).read_bytes())
     data[-10] ^= 0xFF
     (path / TENSORS).write_bytes(bytes(data))
-    with pytest.raises(ValueError, match=re.escape(f"{str(path / TENSORS)!r} is corrupted or altered: sha256 ")):
+    with pytest.raises(
+        ValueError, match=re.escape(f"{str(path / TENSORS)!r} is corrupted or altered: sha256 ")
+    ):
         edgequant.load(path)
 
 

@@ -17,7 +17,11 @@ def test_recipes_lists_and_prints_presets(capsys):
     assert main(["recipes"]) == 0
     out = capsys.readouterr().out
     assert [line.split()[0] for line in out.splitlines()] == [
-        "fp16", "int8-weight-only", "int8-dynamic", "8da4w", "int4-weight-only"
+        "fp16",
+        "int8-weight-only",
+        "int8-dynamic",
+        "8da4w",
+        "int4-weight-only",
     ]
     assert main(["recipes", "8da4w"]) == 0
     data = yaml.safe_load(capsys.readouterr().out)
@@ -26,7 +30,10 @@ def test_recipes_lists_and_prints_presets(capsys):
 
 def test_quantize_saves_and_reports(stories260k, tmp_path, capsys):
     out = tmp_path / "b"
-    assert main(["quantize", "--model", "stories260k", "--recipe", STORIES_8DA4W, "--out", str(out)]) == 0
+    assert (
+        main(["quantize", "--model", "stories260k", "--recipe", STORIES_8DA4W, "--out", str(out)])
+        == 0
+    )
     text = capsys.readouterr().out
     assert "32 x int4 g32 sym fp16-scales, act int8 dynamic asym" in text
     assert "weights: 0.989 MiB -> 0.137 MiB (7.22x smaller)" in text
@@ -45,7 +52,9 @@ def test_plan_prints_a_table(stories260k, capsys):
 def test_user_errors_exit_2_with_the_message(stories260k, tmp_path, capsys):
     assert main(["quantize", "--model", "stories260k", "--recipe", "8da4w"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("edgequant quantize: error: rules[0] (role=default): layers.0.feed_forward.w2")
+    assert err.startswith(
+        "edgequant quantize: error: rules[0] (role=default): layers.0.feed_forward.w2"
+    )
     assert main(["inspect", str(tmp_path / "none")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert main(["plan", "--model", str(tmp_path / "x.bin"), "--recipe", "fp16"]) == 2

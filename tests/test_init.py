@@ -8,13 +8,17 @@ import sys
 import pytest
 
 
-@pytest.mark.parametrize("module", ["transformers", "executorch", "torchao", "ai_edge_litert", "gguf"])
+@pytest.mark.parametrize(
+    "module", ["transformers", "executorch", "torchao", "ai_edge_litert", "gguf"]
+)
 def test_import_edgequant_does_not_import(module):
     code = (
         "import sys, edgequant, edgequant.generative.quant_recipes, edgequant.quantizers, "
         f"edgequant.cli; print({module!r} in sys.modules)"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
     assert result.stdout.strip() == "False"
 
 
@@ -22,5 +26,14 @@ def test_public_api():
     import edgequant
 
     assert set(edgequant.__all__) == {
-        "Plan", "Recipe", "Rule", "Scheme", "__version__", "load", "plan", "quantize", "recipes", "save"
+        "Plan",
+        "Recipe",
+        "Rule",
+        "Scheme",
+        "__version__",
+        "load",
+        "plan",
+        "quantize",
+        "recipes",
+        "save",
     }

@@ -45,7 +45,9 @@ def test_int4_is_really_two_per_byte_and_matches_primitives():
     scheme = Scheme("int4", "per_group", 32)
     layer = QuantizedLinear.from_float(lin, scheme)
     assert layer.qweight.dtype == torch.uint8 and layer.qweight.shape == (16, 32)
-    scale, zp = choose_qparams(lin.weight, bits=4, symmetric=True, granularity="per_group", group_size=32)
+    scale, zp = choose_qparams(
+        lin.weight, bits=4, symmetric=True, granularity="per_group", group_size=32
+    )
     q = quantize(lin.weight, scale, zp, bits=4, granularity="per_group", group_size=32)
     assert torch.equal(unpack(layer.qweight, 4), q)
     assert torch.equal(layer.scale, scale)
@@ -53,7 +55,9 @@ def test_int4_is_really_two_per_byte_and_matches_primitives():
 
 
 def test_repr_shows_the_scheme():
-    layer = QuantizedLinear.from_float(nn.Linear(64, 8, bias=False), Scheme("int8", activation="int8_dynamic"))
+    layer = QuantizedLinear.from_float(
+        nn.Linear(64, 8, bias=False), Scheme("int8", activation="int8_dynamic")
+    )
     assert repr(layer) == (
         "QuantizedLinear(in_features=64, out_features=8, bias=False, "
         "scheme=int8 per-channel sym, act int8 dynamic asym)"
@@ -97,16 +101,25 @@ def test_nan_weights_are_refused_by_name():
     with torch.no_grad():
         lin.weight[1, 2] = float("nan")
         lin.weight[0, 0] = float("inf")
-    with pytest.raises(ValueError, match=re.escape("layers.3.attention.wq: the weight has 2 NaN/Inf value(s) out of 128")):
+    with pytest.raises(
+        ValueError,
+        match=re.escape("layers.3.attention.wq: the weight has 2 NaN/Inf value(s) out of 128"),
+    ):
         pack_weight(lin.weight, Scheme("int8"), "layers.3.attention.wq")
 
 
 def test_shape_errors_name_the_layer_and_fitting_sizes():
-    with pytest.raises(ValueError, match=re.escape(
-        "lin: group_size 48 does not divide its 64 input features; group sizes that fit: [8, 16, 32, 64]"
-    )):
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            "lin: group_size 48 does not divide its 64 input features; "
+            "group sizes that fit: [8, 16, 32, 64]"
+        ),
+    ):
         QuantizedLinear.from_float(nn.Linear(64, 4), Scheme("int4", "per_group", 48), name="lin")
-    with pytest.raises(ValueError, match=re.escape("lin: int4 packs 2 values per byte, but a row has 63 values")):
+    with pytest.raises(
+        ValueError, match=re.escape("lin: int4 packs 2 values per byte, but a row has 63 values")
+    ):
         QuantizedLinear.from_float(nn.Linear(63, 4), Scheme("int4"), name="lin")
 
 
@@ -123,5 +136,7 @@ def test_load_state_dict_refreshes_kernel_caches():
 
 def test_set_packed_checks_shapes():
     layer = QuantizedLinear(64, 8, Scheme("int8"))
-    with pytest.raises(ValueError, match=re.escape("buffer qweight: expected (8, 64) torch.int8, got (8, 32)")):
+    with pytest.raises(
+        ValueError, match=re.escape("buffer qweight: expected (8, 64) torch.int8, got (8, 32)")
+    ):
         layer.set_packed({"qweight": torch.zeros(8, 32, dtype=torch.int8)})

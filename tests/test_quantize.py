@@ -58,7 +58,13 @@ def test_plan_changes_nothing_and_reports_bytes(stories260k):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert not any(isinstance(m, QuantizedLinear) for m in model.modules())
     wq = plan["layers.0.attention.wq"]
-    assert (wq.role, wq.layer, wq.shape, wq.kind, wq.rule) == ("attention", 0, (64, 64), "linear", 0)
+    assert (wq.role, wq.layer, wq.shape, wq.kind, wq.rule) == (
+        "attention",
+        0,
+        (64, 64),
+        "linear",
+        0,
+    )
     assert (wq.bytes_before, wq.bytes_after) == (64 * 64 * 4, 64 * 64 + 64 * 4)
     # tied embedding / lm_head: one tensor before, one packed storage after
     assert plan["output"].tied_to == "tok_embeddings"
@@ -83,7 +89,10 @@ def test_tied_modules_with_different_schemes_are_stored_apart(fresh_stories260k,
     recipe = Recipe((Rule(Scheme("int8"), role="default"), Rule(None, role="embedding")))
     with caplog.at_level(logging.WARNING):
         model, plan = edgequant.quantize(model, recipe)
-    assert "tok_embeddings and output share one weight but the recipe gives them different schemes" in caplog.text
+    assert (
+        "tok_embeddings and output share one weight but the recipe gives them different schemes"
+        in caplog.text
+    )
     assert isinstance(model.tok_embeddings, nn.Embedding)
     assert torch.equal(model.tok_embeddings.weight, float_embedding)
     assert isinstance(model.output, QuantizedLinear) and plan["output"].tied_to is None
@@ -143,16 +152,22 @@ def test_layer_indices_and_regex_rules(fresh_stories260k):
 
 def test_group_size_that_does_not_divide_names_rule_layer_and_sizes(stories260k):
     model, _ = stories260k
-    with pytest.raises(ValueError, match=re.escape(
-        "rules[0] (role=default): layers.0.feed_forward.w2: group_size 32 does not divide its "
-        "172 input features; group sizes that fit: [86, 172]"
-    )):
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            "rules[0] (role=default): layers.0.feed_forward.w2: group_size 32 does not divide its "
+            "172 input features; group sizes that fit: [86, 172]"
+        ),
+    ):
         edgequant.plan(model, "8da4w")
     recipe = Recipe((Rule(Scheme("int4", "per_group", 48), role="attention"),))
-    with pytest.raises(ValueError, match=re.escape(
-        "rules[0] (role=attention): layers.0.attention.wq: group_size 48 does not divide its 64 "
-        "input features; group sizes that fit: [8, 16, 32, 64]"
-    )):
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            "rules[0] (role=attention): layers.0.attention.wq: group_size 48 does not divide "
+            "its 64 input features; group sizes that fit: [8, 16, 32, 64]"
+        ),
+    ):
         edgequant.plan(model, recipe)
 
 
@@ -161,18 +176,25 @@ def test_regex_matching_nothing_warns_with_close_names(stories260k, caplog):
     recipe = Recipe((Rule(Scheme("int8"), module=r"re:layers\.0\.attention\.q_proj"),))
     with caplog.at_level(logging.WARNING):
         edgequant.plan(model, recipe)
-    assert "rules[0] (module=re:layers\\.0\\.attention\\.q_proj) matches no module; did you mean one of: " in caplog.text
+    assert (
+        "rules[0] (module=re:layers\\.0\\.attention\\.q_proj) matches no module; "
+        "did you mean one of: "
+        in caplog.text
+    )
     assert "layers.0.attention.wq" in caplog.text
 
 
 def test_rule_aimed_at_a_norm_is_refused(stories260k):
     model, _ = stories260k
     recipe = Recipe((Rule(Scheme("int8"), module=r"re:layers\.0\..*norm"),))
-    with pytest.raises(ValueError, match=re.escape(
-        "rules[0] (module=re:layers\\.0\\..*norm) targets layers.0.attention_norm (RMSNorm), "
-        "layers.0.ffn_norm (RMSNorm): edgequant quantizes nn.Linear, nn.Embedding and Conv1D "
-        "modules only"
-    )):
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            "rules[0] (module=re:layers\\.0\\..*norm) targets layers.0.attention_norm (RMSNorm), "
+            "layers.0.ffn_norm (RMSNorm): edgequant quantizes nn.Linear, nn.Embedding and Conv1D "
+            "modules only"
+        ),
+    ):
         edgequant.plan(model, recipe)
 
 
@@ -180,7 +202,9 @@ def test_nan_weight_is_named(fresh_stories260k):
     model, _ = fresh_stories260k()
     with torch.no_grad():
         model.layers[2].feed_forward.w3.weight[0, 0] = float("nan")
-    with pytest.raises(ValueError, match=re.escape("layers.2.feed_forward.w3: the weight has 1 NaN/Inf value(s)")):
+    with pytest.raises(
+        ValueError, match=re.escape("layers.2.feed_forward.w3: the weight has 1 NaN/Inf value(s)")
+    ):
         edgequant.quantize(model, "int8-dynamic")
 
 
@@ -194,7 +218,9 @@ def test_quantizing_twice_is_refused(fresh_stories260k):
 def test_static_activations_are_refused_for_now(stories260k):
     model, _ = stories260k
     recipe = Recipe((Rule(Scheme("int8", activation="int8_static"), role="feedforward"),))
-    with pytest.raises(NotImplementedError, match="activation 'int8_static', which needs calibrated"):
+    with pytest.raises(
+        NotImplementedError, match="activation 'int8_static', which needs calibrated"
+    ):
         edgequant.plan(model, recipe)
 
 

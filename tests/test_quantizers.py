@@ -43,8 +43,13 @@ def _linears_only():
     from edgequant.recipe import Recipe, Rule
 
     scheme = edgequant.recipes.get("8da4w", scale_dtype="fp32").rules[0].scheme
-    return Recipe((Rule(scheme, role="default"), Rule(None, role="embedding"),
-                   Rule(None, module=r"re:layers\.\d+\.feed_forward\.w2")))
+    return Recipe(
+        (
+            Rule(scheme, role="default"),
+            Rule(None, role="embedding"),
+            Rule(None, module=r"re:layers\.\d+\.feed_forward\.w2"),
+        )
+    )
 
 
 def test_layers_the_group_does_not_divide_stay_float_with_a_warning(caplog):
@@ -56,7 +61,9 @@ def test_layers_the_group_does_not_divide_stay_float_with_a_warning(caplog):
 
 
 def test_unsupported_arguments_are_refused():
-    with pytest.raises(NotImplementedError, match=re.escape("precision torch.bfloat16 is not supported")):
+    with pytest.raises(
+        NotImplementedError, match=re.escape("precision torch.bfloat16 is not supported")
+    ):
         Int8DynActInt4WeightQuantizer(precision=torch.bfloat16)
     with pytest.raises(NotImplementedError, match="padding_allowed=True is not supported"):
         Int8DynActInt4WeightQuantizer(padding_allowed=True)

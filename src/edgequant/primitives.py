@@ -18,8 +18,9 @@ Conventions (one way to say each thing):
   (one per row: a Linear's output channel, an Embedding's token, an activation's token) or
   ``per_group`` (one per ``group_size`` consecutive columns of a row). Scales and zero points
   have shape ``[rows, n_groups]``: ``[1, 1]``, ``[rows, 1]`` or ``[rows, cols // group_size]``.
-- Scales are computed in float32, then rounded to ``scale_dtype``; quantization uses the rounded
-  scale, so ``dequantize(quantize(x))`` is self-consistent whatever the scale dtype.
+- Scales are computed in float32, then rounded *up* to ``scale_dtype`` (to the nearest value,
+  or the next one above when nearest would be smaller), so the extremes of a group stay within
+  half a step whatever the scale dtype; quantization uses the stored scale.
 """
 
 from __future__ import annotations
@@ -76,6 +77,23 @@ def fitting_group_sizes(cols: int) -> list[int]:
     return [d for d in range(8, cols + 1, 2) if cols % d == 0]
 
 
+def _round_scale_up(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Positive fp32 scales -> ``dtype``, never below the fp32 value (a smaller stored scale
+    would push a group's extreme past the last integer, beyond half a step of error).
+
+    >>> _round_scale_up(torch.tensor([1.0 / 7.5]), torch.float16)  # nearest fp16 is 0.13330
+    tensor([0.1334], dtype=torch.float16)
+    """
+    scale = scale.clamp(min=_EPS)
+    out = scale.to(dtype)
+    if dtype in (torch.float16, torch.bfloat16):
+        low = out.float() < scale
+        # positive 16-bit floats order like their bit patterns: +1 is the next value up
+        bumped = (out.view(torch.int16) + 1).view(dtype)
+        out = torch.where(low, bumped, out)
+    return out
+
+
 def choose_qparams(
     x: torch.Tensor,
     *,
@@ -100,12 +118,11 @@ def choose_qparams(
     qmin, qmax = qrange(bits)
     g = _groups(x.detach().float(), granularity, group_size)
     if symmetric:
-        scale = g.abs().amax(dim=-1) / ((qmax - qmin) / 2)
-        scale = scale.clamp(min=_EPS).to(scale_dtype)
+        scale = _round_scale_up(g.abs().amax(dim=-1) / ((qmax - qmin) / 2), scale_dtype)
         return scale, torch.zeros_like(scale, dtype=torch.int8)
     lo = g.amin(dim=-1).clamp(max=0.0)
     hi = g.amax(dim=-1).clamp(min=0.0)
-    scale = ((hi - lo) / (qmax - qmin)).clamp(min=_EPS).to(scale_dtype)
+    scale = _round_scale_up((hi - lo) / (qmax - qmin), scale_dtype)
     zero_point = (qmin - torch.round(lo / scale.float())).clamp(qmin, qmax).to(torch.int8)
     return scale, zero_point
 

@@ -74,10 +74,13 @@ class Rule:
         if self.layers is not None:
             if self.module is not None:
                 raise ValueError("'layers' narrows a 'role' rule; it cannot go with 'module'")
-            layers = tuple(self.layers)
-            if not layers or not all(isinstance(i, int) and i >= 0 for i in layers):
-                raise ValueError(f"layers must be a non-empty list of indices >= 0, got {layers}")
-            object.__setattr__(self, "layers", layers)
+            ok = isinstance(self.layers, (list, tuple)) and len(self.layers) > 0
+            ok = ok and all(type(i) is int and i >= 0 for i in self.layers)
+            if not ok:
+                raise ValueError(
+                    f"layers must be a non-empty list of indices >= 0, got {self.layers!r}"
+                )
+            object.__setattr__(self, "layers", tuple(self.layers))
         if self.module is not None:
             if not isinstance(self.module, str) or not self.module.strip():
                 raise ValueError(f"module must be an FQN or 're:<regex>', got {self.module!r}")
@@ -139,12 +142,11 @@ class Rule:
             raise ValueError(f"{where}: missing 'scheme' (a scheme mapping, or null for float)")
         raw = data["scheme"]
         scheme = None if raw is None else Scheme.from_dict(raw, where=f"{where}.scheme")
-        layers = data.get("layers")
         try:
             return cls(
                 scheme=scheme,
                 role=data.get("role"),
-                layers=tuple(layers) if isinstance(layers, list) else layers,
+                layers=data.get("layers"),
                 module=data.get("module"),
             )
         except (ValueError, TypeError) as e:
@@ -208,11 +210,14 @@ class Recipe:
             raise ValueError(f"{where}: unknown key(s) {unknown}; allowed: {list(_TOP_KEYS)}")
         if data.get("format", FORMAT) != FORMAT:
             raise ValueError(f"{where}: format {data['format']!r} is not {FORMAT!r}")
-        if data.get("version", VERSION) != VERSION:
+        version = data.get("version", VERSION)
+        if type(version) is not int or version != VERSION:
             raise ValueError(
                 f"{where}: version {data['version']!r} is not supported (this edgequant reads "
                 f"version {VERSION})"
             )
+        if not isinstance(data.get("name", ""), str):
+            raise ValueError(f"{where}: name must be a string, got {data['name']!r}")
         rules = data.get("rules")
         if not isinstance(rules, list):
             raise ValueError(f"{where}: 'rules' must be a list of rules, got {rules!r}")

@@ -64,17 +64,30 @@ scale_dtype='fp32', activation='int8_dynamic', activation_symmetric=False, algor
             raise bad("symmetric", self.symmetric, [True, False])
         if not isinstance(self.activation_symmetric, bool):
             raise bad("activation_symmetric", self.activation_symmetric, [True, False])
+        if self.granularity not in GRANULARITIES:
+            raise bad("granularity", self.granularity, list(GRANULARITIES))
+        if self.scale_dtype not in FLOAT_DTYPES:
+            raise bad("scale_dtype", self.scale_dtype, list(FLOAT_DTYPES))
         if not self.is_integer:
             if self.activation != "none":
                 raise ValueError(
                     f"Scheme: a {self.weight} weight computes in float; activation "
                     f"{self.activation!r} needs an integer weight (e.g. weight='int8')"
                 )
+            integer_only = {
+                "granularity": "per_channel",
+                "group_size": None,
+                "symmetric": True,
+                "scale_dtype": "fp32",
+                "activation_symmetric": False,
+            }
+            for name, default in integer_only.items():
+                if getattr(self, name) != default:
+                    raise ValueError(
+                        f"Scheme: {name} {getattr(self, name)!r} does not apply to a "
+                        f"{self.weight} weight (a plain cast); leave it at {default!r}"
+                    )
             return
-        if self.granularity not in GRANULARITIES:
-            raise bad("granularity", self.granularity, list(GRANULARITIES))
-        if self.scale_dtype not in FLOAT_DTYPES:
-            raise bad("scale_dtype", self.scale_dtype, list(FLOAT_DTYPES))
         if self.granularity == "per_group":
             if self.group_size is None:
                 raise ValueError("Scheme: granularity 'per_group' needs a group_size (e.g. 32)")

@@ -69,7 +69,9 @@ def test_dynamic_reference_quantizes_activations_per_token():
     # error per token at most half its own step
     step = (x.amax(1).clamp(min=0) - x.amin(1).clamp(max=0)) / 255
     assert ((fq - x).abs() <= step[:, None] / 2 + 1e-6).all()
-    assert not torch.equal(reference.linear(x, layer), nn.functional.linear(x, layer.dequantized_weight(), layer.bias))
+    assert not torch.equal(
+        reference.linear(x, layer), nn.functional.linear(x, layer.dequantized_weight(), layer.bias)
+    )
 
 
 @pytest.mark.parametrize("scheme", [INT8_WO, INT4_WO, W8DA4])
@@ -113,8 +115,13 @@ def test_use_reference_forces_reference():
 
 @pytest.mark.parametrize(
     "scheme",
-    [Scheme("int8"), Scheme("int4", "per_group", 16, symmetric=False), Scheme("int2", "per_group", 8),
-     Scheme("int8", "per_tensor"), Scheme("bf16")],
+    [
+        Scheme("int8"),
+        Scheme("int4", "per_group", 16, symmetric=False),
+        Scheme("int2", "per_group", 8),
+        Scheme("int8", "per_tensor"),
+        Scheme("bf16"),
+    ],
 )
 def test_embedding_gathers_the_dequantized_rows(scheme):
     torch.manual_seed(0)

@@ -44,6 +44,10 @@ class LayerQuantRecipe:
             if not isinstance(value, enum_type):
                 allowed = [f"{enum_type.__name__}.{m.name}" for m in enum_type]
                 raise TypeError(f"LayerQuantRecipe.{name} must be one of {allowed}, got {value!r}")
+        try:  # refuse unsupported combinations when built, not when used
+            self.to_scheme()
+        except (ValueError, NotImplementedError) as e:
+            raise type(e)(f"LayerQuantRecipe: {e}") from None
 
     def to_scheme(self) -> Scheme | None:
         """The equivalent `Scheme`; ``None`` for FP32 weights (left float)."""
@@ -99,6 +103,9 @@ class GenerativeQuantRecipe:
     feedforward: LayerRecipes = None
     lm_head: LayerQuantRecipe | None = None
 
+    def __post_init__(self) -> None:
+        self.to_recipe()  # refuse bad fields when built, not when used
+
     def to_recipe(self) -> Recipe:
         rules = []
         for role in ("default", "embedding", "attention", "feedforward", "lm_head"):
@@ -109,8 +116,11 @@ class GenerativeQuantRecipe:
                 if role not in ("attention", "feedforward"):
                     raise TypeError(f"GenerativeQuantRecipe.{role} takes one LayerQuantRecipe")
                 for index, layer_recipe in sorted(value.items()):
-                    if not isinstance(index, int) or index < 0:
-                        raise ValueError(f"{role}: layer index {index!r} must be an int >= 0")
+                    if type(index) is not int or index < 0:
+                        raise ValueError(
+                            f"GenerativeQuantRecipe.{role}: layer index {index!r} must be an "
+                            "int >= 0"
+                        )
                     rules.append(_rule(layer_recipe, role, f"{role}[{index}]", (index,)))
             else:
                 rules.append(_rule(value, role, role))
