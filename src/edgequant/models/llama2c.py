@@ -6,7 +6,8 @@ and greedy decoding (``generate``). q/k rows use the Hugging Face "rotate half" 
 
 Example (the tinyllamas model from the shared data folder)::
 
-    >>> model, tok = load("../shared/data/stories260K")
+    >>> from edgequant.data import stories260k_dir
+    >>> model, tok = load(stories260k_dir())
     >>> tok.decode(generate(model, [tok.bos_id], max_new_tokens=30))[:26]
     'Once upon a time, there wa'
 """
@@ -208,7 +209,8 @@ def _meta_to_rotate_half(w: Tensor, n_heads: int) -> Tensor:
 def load_checkpoint(path: str | Path) -> Transformer:
     """Read a llama2.c legacy version-0 ``.bin`` into a float32 ``Transformer`` in eval mode.
 
-    >>> load_checkpoint("../shared/data/stories260K/stories260K.bin").args.n_kv_heads
+    >>> from edgequant.data import stories260k_dir
+    >>> load_checkpoint(stories260k_dir() / "stories260K.bin").args.n_kv_heads
     4
     """
     path = Path(path)
@@ -270,7 +272,8 @@ def load_checkpoint(path: str | Path) -> Transformer:
 class Tokenizer:
     """llama2.c's ``tok*.bin`` BPE tokenizer (sentencepiece-compatible ids, byte fallback).
 
-    >>> tok = Tokenizer("../shared/data/stories260K/tok512.bin")
+    >>> from edgequant.data import stories260k_dir
+    >>> tok = Tokenizer(stories260k_dir() / "tok512.bin")
     >>> tok.decode(tok.encode("Hi, Lily!"))
     'Hi, Lily!'
     """
