@@ -156,3 +156,39 @@ def test_unknown_family_needs_a_skeleton(tmp_path):
     loaded = edgequant.load(path, model=skeleton)
     x = torch.randn(3, 64)
     assert torch.equal(loaded(x), model(x))
+
+
+def test_overwrite_never_replaces_something_that_is_not_a_bundle(fresh_stories260k, tmp_path):
+    model, _ = fresh_stories260k()
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="exists and is not an edgequant bundle; refusing"):
+        edgequant.save(model, other, overwrite=True)
+    assert (other / "keep.txt").read_text() == "mine"
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    with pytest.raises(FileExistsError, match="exists and is not an edgequant bundle"):
+        edgequant.save(model, a_file, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "notes"]
+
+
+def test_bundle_files_get_the_usual_permissions(bundle):
+    import os
+
+    path, _, _ = bundle
+    mask = os.umask(0)
+    os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o777 & ~mask
+    assert (path / TENSORS).stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_manifest_without_its_tables_is_refused(bundle):
+    path, _, _ = bundle
+    manifest = json.loads((path / MANIFEST).read_text())
+    del manifest["files"]
+    (path / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(
+        ValueError, match=re.escape("is corrupted: ['files'] missing or not mappings")
+    ):
+        edgequant.load(path)

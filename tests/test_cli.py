@@ -65,3 +65,22 @@ def test_console_script_runs():
     script = Path(sys.executable).parent / "edgequant"
     result = subprocess.run([str(script), "--version"], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "edgequant 0.1.0"
+
+
+def test_existing_out_is_refused_before_any_work(stories260k, tmp_path, capsys):
+    out = tmp_path / "b"
+    out.mkdir()
+    code = main(["quantize", "--model", "stories260k", "--recipe", "fp16", "--out", str(out)])
+    assert code == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""  # nothing was quantized
+    assert f"{str(out)!r} exists; pass --overwrite to replace it" in captured.err
+
+
+def test_tokens_must_be_at_least_2(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit) as info:
+        main(["quantize", "--model", "stories260k", "--recipe", "fp16", "--tokens", "0"])
+    assert info.value.code == 2
+    assert "--tokens: must be at least 2 tokens, got 0" in capsys.readouterr().err

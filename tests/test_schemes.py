@@ -185,15 +185,18 @@ def test_activation_modes_are_exactly():
         (Scheme("int4", "per_group", 32, symmetric=False, scale_dtype="fp16"), 4096, 4.75),
         (Scheme("int8", symmetric=False), 4096, 8 + 40 / 4096),
         (Scheme("int2", "per_group", 64, symmetric=False), 128, 2 + 40 / 64),
-        (Scheme("int8", "per_tensor"), 4096, 8.0),
+        (Scheme("int8", "per_tensor"), 4096, 8 + 32 / (16 * 4096)),
+        # int3 and int5..int7 are stored one per byte
+        (Scheme("int3", "per_group", 32), 4096, 8 + 32 / 32),
+        (Scheme("int6", scale_dtype="fp16"), 4096, 8 + 16 / 4096),
         (Scheme("fp16"), 4096, 16.0),
         (Scheme("bf16"), 4096, 16.0),
         (Scheme("fp32"), 4096, 32.0),
     ],
 )
 def test_bits_per_weight(scheme, cols, expected):
-    assert scheme.bits_per_weight(cols) == expected
-    assert isinstance(scheme.bits_per_weight(cols), float)
+    assert scheme.bits_per_weight(16, cols) == expected
+    assert isinstance(scheme.bits_per_weight(16, cols), float)
 
 
 ALL_FIELDS = Scheme(

@@ -24,7 +24,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from edgequant import __version__
-from edgequant._io import replace_dir, sha256_file
+from edgequant._io import publish_mode, replace_dir, sha256_file
 from edgequant.layers import QuantizedEmbedding, QuantizedLinear, linear_weight
 from edgequant.quantize import _set_module
 from edgequant.recipe import Recipe
@@ -52,8 +52,7 @@ def save(model: nn.Module, path: str | Path, *, overwrite: bool = False) -> Path
     ['manifest.json', 'model.safetensors']
     """
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{str(path)!r} exists; pass overwrite=True to replace it")
+    check_writable(path, overwrite)
     state = model.state_dict()
     tensors: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
@@ -102,6 +101,8 @@ def save(model: nn.Module, path: str | Path, *, overwrite: bool = False) -> Path
             },
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        for item in (tmp, tmp / TENSORS, tmp / MANIFEST):
+            publish_mode(item)
         replace_dir(tmp, path, overwrite)
     except BaseException:
         import shutil
@@ -109,6 +110,25 @@ def save(model: nn.Module, path: str | Path, *, overwrite: bool = False) -> Path
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def check_writable(path: Path, overwrite: bool) -> None:
+    """Refuse a bundle path that exists, unless ``overwrite`` and it is an edgequant bundle
+    (never replace some other folder or file)."""
+    path = Path(path)
+    if not path.exists():
+        return
+    if not overwrite:
+        raise FileExistsError(f"{str(path)!r} exists; pass overwrite=True to replace it")
+    manifest = path / MANIFEST
+    try:
+        is_bundle = path.is_dir() and json.loads(manifest.read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        is_bundle = False
+    if not is_bundle:
+        raise FileExistsError(
+            f"{str(path)!r} exists and is not an edgequant bundle; refusing to replace it"
+        )
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:
@@ -130,6 +150,9 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
             f"{str(manifest_path)!r}: format_version {manifest.get('format_version')!r} is not "
             f"supported (this edgequant reads {FORMAT_VERSION})"
         )
+    missing = [k for k in ("files", "layers", "aliases") if not isinstance(manifest.get(k), dict)]
+    if missing:
+        raise ValueError(f"{str(manifest_path)!r} is corrupted: {missing} missing or not mappings")
     for name, facts in manifest["files"].items():
         file = path / name
         if not file.is_file():

@@ -14,6 +14,9 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+EXIT_USER_ERROR = 2  # bad arguments, recipe, model or bundle: the message says which
+EXIT_CHECK_FAILED = 3  # the work ran but a check on its result failed
+
 SAMPLE = (
     "Once upon a time, there was a little girl named Lily. She loved to play outside in the "
     "park. One day, she saw a big, red ball. She wanted to play with it, but it was too high."
@@ -67,9 +70,17 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     import torch
 
     import edgequant
+    from edgequant.artifact import check_writable
     from edgequant.models import load
     from edgequant.report import compare_logits
 
+    if args.out:  # fail before the work, not after it
+        try:
+            check_writable(Path(args.out), args.overwrite)
+        except FileExistsError as e:
+            raise FileExistsError(
+                str(e).replace("pass overwrite=True", "pass --overwrite")
+            ) from None
     model, tokenizer, info = load(args.model)
     ids, source = _sample_ids(tokenizer, args.tokens, args.text)
     with torch.no_grad():
@@ -96,7 +107,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             same = torch.equal(reloaded(ids), logits)
         print(f"saved: {out} (reloaded: {'identical logits' if same else 'LOGITS DIFFER'})")
         if not same:
-            return 1
+            return EXIT_CHECK_FAILED
     return 0
 
 
@@ -124,6 +135,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     for label, n in counts.most_common():
         print(f"  {n:>4} x {label}")
     return 0
+
+
+def _at_least_2(text: str) -> int:
+    value = int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"must be at least 2 tokens, got {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -154,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="bundle folder to write")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
     p.add_argument("--text", help="text file for the float comparison (default: WikiText-2 test)")
-    p.add_argument("--tokens", type=int, default=256, help="tokens compared (default 256)")
+    p.add_argument("--tokens", type=_at_least_2, default=256, help="tokens compared (default 256)")
     p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("inspect", help="verify a bundle and summarise its manifest")
@@ -174,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except (ValueError, TypeError, FileNotFoundError, FileExistsError, NotImplementedError) as e:
         print(f"edgequant {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
 
 
 if __name__ == "__main__":

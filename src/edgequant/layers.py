@@ -35,13 +35,14 @@ from edgequant.schemes import Scheme
 _FLOAT = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-def check_shape(scheme: Scheme, cols: int, name: str) -> None:
-    """Refuse a scheme that cannot store rows of ``cols`` values, naming the layer."""
+def check_shape(scheme: Scheme, cols: int, name: str, what: str = "input features") -> None:
+    """Refuse a scheme that cannot store rows of ``cols`` values (``what`` they are), naming
+    the layer."""
     if not scheme.is_integer:
         return
     if scheme.granularity == "per_group" and cols % scheme.group_size:
         raise ValueError(
-            f"{name}: group_size {scheme.group_size} does not divide its {cols} input features; "
+            f"{name}: group_size {scheme.group_size} does not divide its {cols} {what}; "
             f"group sizes that fit: {fitting_group_sizes(cols)}"
         )
     if scheme.bits in PACKABLE_BITS and cols % (8 // scheme.bits):
@@ -83,7 +84,9 @@ def layout_bytes(rows: int, cols: int, scheme: Scheme) -> int:
     return total
 
 
-def pack_weight(weight: torch.Tensor, scheme: Scheme, name: str) -> dict[str, torch.Tensor]:
+def pack_weight(
+    weight: torch.Tensor, scheme: Scheme, name: str, what: str = "input features"
+) -> dict[str, torch.Tensor]:
     """Quantize a float ``[rows, cols]`` weight into the buffers a packed module stores."""
     weight = weight.detach().contiguous()
     bad = int((~torch.isfinite(weight)).sum())
@@ -92,7 +95,7 @@ def pack_weight(weight: torch.Tensor, scheme: Scheme, name: str) -> dict[str, to
             f"{name}: the weight has {bad} NaN/Inf value(s) out of {weight.numel()}; "
             "edgequant cannot quantize it (check the checkpoint it was loaded from)"
         )
-    check_shape(scheme, weight.shape[1], name)
+    check_shape(scheme, weight.shape[1], name, what)
     if not scheme.is_integer:
         return {"weight": cast_float(weight.float(), _FLOAT[scheme.weight], name=name).contiguous()}
     kw = dict(granularity=scheme.granularity, group_size=scheme.group_size)
@@ -226,7 +229,7 @@ class QuantizedEmbedding(_Packed):
     def from_float(
         cls, module: nn.Embedding, scheme: Scheme, name: str = "embedding"
     ) -> QuantizedEmbedding:
-        packed = pack_weight(module.weight, scheme, name)
+        packed = pack_weight(module.weight, scheme, name, "embedding dims")
         out = cls(module.num_embeddings, module.embedding_dim, scheme)
         out.set_packed(packed)
         return out

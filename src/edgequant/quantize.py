@@ -94,15 +94,18 @@ class Plan:
 
     def table(self) -> str:
         """A fixed-width table, one module per line, with totals."""
-        head = f"{'module':<40} {'role':<11} {'shape':>12}  {'scheme':<44} {'MiB':>8}"
-        lines = [head, "-" * len(head)]
+        labels = []
         for lp in self.layers:
             scheme = "float (kept)" if lp.scheme is None else lp.scheme.describe()
-            if lp.tied_to:
-                scheme += f" [tied to {lp.tied_to}]"
+            labels.append(scheme + (f" [tied to {lp.tied_to}]" if lp.tied_to else ""))
+        w_fqn = max([len("module")] + [len(lp.fqn) for lp in self.layers])
+        w_scheme = max([len("scheme")] + [len(label) for label in labels])
+        head = f"{'module':<{w_fqn}}  {'role':<11} {'shape':>12}  {'scheme':<{w_scheme}} {'MiB':>8}"
+        lines = [head, "-" * len(head)]
+        for lp, label in zip(self.layers, labels, strict=True):
             shape = "x".join(map(str, lp.shape))
             lines.append(
-                f"{lp.fqn:<40} {lp.role or '-':<11} {shape:>12}  {scheme:<44} "
+                f"{lp.fqn:<{w_fqn}}  {lp.role or '-':<11} {shape:>12}  {label:<{w_scheme}} "
                 f"{lp.bytes_after / 2**20:>8.3f}"
             )
         lines.append("-" * len(head))
@@ -151,6 +154,15 @@ def _after_bytes(scheme: Scheme | None, rows: int, cols: int, before: int) -> in
     if scheme is None or scheme.weight == "fp32":
         return before
     return layout_bytes(rows, cols, scheme)
+
+
+def _label(scheme: Scheme | None) -> str:
+    return "float" if _stored_as(scheme) is None else scheme.describe()
+
+
+def _stored_as(scheme: Scheme | None) -> Scheme | None:
+    """What a module keeps: ``None`` when the float weight stays as it is (no rule, or fp32)."""
+    return None if scheme is None or scheme.weight == "fp32" else scheme
 
 
 def _check_rules(model: nn.Module, recipe: Recipe, candidates: dict[str, nn.Module], roles) -> None:
@@ -216,7 +228,8 @@ def plan(model: nn.Module, recipe: Any) -> Plan:
                 "activation ranges; eager quantize() supports 'none' and 'int8_dynamic'"
             )
         try:
-            check_shape(scheme, _weight(module).shape[1], fqn)
+            what = "embedding dims" if _kind(module) == "embedding" else "input features"
+            check_shape(scheme, _weight(module).shape[1], fqn, what)
         except ValueError as e:
             errors.append(f"rules[{rule}] ({recipe.rules[rule].selector()}): {e}")
     if errors:
@@ -229,17 +242,17 @@ def plan(model: nn.Module, recipe: Any) -> Plan:
         groups.setdefault(id(_weight(module).untyped_storage()), []).append(fqn)
     tied_to: dict[str, str] = {}
     for members in groups.values():
-        schemes = {decided[f][0] for f in members}
-        if len(members) < 2:
+        stored = {_stored_as(decided[f][0]) for f in members}
+        if len(members) < 2 or stored == {None}:  # untied, or the float tensor stays shared
             continue
-        if len(schemes) == 1 and None not in schemes:
+        if len(stored) == 1:
             tied_to.update({f: members[0] for f in members[1:]})
         else:
             log.warning(
-                "%s share one weight but the recipe gives them different schemes (%s); each is "
-                "stored on its own",
+                "%s share one weight but the recipe gives them different schemes (%s); each "
+                "scheme is stored on its own",
                 " and ".join(members),
-                ", ".join("float" if s is None else s.describe() for s in schemes),
+                " / ".join(f"{f}: {_label(decided[f][0])}" for f in members),
             )
 
     layers = []
@@ -254,7 +267,7 @@ def plan(model: nn.Module, recipe: Any) -> Plan:
             scheme, rule = decided[fqn]
             after = _after_bytes(scheme, rows, cols, before)
             before_total += before if i == 0 else 0
-            if scheme is None:  # the float tensor is held once however many modules use it
+            if _stored_as(scheme) is None:  # the float tensor is held once however many use it
                 after_total += 0 if float_counted else after
                 float_counted = True
             elif fqn not in tied_to:

@@ -64,7 +64,9 @@ def role_of(fqn: str, module: nn.Module) -> tuple[str | None, int | None]:
                 return _BLOCK_PARTS[part], layer
     if isinstance(module, (nn.Embedding, QuantizedEmbedding)):
         return "embedding", layer
-    return _TOP_LEVEL.get(parts[-1]), layer
+    if layer is not None:  # e.g. layers.0.output is not the lm_head
+        return None, layer
+    return _TOP_LEVEL.get(parts[-1]), None
 
 
 def infer_roles(model: nn.Module) -> dict[str, tuple[str | None, int | None]]:

@@ -120,22 +120,25 @@ scale_dtype='fp32', activation='int8_dynamic', activation_symmetric=False, algor
     def torch_scale_dtype(self) -> torch.dtype:
         return FLOAT_DTYPES[self.scale_dtype]
 
-    def bits_per_weight(self, cols: int) -> float:
-        """Storage bits per weight for rows of ``cols`` values, scales and zero points included.
+    def bits_per_weight(self, rows: int, cols: int) -> float:
+        """Stored bits per weight of a ``[rows, cols]`` weight, scales and zero points included.
 
-        >>> Scheme("int4", "per_group", 32, scale_dtype="fp16").bits_per_weight(4096)
+        int2/int4 are packed (4 and 2 per byte); int3 and int5..int8 take one byte each.
+
+        >>> Scheme("int4", "per_group", 32, scale_dtype="fp16").bits_per_weight(2048, 4096)
         4.5
+        >>> Scheme("int3", "per_group", 32, scale_dtype="fp16").bits_per_weight(2048, 4096)
+        8.5
         """
         if not self.is_integer:
             return float(self.bits)
+        value_bits = self.bits if self.bits in (2, 4) else 8
         if self.granularity == "per_group":
-            group = self.group_size
-        elif self.granularity == "per_channel":
-            group = cols
-        else:  # per-tensor: one scale for the whole tensor, negligible per weight
-            return float(self.bits)
+            groups = rows * (cols // self.group_size)
+        else:
+            groups = rows if self.granularity == "per_channel" else 1
         extra = torch.finfo(self.torch_scale_dtype).bits + (0 if self.symmetric else 8)
-        return self.bits + extra / group
+        return value_bits + extra * groups / (rows * cols)
 
     def describe(self) -> str:
         """A short human label, e.g. ``int4 g32 sym fp16-scales, act int8 dynamic``.

@@ -35,36 +35,36 @@ FULL = [
     (quant_recipes.full_dynamic_recipe, (), INT8_DYNAMIC),
     (
         quant_recipes.full_dynamic_recipe,
-        (Dtype.INT4, Granularity.BLOCKWISE_64),
+        (None, Dtype.INT4, Granularity.BLOCKWISE_64),
         int4_block(64, dynamic=True),
     ),
     (
         quant_recipes.full_dynamic_recipe,
-        (Dtype.INT4, Granularity.BLOCKWISE, 16),
+        (None, Dtype.INT4, Granularity.BLOCKWISE, 16),
         int4_block(16, dynamic=True),
     ),
     (
         quant_recipes.full_dynamic_recipe,
-        (Dtype.INT8, Granularity.BLOCKWISE_256),
+        (None, Dtype.INT8, Granularity.BLOCKWISE_256),
         Scheme("int8", "per_group", 256, scale_dtype="fp16", activation="int8_dynamic"),
     ),
     (quant_recipes.full_weight_only_recipe, (), INT8_WEIGHT_ONLY),
     (
         quant_recipes.full_weight_only_recipe,
-        (Dtype.INT4, Granularity.BLOCKWISE_128),
+        (None, Dtype.INT4, Granularity.BLOCKWISE_128),
         int4_block(128, dynamic=False),
     ),
     (
         quant_recipes.full_weight_only_recipe,
-        (Dtype.INT4, Granularity.BLOCKWISE_32),
+        (None, Dtype.INT4, Granularity.BLOCKWISE_32),
         int4_block(32, dynamic=False),
     ),
     (
         quant_recipes.full_weight_only_recipe,
-        (Dtype.INT4, Granularity.CHANNELWISE),
+        (None, Dtype.INT4, Granularity.CHANNELWISE),
         Scheme("int4", "per_channel"),
     ),
-    (quant_recipes.full_weight_only_recipe, (Dtype.FP32,), None),
+    (quant_recipes.full_weight_only_recipe, (None, Dtype.FP32), None),
 ]
 
 # (function, args, scheme)
@@ -322,7 +322,7 @@ def test_blockwise_block_size_0_refused():
         utils.create_layer_quant_dynamic(Dtype.INT4, Granularity.BLOCKWISE, 0)
     assert str(info.value) == "LayerQuantRecipe: Granularity.BLOCKWISE needs block_size > 0, got 0"
     with pytest.raises(ValueError) as info:
-        quant_recipes.full_weight_only_recipe(Dtype.INT4, Granularity.BLOCKWISE).to_recipe()
+        quant_recipes.full_weight_only_recipe(None, Dtype.INT4, Granularity.BLOCKWISE).to_recipe()
     assert str(info.value) == (
         "LayerQuantRecipe: Granularity.BLOCKWISE needs block_size > 0, got 0"
     )
@@ -352,3 +352,16 @@ def test_quant_config_needs_a_recipe():
     with pytest.raises(TypeError) as info:
         QuantConfig(generative_recipe=quant_recipes.full_fp16_recipe().to_recipe())
     assert str(info.value).startswith(msg + "Recipe(rules=")
+
+
+def test_first_positional_argument_is_mcfg_as_in_ai_edge():
+    with pytest.raises(
+        TypeError,
+        match=re.escape(
+            "full_dynamic_recipe: the first argument is the model config (mcfg), as in AI Edge; "
+            "pass weight_dtype=Dtype.INT4 by keyword"
+        ),
+    ):
+        quant_recipes.full_dynamic_recipe(Dtype.INT4)
+    config = quant_recipes.full_int8_dynamic_recipe(object())  # an mcfg is accepted and unused
+    assert config.to_recipe().rules[0].scheme == INT8_DYNAMIC
