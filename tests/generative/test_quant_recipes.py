@@ -365,3 +365,10 @@ def test_first_positional_argument_is_mcfg_as_in_ai_edge():
         quant_recipes.full_dynamic_recipe(Dtype.INT4)
     config = quant_recipes.full_int8_dynamic_recipe(object())  # an mcfg is accepted and unused
     assert config.to_recipe().rules[0].scheme == INT8_DYNAMIC
+
+
+def test_layer_recipe_converts_to_a_whole_model_recipe():
+    recipe = utils.create_layer_quant_int8_weight_only().to_recipe()
+    assert [(r.role, r.layers, r.scheme) for r in recipe.rules] == [
+        ("default", None, INT8_WEIGHT_ONLY)
+    ]

@@ -49,6 +49,10 @@ class LayerQuantRecipe:
         except (ValueError, NotImplementedError) as e:
             raise type(e)(f"LayerQuantRecipe: {e}") from None
 
+    def to_recipe(self) -> Recipe:
+        """This layer recipe applied to every module (one ``role: default`` rule)."""
+        return Recipe(rules=(Rule(self.to_scheme(), role="default"),), name="layer")
+
     def to_scheme(self) -> Scheme | None:
         """The equivalent `Scheme`; ``None`` for FP32 weights (left float)."""
         if self.activation_dtype is not Dtype.FP32:
