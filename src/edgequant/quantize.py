@@ -23,6 +23,8 @@ from edgequant.layers import (
     QuantizedEmbedding,
     QuantizedLinear,
     check_shape,
+    embed_scale_of,
+    embedding_is_plain,
     layout_bytes,
     linear_weight,
 )
@@ -222,6 +224,12 @@ def plan(model: nn.Module, recipe: Any) -> Plan:
         decided[fqn] = (scheme, rule)
         if scheme is None:
             continue
+        if isinstance(module, nn.Embedding) and not embedding_is_plain(module):
+            raise ValueError(
+                f"rules[{rule}] would quantize {fqn}, a {type(module).__name__} whose forward is "
+                "not a plain lookup; edgequant cannot tell what it computes. Map it to null "
+                f"(e.g. a rule with module: {fqn!r} and scheme: null)"
+            )
         if scheme.activation == "int8_static":
             raise NotImplementedError(
                 f"rules[{rule}] gives {fqn} activation 'int8_static', which needs calibrated "
@@ -320,7 +328,9 @@ def quantize(model: nn.Module, recipe: Any) -> tuple[nn.Module, Plan]:
         else:
             owner = packed[lp.tied_to]
             if cls is QuantizedEmbedding:
-                new = QuantizedEmbedding(lp.shape[0], lp.shape[1], lp.scheme)
+                new = QuantizedEmbedding(
+                    lp.shape[0], lp.shape[1], lp.scheme, embed_scale_of(module)
+                )
             else:
                 new = QuantizedLinear(lp.shape[1], lp.shape[0], lp.scheme, module.bias is not None)
                 if module.bias is not None:

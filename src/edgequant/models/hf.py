@@ -1,0 +1,57 @@
+"""Load a Hugging Face model folder (``config.json`` + safetensors + tokenizer), locally only.
+
+transformers is the model definition; weights are read from safetensors only. A folder that
+holds nothing but pickle checkpoints (``pytorch_model.bin``, ``*.pt``) is refused: unpickling
+runs arbitrary code.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def check_folder(folder: Path) -> None:
+    """Refuse a folder without a config or without safetensors weights, saying why."""
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{str(folder)!r} has no config.json: not a Hugging Face model folder")
+    if any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise ValueError(
+            f"{str(folder)!r} holds only pickle checkpoints ({', '.join(pickles)}); edgequant never "
+            "unpickles model files, since loading them can run arbitrary code. Convert them to "
+            "safetensors where you trust the file (e.g. transformers' "
+            "model.save_pretrained(out, safe_serialization=True)) and load that folder"
+        )
+    raise FileNotFoundError(f"{str(folder)!r} has no weights (*.safetensors)")
+
+
+def load(folder: str | Path):
+    """``(model, tokenizer, info)`` for a local Hugging Face causal-LM folder, float32, eval."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from edgequant.models.tokenizer import HFTokenizer
+
+    folder = Path(folder)
+    check_folder(folder)
+    tokenizer = HFTokenizer.load(folder)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(folder), local_files_only=True, use_safetensors=True, dtype=torch.float32
+    ).eval()
+    info = {"family": "hf", "format": "hf", "source": str(folder), "config": model.config.to_dict()}
+    return model, tokenizer, info
+
+
+def build(config: dict):
+    """An un-trained model of the architecture ``config`` describes (for `edgequant.load`)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = dict(config)
+    model_type = cfg.pop("model_type")
+    hf_config = AutoConfig.for_model(model_type, **cfg)
+    return AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32).eval()
