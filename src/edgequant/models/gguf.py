@@ -176,19 +176,27 @@ def load(path: str | Path, use_cache: bool = True):
         log.info("loaded %s from the cache %s", path.name, cached)
         return model, tokenizer, {**info, "config": model.config.to_dict(), "cache": str(cached)}
 
-    from gguf import GGUFReader
-
-    try:
-        reader = GGUFReader(str(path))
-    except (ValueError, OSError) as e:
-        raise ValueError(f"{str(path)!r} is not a readable GGUF file: {e}") from None
-    config = read_config(reader)
-    state = read_state_dict(reader, config)
+    config, state = read_weights(path)
     model = build_model(config, state)
     tokenizer = HFTokenizer.from_gguf(path)
     if use_cache:
         _write_cache(cached, config, state, tokenizer)
     return model, tokenizer, {**info, "config": model.config.to_dict(), "cache": str(cached)}
+
+
+def read_weights(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """``(config, float state dict)`` of a GGUF file, without the tokenizer or any cache."""
+    from gguf import GGUFReader
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"GGUF file {str(path)!r} does not exist")
+    try:
+        reader = GGUFReader(str(path))
+    except (ValueError, OSError) as e:
+        raise ValueError(f"{str(path)!r} is not a readable GGUF file: {e}") from None
+    config = read_config(reader)
+    return config, read_state_dict(reader, config)
 
 
 def _write_cache(cached: Path, config: dict, state: dict[str, torch.Tensor], tokenizer) -> None:

@@ -1,0 +1,77 @@
+"""edgequant.models.load: formats, the default model, and refusals of bad input."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from edgequant.models import load
+
+
+def _tiny_hf_folder(path):
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)
+    model = LlamaForCausalLM(config).eval()
+    model.save_pretrained(path, safe_serialization=True)
+    vocab = {w: i for i, w in enumerate(["<s>", "</s>", "hello", "world", "[UNK]"])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+    fast.save_pretrained(path)
+    return model
+
+
+def test_hugging_face_folder(tmp_path):
+    source = _tiny_hf_folder(tmp_path)
+    model, tokenizer, info = load(tmp_path)
+    assert info["family"] == "hf" and info["format"] == "hf"
+    ids = tokenizer.encode("hello world", bos=True)
+    assert ids == [0, 2, 3] and tokenizer.decode(ids) == "hello world"
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, source(x).logits)
+
+
+def test_stories260k_by_name(stories260k):
+    model, tokenizer, info = load("stories260k")
+    assert info["family"] == "llama2c" and info["config"]["n_layers"] == 5
+    assert tokenizer.encode("Once", bos=True)[0] == 1
+
+
+def test_missing_path():
+    with pytest.raises(FileNotFoundError, match=re.escape(
+        "model 'no/such/model' is neither a known name (default, stories260k) nor an existing path"
+    )):
+        load("no/such/model")
+
+
+def test_folder_without_weights(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="has no weights \\(\\*.safetensors\\)"):
+        load(tmp_path)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="has no config.json: not a Hugging Face model"):
+        load(empty)
+
+
+def test_pickle_only_checkpoint_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x04pickle")
+    with pytest.raises(ValueError, match=re.escape(
+        "holds only pickle checkpoints (pytorch_model.bin); edgequant never unpickles model "
+        "files, since loading them can run arbitrary code. Convert them to safetensors"
+    )):
+        load(tmp_path)
+
+
+def test_unknown_format(tmp_path):
+    path = tmp_path / "weights.onnx"
+    path.write_bytes(b"x")
+    with pytest.raises(ValueError, match="cannot tell the model format"):
+        load(path)
