@@ -73,6 +73,7 @@ class Plan:
     layers: list[LayerPlan]
     bytes_before: int  # float bytes of all weights, a tied tensor counted once
     bytes_after: int  # stored bytes after quantization, shared storage counted once
+    n_weights: int = 0  # weight values, a tied tensor counted once
 
     def __iter__(self):
         return iter(self.layers)
@@ -91,6 +92,7 @@ class Plan:
             "recipe": self.recipe.to_dict(),
             "bytes_before": self.bytes_before,
             "bytes_after": self.bytes_after,
+            "n_weights": self.n_weights,
             "layers": [lp.to_dict() for lp in self.layers],
         }
 
@@ -264,7 +266,7 @@ def plan(model: nn.Module, recipe: Any) -> Plan:
             )
 
     layers = []
-    before_total = after_total = 0
+    before_total = after_total = n_weights = 0
     for members in groups.values():
         float_counted = False
         for i, fqn in enumerate(members):
@@ -275,6 +277,7 @@ def plan(model: nn.Module, recipe: Any) -> Plan:
             scheme, rule = decided[fqn]
             after = _after_bytes(scheme, rows, cols, before)
             before_total += before if i == 0 else 0
+            n_weights += rows * cols if i == 0 else 0
             if _stored_as(scheme) is None:  # the float tensor is held once however many use it
                 after_total += 0 if float_counted else after
                 float_counted = True
@@ -296,7 +299,13 @@ def plan(model: nn.Module, recipe: Any) -> Plan:
             )
     order = {fqn: i for i, fqn in enumerate(candidates)}
     layers.sort(key=lambda lp: order[lp.fqn])
-    return Plan(recipe=recipe, layers=layers, bytes_before=before_total, bytes_after=after_total)
+    return Plan(
+        recipe=recipe,
+        layers=layers,
+        bytes_before=before_total,
+        bytes_after=after_total,
+        n_weights=n_weights,
+    )
 
 
 def _set_module(model: nn.Module, fqn: str, new: nn.Module) -> None:
