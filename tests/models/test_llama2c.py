@@ -153,3 +153,55 @@ def test_data_dir_env_var_pointing_nowhere(monkeypatch, tmp_path):
     monkeypatch.setenv("EDGEQUANT_DATA_DIR", str(nowhere))
     with pytest.raises(FileNotFoundError, match=re.escape(str(nowhere))):
         data.data_dir()
+
+
+def test_kv_cache_decoding_equals_full_recompute(stories260k):
+    model, tok = stories260k
+    prompt = tok.encode(PASSAGE)
+    seq = llama2c.generate(model, prompt, max_new_tokens=40)  # prompt + 40 greedy tokens
+    with torch.no_grad():
+        full = model(torch.tensor([seq]))  # [1, P + 40, vocab]
+        cache = model.new_cache(batch=1)
+        steps = [model(torch.tensor([prompt]), start_pos=0, cache=cache)]  # prefill
+        for pos in range(len(prompt), len(seq)):  # then one token at a time
+            steps.append(model(torch.tensor([seq[pos : pos + 1]]), start_pos=pos, cache=cache))
+    cached = torch.cat(steps, dim=1)
+    assert [s.shape[1] for s in steps] == [len(prompt)] + [1] * 40
+    assert (cached - full).abs().max() < 1e-4
+
+
+def test_kv_cache_batch_and_chunks(stories260k):
+    model, tok = stories260k
+    ids = torch.tensor([tok.encode(PASSAGE)[:24], tok.encode(REFERENCE_START)[:24]])  # [2, 24]
+    with torch.no_grad():
+        full = model(ids)
+        cache = model.new_cache(batch=2, max_len=24)
+        chunks = [model(ids[:, a:b], start_pos=a, cache=cache) for a, b in [(0, 10), (10, 24)]]
+    assert (torch.cat(chunks, dim=1) - full).abs().max() < 1e-4
+
+
+def test_kv_cache_errors(stories260k):
+    model, _ = stories260k
+    cache = model.new_cache(batch=1, max_len=8)
+    assert cache.k.shape == (5, 1, 4, 8, 8) and cache.max_len == 8
+    with pytest.raises(ValueError, match=r"start_pos \+ seq <= 8 \(the cache max_len\)"):
+        model(torch.ones(1, 4, dtype=torch.long), start_pos=6, cache=cache)
+    with pytest.raises(ValueError, match="the cache holds batch 1, got batch 2"):
+        model(torch.ones(2, 1, dtype=torch.long), start_pos=0, cache=cache)
+    with pytest.raises(ValueError, match=r"start_pos=3 needs a cache \(model.new_cache\(\)\)"):
+        model(torch.ones(1, 1, dtype=torch.long), start_pos=3)
+    with pytest.raises(ValueError, match=r"max_len must be in \[1, max_seq_len=512\], got 513"):
+        model.new_cache(max_len=513)
+
+
+def test_tokenizer_has_no_chat_template(stories260k):
+    _, tok = stories260k
+    assert tok.chat_prompt("Tell me a story.") is None
+
+
+def test_tokenizer_save_writes_the_file_as_read(stories260k, tmp_path):
+    _, tok = stories260k
+    assert tok.save(tmp_path / "tok") == ["tok512.bin"]
+    saved = (tmp_path / "tok" / "tok512.bin").read_bytes()
+    assert saved == (data.stories260k_dir() / "tok512.bin").read_bytes()
+    assert llama2c.Tokenizer(tmp_path / "tok" / "tok512.bin").encode(PASSAGE) == tok.encode(PASSAGE)

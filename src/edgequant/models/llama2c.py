@@ -1,8 +1,10 @@
 """Llama as trained by Karpathy's llama2.c, in one readable file.
 
-Holds the model (``ModelArgs``, ``Transformer``), a reader for llama2.c's legacy version-0 ``.bin``
-checkpoints (``load_checkpoint``), its ``tok*.bin`` tokenizer (``Tokenizer``), ``load`` for both,
-and greedy decoding (``generate``). q/k rows use the Hugging Face "rotate half" RoPE order.
+Holds the model (``ModelArgs``, ``Transformer``, with an optional static ``KVCache``), a reader
+for llama2.c's legacy version-0 ``.bin`` checkpoints (``load_checkpoint``), its ``tok*.bin``
+tokenizer (``Tokenizer``), ``load`` for both, and greedy decoding without a cache (``generate``,
+the reference; `edgequant.generate` is the cached, sampling one). q/k rows use the Hugging Face
+"rotate half" RoPE order.
 
 Example (the tinyllamas model from the shared data folder)::
 
@@ -94,11 +96,17 @@ class RMSNorm(nn.Module):
 
 
 def rope_cos_sin(
-    seq_len: int, head_dim: int, theta: float, device: torch.device | None = None
+    seq_len: int,
+    head_dim: int,
+    theta: float,
+    device: torch.device | None = None,
+    start: int = 0,
 ) -> tuple[Tensor, Tensor]:
-    """cos and sin tables ``[seq_len, head_dim]`` for rotate-half RoPE (float32)."""
+    """cos and sin tables ``[seq_len, head_dim]`` for rotate-half RoPE (float32), for the
+    positions ``start, ..., start + seq_len - 1``."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim)
-    angles = torch.outer(torch.arange(seq_len, device=device).float(), inv_freq)  # [T, D/2]
+    positions = torch.arange(start, start + seq_len, device=device).float()  # [T]
+    angles = torch.outer(positions, inv_freq)  # [T, D/2]
     angles = torch.cat([angles, angles], dim=-1)  # [T, D]
     return angles.cos(), angles.sin()
 
@@ -107,6 +115,35 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate ``x [B, H, T, D]``: pairs are (i, i + D/2), the Hugging Face convention."""
     x1, x2 = x.chunk(2, dim=-1)  # [B, H, T, D/2] each
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class KVCache:
+    """Static keys and values of every layer, for decoding one token at a time.
+
+    ``k`` and ``v`` are ``[n_layers, batch, n_kv_heads, max_len, head_dim]``, allocated once
+    (`Transformer.new_cache`); ``model(tokens, start_pos=pos, cache=cache)`` writes the new
+    tokens' keys and values at positions ``pos, ..., pos + T - 1``. Keys are stored after RoPE
+    and before the grouped-query repeat. Not an ``nn.Module``: the cache is never saved.
+    """
+
+    def __init__(
+        self, args: ModelArgs, batch: int, max_len: int, dtype: torch.dtype, device: torch.device
+    ) -> None:
+        shape = (args.n_layers, batch, args.n_kv_heads, max_len, args.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)  # [L, B, KV, S, D]
+        self.v = torch.zeros(shape, dtype=dtype, device=device)  # [L, B, KV, S, D]
+
+    @property
+    def batch(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    def layer(self, i: int) -> tuple[Tensor, Tensor]:
+        """Views ``([B, KV, S, D], [B, KV, S, D])`` of layer ``i``'s keys and values."""
+        return self.k[i], self.v[i]
 
 
 class Attention(nn.Module):
@@ -118,16 +155,36 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        kv_cache: tuple[Tensor, Tensor] | None = None,
+        start_pos: int = 0,
+        mask: Tensor | None = None,
+    ) -> Tensor:
+        """Without ``kv_cache``: causal attention within ``x``. With it (this layer's
+        ``[B, KV, S, D]`` keys and values): store the new keys and values at ``start_pos`` and
+        attend over positions ``0 .. start_pos + T - 1`` under ``mask`` ``[T, start_pos + T]``."""
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, KV, T, D]
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, KV, T, D]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv_cache is not None:
+            k_cache, v_cache = kv_cache  # [B, KV, S, D] each
+            end = start_pos + T
+            k_cache[:, :, start_pos:end] = k
+            v_cache[:, :, start_pos:end] = v
+            k, v = k_cache[:, :, :end], v_cache[:, :, :end]  # [B, KV, end, D]
         n_rep = self.n_heads // self.n_kv_heads  # grouped-query attention: share each kv head
-        k = k.repeat_interleave(n_rep, dim=1)  # [B, H, T, D]
-        v = v.repeat_interleave(n_rep, dim=1)  # [B, H, T, D]
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [B, H, T, D]
+        k = k.repeat_interleave(n_rep, dim=1)  # [B, H, T or end, D]
+        v = v.repeat_interleave(n_rep, dim=1)  # [B, H, T or end, D]
+        if kv_cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [B, H, T, D]
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, H, T, D]
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # [B, T, H * D]
         return self.wo(y)
 
@@ -151,13 +208,28 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.feed_forward = FeedForward(args.dim, args.hidden_dim)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin)
+    def forward(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        kv_cache: tuple[Tensor, Tensor] | None = None,
+        start_pos: int = 0,
+        mask: Tensor | None = None,
+    ) -> Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, kv_cache, start_pos, mask)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
 class Transformer(nn.Module):
-    """Decoder-only Llama without a KV cache: ``forward(tokens [B, T]) -> logits [B, T, vocab]``."""
+    """Decoder-only Llama: ``forward(tokens [B, T]) -> logits [B, T, vocab]``.
+
+    Incremental decoding with a static KV cache: ``cache = model.new_cache(batch=1)``, then
+    ``model(prompt, start_pos=0, cache=cache)`` (prefill) and ``model(next_token,
+    start_pos=len(prompt), cache=cache)`` and so on; each call returns the logits of its new
+    tokens only, equal (up to float rounding) to the matching rows of a full recompute. Call it
+    under ``torch.inference_mode()`` or ``torch.no_grad()``.
+    """
 
     edgequant_family = "llama2c"
 
@@ -175,17 +247,51 @@ class Transformer(nn.Module):
         """The ``ModelArgs`` as a dict; ``build(model.edgequant_config())`` rebuilds the shape."""
         return self.args.to_dict()
 
-    def forward(self, tokens: Tensor) -> Tensor:
-        if tokens.dim() != 2 or tokens.shape[1] > self.args.max_seq_len:
+    def new_cache(
+        self,
+        batch: int = 1,
+        max_len: int | None = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> KVCache:
+        """An empty `KVCache` for ``batch`` sequences of up to ``max_len`` tokens (default
+        ``args.max_seq_len``), in the dtype and on the device of the model's norm weights."""
+        max_len = self.args.max_seq_len if max_len is None else max_len
+        if not 1 <= max_len <= self.args.max_seq_len:
             raise ValueError(
-                f"tokens must be [batch, seq] with seq <= max_seq_len={self.args.max_seq_len}, "
-                f"got shape {tuple(tokens.shape)}"
+                f"max_len must be in [1, max_seq_len={self.args.max_seq_len}], got {max_len}"
             )
+        if batch < 1:
+            raise ValueError(f"batch must be >= 1, got {batch}")
+        weight = self.norm.weight  # never quantized: the model's float dtype and device
+        return KVCache(self.args, batch, max_len, dtype or weight.dtype, device or weight.device)
+
+    def forward(self, tokens: Tensor, start_pos: int = 0, cache: KVCache | None = None) -> Tensor:
+        """Logits ``[B, T, vocab]`` of ``tokens [B, T]``, the tokens at positions
+        ``start_pos .. start_pos + T - 1``; without a ``cache`` they must be the whole sequence
+        (``start_pos`` 0)."""
+        limit = self.args.max_seq_len if cache is None else cache.max_len
+        if tokens.dim() != 2 or start_pos < 0 or start_pos + tokens.shape[1] > limit:
+            raise ValueError(
+                f"tokens must be [batch, seq] with start_pos + seq <= {limit} "
+                f"({'max_seq_len' if cache is None else 'the cache max_len'}), got shape "
+                f"{tuple(tokens.shape)} at start_pos={start_pos}"
+            )
+        if cache is None and start_pos != 0:
+            raise ValueError(f"start_pos={start_pos} needs a cache (model.new_cache())")
+        if cache is not None and tokens.shape[0] != cache.batch:
+            raise ValueError(f"the cache holds batch {cache.batch}, got batch {tokens.shape[0]}")
+        T = tokens.shape[1]
         h = self.tok_embeddings(tokens)  # [B, T, dim]
-        cos, sin = rope_cos_sin(tokens.shape[1], self.args.head_dim, self.args.rope_theta, h.device)
+        cos, sin = rope_cos_sin(T, self.args.head_dim, self.args.rope_theta, h.device, start_pos)
         cos, sin = cos.to(h.dtype), sin.to(h.dtype)  # [T, D]
-        for layer in self.layers:
-            h = layer(h, cos, sin)
+        mask = None
+        if cache is not None:  # query i (position start_pos + i) sees keys 0 .. start_pos + i
+            mask = torch.ones(T, start_pos + T, dtype=torch.bool, device=h.device)
+            mask = mask.tril(diagonal=start_pos)  # [T, start_pos + T]
+        for i, layer in enumerate(self.layers):
+            kv = None if cache is None else cache.layer(i)
+            h = layer(h, cos, sin, kv, start_pos, mask)
         return self.output(self.norm(h)).float()  # [B, T, vocab]
 
 
@@ -287,6 +393,7 @@ class Tokenizer:
         if not path.is_file():
             raise FileNotFoundError(f"llama2.c tokenizer not found: {path}")
         raw = path.read_bytes()
+        self.file_name, self._raw = path.name, raw  # for save(): the file as read
         self.pieces: list[bytes] = []
         self.scores: list[float] = []
         offset = 4  # skips max_token_length, which only sizes a C buffer
@@ -304,6 +411,18 @@ class Tokenizer:
     @property
     def vocab_size(self) -> int:
         return len(self.pieces)
+
+    def save(self, folder: str | Path) -> list[str]:
+        """Write the ``tok*.bin`` file as read into ``folder``; returns its name (what
+        `edgequant.artifact` stores in a bundle)."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / self.file_name).write_bytes(self._raw)
+        return [self.file_name]
+
+    def chat_prompt(self, user_text: str) -> None:
+        """Always ``None``: llama2.c models have no chat template (prompts are raw text)."""
+        return None
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
         """llama2.c ``encode``: dummy-prefix space, characters (or bytes), then best-score merges.
