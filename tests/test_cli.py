@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -28,20 +29,88 @@ def test_recipes_lists_and_prints_presets(capsys):
     assert data["rules"][0]["scheme"]["group_size"] == 32
 
 
-def test_quantize_saves_and_reports(stories260k, tmp_path, capsys):
+def test_quantize_runs_the_main_job(stories260k, tmp_path, capsys):
     out = tmp_path / "b"
-    assert (
-        main(["quantize", "--model", "stories260k", "--recipe", STORIES_8DA4W, "--out", str(out)])
-        == 0
-    )
+    args = [
+        "quantize",
+        "--model",
+        "stories260k",
+        "--recipe",
+        STORIES_8DA4W,
+        "--out",
+        str(out),
+        "--eval-windows",
+        "2",
+        "--seq-len",
+        "128",
+    ]
+    assert main(args) == 0
     text = capsys.readouterr().out
-    assert "32 x int4 g32 sym fp16-scales, act int8 dynamic asym" in text
-    assert "weights: 0.989 MiB -> 0.137 MiB (7.22x smaller)" in text
-    assert "logits SQNR" in text and "top-1 agreement" in text
-    assert "(reloaded: identical logits)" in text
-    assert main(["inspect", str(out)]) == 0
+    assert "evaluated on 2 windows of 128 tokens of" in text
+    assert "| float | 32.00 |" in text and "| stories260k-8da4w | 4.43 |" in text
+    report = json.loads((out / "report.json").read_text())
+    for key in (
+        "model",
+        "recipe",
+        "float_bytes",
+        "quantized_bytes",
+        "bits_per_weight",
+        "float_perplexity",
+        "perplexity",
+        "kl_divergence",
+        "top1_agreement",
+        "decode_tokens_per_s",
+        "float_decode_tokens_per_s",
+        "eval_windows",
+        "seq_len",
+    ):
+        assert key in report, key
+    assert report["recipe"]["name"] == "stories260k-8da4w"
+    assert (report["eval_windows"], report["seq_len"]) == (2, 128)
+    assert report["quantized_bytes"] == 143712 and abs(report["bits_per_weight"] - 4.433) < 1e-3
+    assert report["float_perplexity"] < report["perplexity"]
+    assert len(report["layers"]) == 37
+    assert (out / "report.md").read_text().startswith("# edgequant report: stories260k")
+    assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    assert main(["inspect", str(out), "--layers"]) == 0
     text = capsys.readouterr().out
     assert "quantized modules: 37, tied tensors: 2" in text and "(verified)" in text
+    assert "tokenizer: llama2c" in text and "[shares tok_embeddings]" in text
+
+    assert main(["eval", str(out), "--eval-windows", "2", "--seq-len", "128"]) == 0
+    text = capsys.readouterr().out
+    rows = [line for line in text.splitlines() if line.startswith("| stories260k-8da4w")]
+    assert rows and f"| {report['perplexity']:.3f} |" in rows[0]  # the bundle gives the same
+
+    assert main(["generate", "--artifact", str(out), "--max-new-tokens", "12"]) == 0
+    assert capsys.readouterr().out.strip()
+
+
+def test_eval_windows_0_skips_evaluation(stories260k, tmp_path):
+    out = tmp_path / "b"
+    args = [
+        "quantize",
+        "--model",
+        "stories260k",
+        "--recipe",
+        "int8-dynamic",
+        "--out",
+        str(out),
+        "--eval-windows",
+        "0",
+    ]
+    assert main(args) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["eval_windows"] == 0 and "perplexity" not in report
+    assert report["decode_tokens_per_s"] > 0
+
+
+def test_generate_reproduces_the_reference_story(stories260k, capsys):
+    assert main(["generate", "--model", "stories260k", "--max-new-tokens", "40"]) == 0
+    assert capsys.readouterr().out.startswith(
+        "Once upon a time, there was a little girl named Lily. She loved to play outside"
+    )
 
 
 def test_plan_prints_a_table(stories260k, capsys):
@@ -50,7 +119,20 @@ def test_plan_prints_a_table(stories260k, capsys):
 
 
 def test_user_errors_exit_2_with_the_message(stories260k, tmp_path, capsys):
-    assert main(["quantize", "--model", "stories260k", "--recipe", "8da4w"]) == 2
+    assert (
+        main(
+            [
+                "quantize",
+                "--model",
+                "stories260k",
+                "--recipe",
+                "8da4w",
+                "--out",
+                str(tmp_path / "x"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert err.startswith(
         "edgequant quantize: error: rules[0] (role=default): layers.0.feed_forward.w2"
@@ -58,7 +140,10 @@ def test_user_errors_exit_2_with_the_message(stories260k, tmp_path, capsys):
     assert main(["inspect", str(tmp_path / "none")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert main(["plan", "--model", str(tmp_path / "x.bin"), "--recipe", "fp16"]) == 2
-    assert "neither a known name (default, stories260k) nor an existing path" in capsys.readouterr().err
+    assert (
+        "neither a known name (default, stories260k) nor an existing path"
+        in capsys.readouterr().err
+    )
 
 
 def test_console_script_runs():
@@ -77,10 +162,10 @@ def test_existing_out_is_refused_before_any_work(stories260k, tmp_path, capsys):
     assert f"{str(out)!r} exists; pass --overwrite to replace it" in captured.err
 
 
-def test_tokens_must_be_at_least_2(capsys):
+def test_window_options_are_checked(capsys):
     import pytest
 
     with pytest.raises(SystemExit) as info:
-        main(["quantize", "--model", "stories260k", "--recipe", "fp16", "--tokens", "0"])
+        main(["quantize", "--recipe", "fp16", "--out", "x", "--seq-len", "1"])
     assert info.value.code == 2
-    assert "--tokens: must be at least 2 tokens, got 0" in capsys.readouterr().err
+    assert "--seq-len: must be at least 2, got 1" in capsys.readouterr().err

@@ -173,8 +173,9 @@ def test_group_size_that_does_not_divide_names_rule_layer_and_sizes(stories260k)
     with pytest.raises(
         ValueError,
         match=re.escape(
-            "rules[0] (role=default): layers.0.feed_forward.w2: group_size 32 does not divide its "
-            "172 input features; group sizes that fit: [86, 172]"
+            "rules[0] (role=default): layers.0.feed_forward.w2, layers.1.feed_forward.w2, "
+            "layers.2.feed_forward.w2, layers.3.feed_forward.w2 and 1 more: group_size 32 does "
+            "not divide its 172 input features; group sizes that fit: [86, 172]"
         ),
     ):
         edgequant.plan(model, "8da4w")
@@ -182,8 +183,9 @@ def test_group_size_that_does_not_divide_names_rule_layer_and_sizes(stories260k)
     with pytest.raises(
         ValueError,
         match=re.escape(
-            "rules[0] (role=attention): layers.0.attention.wq: group_size 48 does not divide "
-            "its 64 input features; group sizes that fit: [8, 16, 32, 64]"
+            "rules[0] (role=attention): layers.0.attention.wq, layers.0.attention.wk, "
+            "layers.0.attention.wv, layers.0.attention.wo and 16 more: group_size 48 does not "
+            "divide its 64 input features; group sizes that fit: [8, 16, 32, 64]"
         ),
     ):
         edgequant.plan(model, recipe)

@@ -80,9 +80,7 @@ def load_tokenizer(path: str | Path):
     return Llama2cTokenizer(folder / record["files"][0])
 
 
-def save(
-    model: nn.Module, path: str | Path, *, tokenizer=None, overwrite: bool = False
-) -> Path:
+def save(model: nn.Module, path: str | Path, *, tokenizer=None, overwrite: bool = False) -> Path:
     """Write ``model`` (quantized or not) as a bundle folder at ``path``; returns the path.
 
     With ``tokenizer`` its files are stored too (``tokenizer/``), so that the bundle alone can

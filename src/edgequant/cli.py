@@ -1,8 +1,9 @@
 """The ``edgequant`` command: parses arguments and calls library functions, nothing more.
 
-Verbs: ``recipes`` (list presets or print one as a recipe file), ``plan`` (what a recipe would do
-to a model), ``quantize`` (quantize, compare with float, save a bundle), ``inspect`` (check and
-summarise a bundle).
+Verbs: ``recipes`` (list presets or print one as a recipe file), ``plan`` (what a recipe would
+do to a model), ``quantize`` (the main job: quantize, save, evaluate, report), ``eval`` (measure
+a saved bundle), ``generate`` (text from a model or a bundle), ``inspect`` (check and summarise
+a bundle).
 """
 
 from __future__ import annotations
@@ -16,27 +17,6 @@ from pathlib import Path
 
 EXIT_USER_ERROR = 2  # bad arguments, recipe, model or bundle: the message says which
 EXIT_CHECK_FAILED = 3  # the work ran but a check on its result failed
-
-SAMPLE = (
-    "Once upon a time, there was a little girl named Lily. She loved to play outside in the "
-    "park. One day, she saw a big, red ball. She wanted to play with it, but it was too high."
-)
-
-
-def _sample_ids(tokenizer, tokens: int, text_path: str | None):
-    """The first ``tokens`` token ids of a text (WikiText-2 test by default, else SAMPLE)."""
-    import torch
-
-    from edgequant.data import wikitext2_test
-
-    if text_path is None:
-        try:
-            text_path = str(wikitext2_test())
-        except FileNotFoundError:
-            text_path = None
-    text = Path(text_path).read_text()[: tokens * 16] if text_path else SAMPLE
-    ids = tokenizer.encode(text)[:tokens]
-    return torch.tensor([ids]), (text_path or "built-in sample text")
 
 
 def cmd_recipes(args: argparse.Namespace) -> int:
@@ -61,53 +41,88 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def _summary(plan) -> str:
-    counts = Counter("float (kept)" if lp.scheme is None else lp.scheme.describe() for lp in plan)
-    return "\n".join(f"  {n:>4} x {label}" for label, n in counts.most_common())
-
-
 def cmd_quantize(args: argparse.Namespace) -> int:
-    import torch
-
-    import edgequant
+    from edgequant import job
     from edgequant.artifact import check_writable
-    from edgequant.models import load
-    from edgequant.report import compare_logits
+    from edgequant.report import summary_rows, table
 
-    if args.out:  # fail before the work, not after it
-        try:
-            check_writable(Path(args.out), args.overwrite)
-        except FileExistsError as e:
-            raise FileExistsError(
-                str(e).replace("pass overwrite=True", "pass --overwrite")
-            ) from None
-    model, tokenizer, info = load(args.model)
-    ids, source = _sample_ids(tokenizer, args.tokens, args.text)
-    with torch.no_grad():
-        reference = model(ids)
-    model, plan = edgequant.quantize(model, args.recipe)
-    print(f"model: {info['source']} ({info['family']})")
-    print(f"recipe: {plan.recipe.name or args.recipe}")
-    print(_summary(plan))
-    print(
-        f"weights: {plan.bytes_before / 2**20:.3f} MiB -> {plan.bytes_after / 2**20:.3f} MiB "
-        f"({plan.bytes_before / max(plan.bytes_after, 1):.2f}x smaller)"
+    try:  # fail before the work, not after it
+        check_writable(Path(args.out), args.overwrite)
+    except FileExistsError as e:
+        raise FileExistsError(str(e).replace("pass overwrite=True", "pass --overwrite")) from None
+    report = job.run(
+        args.model,
+        args.recipe,
+        args.out,
+        eval_windows=args.eval_windows,
+        seq_len=args.seq_len,
+        text=args.text,
+        overwrite=args.overwrite,
+        compare_presets=args.compare,
     )
-    with torch.no_grad():
-        logits = model(ids)
-    m = compare_logits(reference, logits)
-    print(
-        f"vs float on {ids.shape[1]} tokens of {source}: logits SQNR {m['sqnr_db']:.2f} dB, "
-        f"KL {m['kl']:.5f} nats/token, top-1 agreement {m['top1_pct']:.1f}%"
+    print(f"model: {report['model_source']}")
+    print(f"bundle: {args.out}  (report.json, report.md, report.png)")
+    if report["eval_windows"]:
+        print(
+            f"evaluated on {report['eval_windows']} windows of {report['seq_len']} tokens of "
+            f"{report['text']}"
+        )
+    print(table(summary_rows(report)))
+    if args.compare:
+        rows = json.loads((Path(args.out) / "compare.json").read_text())
+        print(f"\nall presets (compare.md, compare.png):\n{table(rows)}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from edgequant import job
+    from edgequant.report import table
+
+    rows = job.evaluate_bundle(
+        args.bundle,
+        reference=args.model,
+        eval_windows=args.eval_windows,
+        seq_len=args.seq_len,
+        text=args.text,
     )
-    if args.out:
-        out = edgequant.save(model, args.out, overwrite=args.overwrite)
-        reloaded = edgequant.load(out)
-        with torch.no_grad():
-            same = torch.equal(reloaded(ids), logits)
-        print(f"saved: {out} (reloaded: {'identical logits' if same else 'LOGITS DIFFER'})")
-        if not same:
-            return EXIT_CHECK_FAILED
+    print(table(rows))
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from edgequant.generate import generate
+
+    if args.artifact:
+        import edgequant
+        from edgequant.artifact import load_tokenizer
+
+        model, tokenizer = edgequant.load(args.artifact), load_tokenizer(args.artifact)
+        if tokenizer is None:
+            raise ValueError(f"bundle {args.artifact!r} stores no tokenizer; pass --model instead")
+    elif args.model:
+        from edgequant.models import load
+
+        model, tokenizer, _ = load(args.model)
+    else:
+        raise ValueError("pass --model M or --artifact DIR")
+    result = generate(
+        model,
+        tokenizer,
+        args.prompt,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        chat=not args.no_chat,
+    )
+    print(result.text)
+    print(
+        f"\n[{len(result.prompt_ids)} prompt tokens, {len(result.new_ids)} new; prefill "
+        f"{result.prefill_tokens_per_s:.1f} tokens/s, decode {result.decode_tokens_per_s:.1f} "
+        "tokens/s]",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -119,29 +134,42 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(manifest, indent=2))
         return 0
-    counts = Counter(
-        f"{facts['kind']}: {Scheme(**facts['scheme']).describe()}"
-        for facts in manifest["layers"].values()
-    )
-    files = manifest["files"]
     print(f"bundle: {args.path} (format {manifest['format']} v{manifest['format_version']})")
     print(f"made by edgequant {manifest['edgequant_version']}, torch {manifest['torch_version']}")
     model = manifest.get("model") or {}
     print(f"model family: {model.get('family', 'unknown')}")
+    tokenizer = manifest.get("tokenizer")
+    print(f"tokenizer: {tokenizer['kind'] if tokenizer else 'none stored'}")
     print(f"recipe: {(manifest.get('recipe') or {}).get('name', 'none recorded')}")
-    for name, facts in files.items():
+    for name, facts in manifest["files"].items():
         print(f"file: {name} {facts['bytes']} bytes, sha256 {facts['sha256'][:16]}... (verified)")
-    print(f"quantized modules: {len(manifest['layers'])}, tied tensors: {len(manifest['aliases'])}")
+    layers = manifest["layers"]
+    print(f"quantized modules: {len(layers)}, tied tensors: {len(manifest['aliases'])}")
+    counts = Counter(
+        f"{facts['kind']}: {Scheme(**facts['scheme']).describe()}" for facts in layers.values()
+    )
     for label, n in counts.most_common():
         print(f"  {n:>4} x {label}")
+    if args.layers:
+        width = max((len(f) for f in layers), default=6)
+        print(f"\n{'module':<{width}}  {'kind':<9}  scheme")
+        tied = {a.rpartition(".")[0]: t.rpartition(".")[0] for a, t in manifest["aliases"].items()}
+        for fqn, facts in layers.items():
+            label = Scheme(**facts["scheme"]).describe()
+            if fqn in tied:
+                label += f" [shares {tied[fqn]}]"
+            print(f"{fqn:<{width}}  {facts['kind']:<9}  {label}")
     return 0
 
 
-def _at_least_2(text: str) -> int:
-    value = int(text)
-    if value < 2:
-        raise argparse.ArgumentTypeError(f"must be at least 2 tokens, got {value}")
-    return value
+def _count(minimum: int):
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -159,24 +187,60 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("yaml", "json"), default="yaml")
     p.set_defaults(func=cmd_recipes)
 
-    model_help = "a model name (stories260k) or a local checkpoint path"
+    model_help = (
+        "'default' (SmolLM2-135M-Instruct), 'stories260k', a .gguf file, a Hugging Face "
+        "folder or a llama2.c .bin"
+    )
     recipe_help = "a preset name (see `edgequant recipes`) or a .json/.yaml recipe file"
+    text_help = "text file for evaluation (default: WikiText-2 raw test from the data folder)"
+
+    def add_eval_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--eval-windows",
+            type=_count(0),
+            default=8,
+            help="windows of --seq-len tokens to evaluate on (0 skips evaluation; default 8)",
+        )
+        p.add_argument("--seq-len", type=_count(2), default=512, help="window length (512)")
+        p.add_argument("--text", help=text_help)
+
     p = sub.add_parser("plan", help="show what a recipe would do to each module")
     p.add_argument("--model", required=True, help=model_help)
     p.add_argument("--recipe", required=True, help=recipe_help)
     p.set_defaults(func=cmd_plan)
 
-    p = sub.add_parser("quantize", help="quantize, compare with float, save a bundle")
-    p.add_argument("--model", required=True, help=model_help)
+    p = sub.add_parser("quantize", help="the main job: quantize, save, evaluate, report")
+    p.add_argument("--model", default="default", help=model_help + " (default: default)")
     p.add_argument("--recipe", required=True, help=recipe_help)
-    p.add_argument("--out", help="bundle folder to write")
+    p.add_argument("--out", required=True, help="bundle folder to write (reports go inside)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
-    p.add_argument("--text", help="text file for the float comparison (default: WikiText-2 test)")
-    p.add_argument("--tokens", type=_at_least_2, default=256, help="tokens compared (default 256)")
+    p.add_argument("--compare", action="store_true", help="also run every preset; one table")
+    add_eval_options(p)
     p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("eval", help="measure a saved bundle (against its float model)")
+    p.add_argument("bundle", help="bundle folder")
+    p.add_argument(
+        "--model", help="the float model to compare with (default: the one in report.json)"
+    )
+    add_eval_options(p)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("generate", help="generate text from a model or a bundle")
+    p.add_argument("--model", help=model_help)
+    p.add_argument("--artifact", help="a bundle folder (uses its stored tokenizer)")
+    p.add_argument("--prompt", default="", help="the prompt (empty: start from BOS)")
+    p.add_argument("--max-new-tokens", type=_count(1), default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, help="sample among the k most likely tokens")
+    p.add_argument("--top-p", type=float, help="nucleus sampling threshold in (0, 1]")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
+    p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("inspect", help="verify a bundle and summarise its manifest")
     p.add_argument("path", help="bundle folder")
+    p.add_argument("--layers", action="store_true", help="list every quantized module")
     p.add_argument("--json", action="store_true", help="print the whole manifest")
     p.set_defaults(func=cmd_inspect)
     return parser

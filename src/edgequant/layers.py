@@ -35,21 +35,28 @@ from edgequant.schemes import Scheme
 _FLOAT = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-def check_shape(scheme: Scheme, cols: int, name: str, what: str = "input features") -> None:
-    """Refuse a scheme that cannot store rows of ``cols`` values (``what`` they are), naming
-    the layer."""
+def shape_problem(scheme: Scheme, cols: int, what: str = "input features") -> str | None:
+    """Why ``scheme`` cannot store rows of ``cols`` values (``what`` they are), or None."""
     if not scheme.is_integer:
-        return
+        return None
     if scheme.granularity == "per_group" and cols % scheme.group_size:
-        raise ValueError(
-            f"{name}: group_size {scheme.group_size} does not divide its {cols} {what}; "
+        return (
+            f"group_size {scheme.group_size} does not divide its {cols} {what}; "
             f"group sizes that fit: {fitting_group_sizes(cols)}"
         )
     if scheme.bits in PACKABLE_BITS and cols % (8 // scheme.bits):
-        raise ValueError(
-            f"{name}: int{scheme.bits} packs {8 // scheme.bits} values per byte, but a row has "
+        return (
+            f"int{scheme.bits} packs {8 // scheme.bits} values per byte, but a row has "
             f"{cols} values (not a multiple of {8 // scheme.bits})"
         )
+    return None
+
+
+def check_shape(scheme: Scheme, cols: int, name: str, what: str = "input features") -> None:
+    """Refuse a scheme that cannot store rows of ``cols`` values, naming the layer."""
+    problem = shape_problem(scheme, cols, what)
+    if problem:
+        raise ValueError(f"{name}: {problem}")
 
 
 def packed_layout(rows: int, cols: int, scheme: Scheme) -> dict[str, tuple[tuple, torch.dtype]]:
@@ -249,7 +256,9 @@ class QuantizedEmbedding(_Packed):
 
     def extra_repr(self) -> str:
         scaled = "" if self.embed_scale is None else f", embed_scale={self.embed_scale:g}"
-        return f"{self.num_embeddings}, {self.embedding_dim}, scheme={self.scheme.describe()}{scaled}"
+        return (
+            f"{self.num_embeddings}, {self.embedding_dim}, scheme={self.scheme.describe()}{scaled}"
+        )
 
 
 def embed_scale_of(module: nn.Module) -> float | None:

@@ -22,11 +22,11 @@ from tqdm.auto import tqdm
 from edgequant.layers import (
     QuantizedEmbedding,
     QuantizedLinear,
-    check_shape,
     embed_scale_of,
     embedding_is_plain,
     layout_bytes,
     linear_weight,
+    shape_problem,
 )
 from edgequant.recipe import Recipe
 from edgequant.roles import infer_roles, is_quantizable, is_quantized
@@ -220,7 +220,7 @@ def plan(model: nn.Module, recipe: Any) -> Plan:
     _check_rules(model, recipe, candidates, roles)
 
     decided: dict[str, tuple[Scheme | None, int | None]] = {}
-    errors = []
+    problems: dict[tuple[int, str], list[str]] = {}  # (rule, what is wrong) -> modules
     for fqn, module in candidates.items():
         scheme, rule = recipe.resolve(fqn, *roles[fqn])
         decided[fqn] = (scheme, rule)
@@ -237,14 +237,16 @@ def plan(model: nn.Module, recipe: Any) -> Plan:
                 f"rules[{rule}] gives {fqn} activation 'int8_static', which needs calibrated "
                 "activation ranges; eager quantize() supports 'none' and 'int8_dynamic'"
             )
-        try:
-            what = "embedding dims" if _kind(module) == "embedding" else "input features"
-            check_shape(scheme, _weight(module).shape[1], fqn, what)
-        except ValueError as e:
-            errors.append(f"rules[{rule}] ({recipe.rules[rule].selector()}): {e}")
-    if errors:
-        more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
-        raise ValueError("; ".join(errors[:3]) + more)
+        what = "embedding dims" if _kind(module) == "embedding" else "input features"
+        problem = shape_problem(scheme, _weight(module).shape[1], what)
+        if problem:
+            problems.setdefault((rule, problem), []).append(fqn)
+    if problems:
+        messages = []
+        for (rule, problem), fqns in problems.items():
+            names = ", ".join(fqns[:4]) + (f" and {len(fqns) - 4} more" if len(fqns) > 4 else "")
+            messages.append(f"rules[{rule}] ({recipe.rules[rule].selector()}): {names}: {problem}")
+        raise ValueError("; ".join(messages))
 
     # Tied weights: one tensor used by several modules (first in module order owns it).
     groups: dict[int, list[str]] = {}

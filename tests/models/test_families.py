@@ -23,6 +23,7 @@ from edgequant.roles import infer_roles
 from edgequant.schemes import Scheme
 
 import transformers  # noqa: E402  (the hf extra; installed by make test)
+
 Conv1D = transformers.pytorch_utils.Conv1D
 
 DIMS = dict(
@@ -189,6 +190,8 @@ RECIPES = {
     "int8-dynamic": "int8-dynamic",
     "8da4w-g32": Recipe((Rule(A8W4_G32, role="default"),)),
 }
+
+
 @pytest.mark.parametrize(
     ("family", "recipe"),
     list(FLOORS),
@@ -283,5 +286,7 @@ def test_embedding_subclass_with_its_own_forward_is_refused():
 
     model = nn.Sequential()
     model.add_module("emb", Odd(16, 32))
-    with pytest.raises(ValueError, match="rules\\[0\\] would quantize emb, a Odd whose forward is not"):
+    with pytest.raises(
+        ValueError, match="rules\\[0\\] would quantize emb, a Odd whose forward is not"
+    ):
         edgequant.plan(model, "int8-weight-only")

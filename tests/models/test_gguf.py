@@ -21,10 +21,16 @@ HEADS, KV_HEADS = 4, 2
 def _tiny_llama(tie: bool = True) -> LlamaForCausalLM:
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, max_position_embeddings=64,
-        rms_norm_eps=1e-5, tie_word_embeddings=tie, rope_parameters={"rope_type": "default",
-        "rope_theta": 10000.0},
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS,
+        max_position_embeddings=64,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=tie,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
     )
     return LlamaForCausalLM(config).eval()
 
@@ -58,8 +64,11 @@ def write_gguf(model: LlamaForCausalLM, path, arch: str = "llama") -> None:
         gguf_name = _gguf_name(name)
         data = w.numpy()
         if data.ndim == 2:
-            writer.add_tensor(gguf_name, gguf_quantize(data, gguf.GGMLQuantizationType.Q8_0),
-                              raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+            writer.add_tensor(
+                gguf_name,
+                gguf_quantize(data, gguf.GGMLQuantizationType.Q8_0),
+                raw_dtype=gguf.GGMLQuantizationType.Q8_0,
+            )
         else:
             writer.add_tensor(gguf_name, data)
     writer.write_header_to_file()
@@ -113,9 +122,9 @@ def test_unsupported_architecture_is_named(tmp_path):
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    with pytest.raises(ValueError, match=re.escape(
-        "GGUF architecture 'falcon' is not supported; supported: llama"
-    )):
+    with pytest.raises(
+        ValueError, match=re.escape("GGUF architecture 'falcon' is not supported; supported: llama")
+    ):
         eq_gguf.read_weights(path)
 
 

@@ -14,8 +14,15 @@ from edgequant.models import load
 
 def _tiny_hf_folder(path):
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)
+    config = LlamaConfig(
+        vocab_size=32,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=32,
+    )
     model = LlamaForCausalLM(config).eval()
     model.save_pretrained(path, safe_serialization=True)
     vocab = {w: i for i, w in enumerate(["<s>", "</s>", "hello", "world", "[UNK]"])}
@@ -44,9 +51,12 @@ def test_stories260k_by_name(stories260k):
 
 
 def test_missing_path():
-    with pytest.raises(FileNotFoundError, match=re.escape(
-        "model 'no/such/model' is neither a known name (default, stories260k) nor an existing path"
-    )):
+    with pytest.raises(
+        FileNotFoundError,
+        match=re.escape(
+            "model 'no/such/model' is neither a known name (default, stories260k) nor an existing path"
+        ),
+    ):
         load("no/such/model")
 
 
@@ -63,10 +73,13 @@ def test_folder_without_weights(tmp_path):
 def test_pickle_only_checkpoint_is_refused(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x04pickle")
-    with pytest.raises(ValueError, match=re.escape(
-        "holds only pickle checkpoints (pytorch_model.bin); edgequant never unpickles model "
-        "files, since loading them can run arbitrary code. Convert them to safetensors"
-    )):
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            "holds only pickle checkpoints (pytorch_model.bin); edgequant never unpickles model "
+            "files, since loading them can run arbitrary code. Convert them to safetensors"
+        ),
+    ):
         load(tmp_path)
 
 

@@ -71,8 +71,12 @@ def load(name_or_path: str | Path) -> tuple[Any, Any, dict[str, Any]]:
         if path.is_dir() and not any(p.name.startswith("tok") for p in path.glob("*.bin")):
             hf.check_folder(path)  # pickles without a config: refuse with the reason
         model, tokenizer = llama2c.load(path)
-        info = {"family": "llama2c", "format": "llama2c", "source": str(path),
-                "config": model.edgequant_config()}
+        info = {
+            "family": "llama2c",
+            "format": "llama2c",
+            "source": str(path),
+            "config": model.edgequant_config(),
+        }
         return model, tokenizer, info
     if path.is_dir():
         from edgequant.models import hf

@@ -151,7 +151,9 @@ def build_model(config: dict[str, Any], state: dict[str, torch.Tensor]):
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not (cfg.tie_word_embeddings and k == "lm_head.weight")]
     if missing or unexpected:
-        raise ValueError(f"GGUF weights do not fit the model: missing {missing}, unexpected {unexpected}")
+        raise ValueError(
+            f"GGUF weights do not fit the model: missing {missing}, unexpected {unexpected}"
+        )
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     return model

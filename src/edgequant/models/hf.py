@@ -15,7 +15,9 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 def check_folder(folder: Path) -> None:
     """Refuse a folder without a config or without safetensors weights, saying why."""
     if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"{str(folder)!r} has no config.json: not a Hugging Face model folder")
+        raise FileNotFoundError(
+            f"{str(folder)!r} has no config.json: not a Hugging Face model folder"
+        )
     if any(folder.glob("*.safetensors")):
         return
     pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)

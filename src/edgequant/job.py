@@ -1,0 +1,218 @@
+"""The main job: load a model, quantize it with a recipe, save the bundle, measure float vs
+quantized, and write ``report.json``, ``report.md`` and ``report.png`` beside the bundle.
+
+``run(...)`` does one recipe; ``compare(...)`` does every preset on one float pass (the float
+logits are computed once and reused) and writes ``compare.json`` / ``compare.md`` /
+``compare.png``.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import edgequant
+from edgequant import eval as ev
+from edgequant._io import atomic_write_text
+from edgequant.models.base import logits
+from edgequant.quantize import as_recipe
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SEQ_LEN = 512
+SPEED_PROMPT_TOKENS = 64
+SPEED_NEW_TOKENS = 32
+
+
+SPEED_TEXT = (
+    "Once upon a time, there was a little girl named Lily. She loved to play outside in the "
+    "park. One day, she saw a big, red ball. She wanted to play with it, but it was too high. "
+) * 8
+
+
+def _text_ids(tokenizer, text: str | Path | None) -> tuple[list[int], str]:
+    path = Path(text) if text else ev.default_text()
+    return ev.tokenize_file(tokenizer, path), str(path)
+
+
+def _speed_ids(tokenizer, text: str | Path | None) -> list[int]:
+    """A prompt for the speed measurement: the evaluation text, or a built-in one without it."""
+    try:
+        return _text_ids(tokenizer, text)[0][:SPEED_PROMPT_TOKENS]
+    except FileNotFoundError:
+        return tokenizer.encode(SPEED_TEXT, bos=False)[:SPEED_PROMPT_TOKENS]
+
+
+def _float_pass(model, tokenizer, info, windows_n, seq_len, text) -> dict[str, Any]:
+    """Windows, float logits (cached in-process) and the float model's speed."""
+    ids, text_path = _text_ids(tokenizer, text)
+    windows = ev.windows(ids, seq_len, windows_n)
+    digest = hashlib.sha256(json.dumps(ids[: windows.numel()]).encode()).hexdigest()[:16]
+    key = f"{info.get('sha256') or info['source']}:{digest}:{seq_len}:{windows.shape[0]}"
+    return {
+        "windows": windows,
+        "text": text_path,
+        "logits": ev.float_logits(model, windows, cache_key=key),
+    }
+
+
+def _speed(model, ids: list[int]) -> dict[str, Any]:
+    return ev.speed(model, ids[:SPEED_PROMPT_TOKENS], SPEED_NEW_TOKENS)
+
+
+def measure(
+    float_model, quant_model, plan, float_pass: dict[str, Any] | None, speed_ids: list[int]
+) -> dict[str, Any]:
+    """Quality, size and speed of one quantized model against its float model."""
+    out: dict[str, Any] = dict(ev.size_report(plan))
+    if float_pass is not None:
+        windows = float_pass["windows"]
+        with torch.inference_mode():
+            quant_logits = torch.stack([logits(quant_model, w[None])[0] for w in windows])
+        out.update(ev.compare(float_pass["logits"], quant_logits, windows))
+        out["eval_windows"], out["seq_len"] = int(windows.shape[0]), int(windows.shape[1])
+        out["text"] = float_pass["text"]
+    speed = _speed(quant_model, speed_ids)
+    out["decode_tokens_per_s"] = speed["decode_tokens_per_s"]
+    out["prefill_tokens_per_s"] = speed["prefill_tokens_per_s"]
+    out["layers"] = ev.layer_sqnr(float_model, quant_model)
+    return out
+
+
+def run(
+    model_name: str,
+    recipe: Any,
+    out: str | Path,
+    *,
+    eval_windows: int = 8,
+    seq_len: int = DEFAULT_SEQ_LEN,
+    text: str | Path | None = None,
+    overwrite: bool = False,
+    compare_presets: bool = False,
+) -> dict[str, Any]:
+    """Quantize ``model_name`` with ``recipe``, save to ``out``, evaluate, write the reports."""
+    from edgequant.artifact import check_writable
+    from edgequant.models import load
+    from edgequant.report import write_compare, write_report
+
+    out = Path(out)
+    check_writable(out, overwrite)
+    recipe = as_recipe(recipe)
+    float_model, tokenizer, info = load(model_name)
+    speed_ids = _speed_ids(tokenizer, text)
+    float_pass = (
+        _float_pass(float_model, tokenizer, info, eval_windows, seq_len, text)
+        if eval_windows
+        else None
+    )
+    float_speed = _speed(float_model, speed_ids)
+
+    started = time.perf_counter()
+    model, plan = edgequant.quantize(copy.deepcopy(float_model), recipe)
+    quantize_seconds = time.perf_counter() - started
+    edgequant.save(model, out, tokenizer=tokenizer, overwrite=overwrite)
+    report = {
+        "model": model_name,
+        "model_source": info["source"],
+        "model_family": info["family"],
+        "recipe": recipe.to_dict(),
+        "bundle": str(out),
+        "quantize_seconds": quantize_seconds,
+        **measure(float_model, model, plan, float_pass, speed_ids),
+        "float_decode_tokens_per_s": float_speed["decode_tokens_per_s"],
+        "float_prefill_tokens_per_s": float_speed["prefill_tokens_per_s"],
+        "speed_prompt_tokens": float_speed["prompt_tokens"],
+        "speed_new_tokens": float_speed["new_tokens"],
+        "edgequant_version": edgequant.__version__,
+        "torch_version": torch.__version__,
+    }
+    if float_pass is None:
+        report.update(eval_windows=0, seq_len=seq_len)
+    write_report(report, out)
+    if compare_presets:
+        rows = compare(float_model, tokenizer, info, float_pass, speed_ids, float_speed)
+        write_compare(rows, out, model_name, highlight=recipe.name)
+    return report
+
+
+def compare(float_model, tokenizer, info, float_pass, speed_ids, float_speed) -> list[dict]:
+    """Every preset on the same float pass; one row each (float first)."""
+    float_row = {
+        "recipe": "float",
+        "bits_per_weight": 32.0,
+        "decode_tokens_per_s": float_speed["decode_tokens_per_s"],
+        "prefill_tokens_per_s": float_speed["prefill_tokens_per_s"],
+    }
+    if float_pass is not None:
+        float_row["perplexity"] = ev.perplexity_from_logits(
+            float_pass["logits"], float_pass["windows"]
+        )
+        float_row.update(kl_divergence=0.0, top1_agreement=100.0)
+    rows = [float_row]
+    for name in edgequant.recipes.names():
+        log.info("compare: %s", name)
+        model, plan = edgequant.quantize(copy.deepcopy(float_model), name)
+        measured = measure(float_model, model, plan, float_pass, speed_ids)
+        measured.pop("layers")
+        rows.append({"recipe": name, **measured})
+        del model
+    return rows
+
+
+def evaluate_bundle(
+    bundle: str | Path,
+    *,
+    reference: str | None = None,
+    eval_windows: int = 8,
+    seq_len: int = DEFAULT_SEQ_LEN,
+    text: str | Path | None = None,
+) -> list[dict[str, Any]]:
+    """Rows (float, bundle) measuring a saved bundle against its float model.
+
+    ``reference`` names the float model (as `edgequant.models.load` takes it); by default the
+    one recorded in the bundle's ``report.json`` by the main job.
+    """
+    from edgequant.artifact import load_tokenizer, read_manifest
+    from edgequant.models import load
+
+    bundle = Path(bundle)
+    manifest = read_manifest(bundle)
+    if reference is None:
+        report_path = bundle / "report.json"
+        if not report_path.is_file():
+            raise ValueError(
+                f"{str(bundle)!r} has no report.json naming its float model; pass --model"
+            )
+        reference = json.loads(report_path.read_text())["model"]
+    float_model, float_tokenizer, info = load(reference)
+    model = edgequant.load(bundle, model=copy.deepcopy(float_model))
+    tokenizer = load_tokenizer(bundle) or float_tokenizer
+    if manifest.get("recipe") is None:
+        raise ValueError(f"{str(bundle)!r} records no recipe; cannot size it against float")
+    plan = edgequant.plan(float_model, model.edgequant_recipe)
+    speed_ids = _speed_ids(tokenizer, text)
+    float_pass = (
+        _float_pass(float_model, tokenizer, info, eval_windows, seq_len, text)
+        if eval_windows
+        else None
+    )
+    float_speed = _speed(float_model, speed_ids)
+    measured = measure(float_model, model, plan, float_pass, speed_ids)
+    float_row = {
+        "recipe": "float",
+        "bits_per_weight": 32.0,
+        "quantized_bytes": measured["float_bytes"],
+        "decode_tokens_per_s": float_speed["decode_tokens_per_s"],
+        "prefill_tokens_per_s": float_speed["prefill_tokens_per_s"],
+    }
+    if float_pass is not None:
+        float_row["perplexity"] = measured["float_perplexity"]
+    name = (manifest["recipe"] or {}).get("name") or str(bundle)
+    return [float_row, {**measured, "recipe": name}]
