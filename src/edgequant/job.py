@@ -20,7 +20,6 @@ import torch
 
 import edgequant
 from edgequant import eval as ev
-from edgequant._io import atomic_write_text
 from edgequant.models.base import logits
 from edgequant.quantize import as_recipe
 

@@ -12,6 +12,7 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
+import transformers  # noqa: E402  (the hf extra; installed by make test)
 
 import edgequant
 from edgequant.generative import GenerativeQuantRecipe
@@ -21,8 +22,6 @@ from edgequant.primitives import sqnr
 from edgequant.recipe import Recipe, Rule
 from edgequant.roles import infer_roles
 from edgequant.schemes import Scheme
-
-import transformers  # noqa: E402  (the hf extra; installed by make test)
 
 Conv1D = transformers.pytorch_utils.Conv1D
 

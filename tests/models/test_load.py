@@ -54,7 +54,8 @@ def test_missing_path():
     with pytest.raises(
         FileNotFoundError,
         match=re.escape(
-            "model 'no/such/model' is neither a known name (default, stories260k) nor an existing path"
+            "model 'no/such/model' is neither a known name (default, stories260k) nor an "
+            "existing path"
         ),
     ):
         load("no/such/model")
@@ -66,7 +67,7 @@ def test_folder_without_weights(tmp_path):
         load(tmp_path)
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(FileNotFoundError, match="has no config.json: not a Hugging Face model"):
+    with pytest.raises(FileNotFoundError, match="has no config.json: not a Hugging Face"):
         load(empty)
 
 

@@ -23,8 +23,8 @@ def check_folder(folder: Path) -> None:
     pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if pickles:
         raise ValueError(
-            f"{str(folder)!r} holds only pickle checkpoints ({', '.join(pickles)}); edgequant never "
-            "unpickles model files, since loading them can run arbitrary code. Convert them to "
+            f"{str(folder)!r} holds only pickle checkpoints ({', '.join(pickles)}); edgequant "
+            "never unpickles model files, since loading them can run arbitrary code. Convert them to "
             "safetensors where you trust the file (e.g. transformers' "
             "model.save_pretrained(out, safe_serialization=True)) and load that folder"
         )
