@@ -24,8 +24,8 @@ def check_folder(folder: Path) -> None:
     if pickles:
         raise ValueError(
             f"{str(folder)!r} holds only pickle checkpoints ({', '.join(pickles)}); edgequant "
-            "never unpickles model files, since loading them can run arbitrary code. Convert them to "
-            "safetensors where you trust the file (e.g. transformers' "
+            "never unpickles model files, since loading them can run arbitrary code. Convert them "
+            "to safetensors where you trust the file (e.g. transformers' "
             "model.save_pretrained(out, safe_serialization=True)) and load that folder"
         )
     raise FileNotFoundError(f"{str(folder)!r} has no weights (*.safetensors)")
