@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from edgequant.cli import main
@@ -169,3 +170,39 @@ def test_window_options_are_checked(capsys):
         main(["quantize", "--recipe", "fp16", "--out", "x", "--seq-len", "1"])
     assert info.value.code == 2
     assert "--seq-len: must be at least 2, got 1" in capsys.readouterr().err
+
+
+def test_compare_runs_every_preset_on_one_float_pass(stories260k, tmp_path, capsys):
+    out = tmp_path / "b"
+    args = [
+        "quantize",
+        "--model",
+        "stories260k",
+        "--recipe",
+        "int8-dynamic",
+        "--out",
+        str(out),
+        "--eval-windows",
+        "1",
+        "--seq-len",
+        "64",
+        "--compare",
+    ]
+    assert main(args) == 0
+    assert "all presets (compare.md, compare.png):" in capsys.readouterr().out
+    rows = {r["recipe"]: r for r in json.loads((out / "compare.json").read_text())}
+    assert list(rows) == [
+        "float",
+        "fp16",
+        "int8-weight-only",
+        "int8-dynamic",
+        "8da4w",
+        "int4-weight-only",
+    ]
+    # group 32 cannot hold stories260K's 172-wide w2: those presets are skipped, saying why
+    assert "group_size 32 does not divide its 172 input features" in rows["8da4w"]["skipped"]
+    assert rows["fp16"]["kl_divergence"] < rows["int8-dynamic"]["kl_divergence"]
+    report = json.loads((out / "report.json").read_text())
+    assert rows["int8-dynamic"]["kl_divergence"] == pytest.approx(report["kl_divergence"])
+    assert "Skipped:" in (out / "compare.md").read_text()
+    assert (out / "compare.png").is_file()

@@ -42,11 +42,15 @@ def _text_ids(tokenizer, text: str | Path | None) -> tuple[list[int], str]:
 
 
 def _speed_ids(tokenizer, text: str | Path | None) -> list[int]:
-    """A prompt for the speed measurement: the evaluation text, or a built-in one without it."""
+    """A prompt for the speed measurement: the start of the evaluation text (or a built-in
+    text without one), ``SPEED_PROMPT_TOKENS`` long."""
     try:
-        return _text_ids(tokenizer, text)[0][:SPEED_PROMPT_TOKENS]
+        path = Path(text) if text else ev.default_text()
+        with open(path, encoding="utf-8") as f:
+            start = f.read(SPEED_PROMPT_TOKENS * 32)  # enough characters for the tokens
     except FileNotFoundError:
-        return tokenizer.encode(SPEED_TEXT, bos=False)[:SPEED_PROMPT_TOKENS]
+        start = SPEED_TEXT
+    return tokenizer.encode(start, bos=False)[:SPEED_PROMPT_TOKENS]
 
 
 def _float_pass(model, tokenizer, info, windows_n, seq_len, text) -> dict[str, Any]:
@@ -156,10 +160,17 @@ def compare(float_model, tokenizer, info, float_pass, speed_ids, float_speed) ->
         float_row.update(kl_divergence=0.0, top1_agreement=100.0)
     rows = [float_row]
     for name in edgequant.recipes.names():
+        try:
+            edgequant.plan(float_model, name)
+        except ValueError as e:  # e.g. a group size this model's layers cannot hold
+            log.warning("compare: preset %s skipped: %s", name, e)
+            rows.append({"recipe": name, "skipped": str(e)})
+            continue
         log.info("compare: %s", name)
         model, plan = edgequant.quantize(copy.deepcopy(float_model), name)
         measured = measure(float_model, model, plan, float_pass, speed_ids)
         measured.pop("layers")
+        float_row["quantized_bytes"] = measured["float_bytes"]
         rows.append({"recipe": name, **measured})
         del model
     return rows

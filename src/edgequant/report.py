@@ -170,6 +170,9 @@ def write_compare(rows: list[dict], out: Path, model: str, highlight: str | None
     out = Path(out)
     atomic_write_text(out / "compare.json", json.dumps(rows, indent=2) + "\n", overwrite=True)
     text = f"# edgequant presets on {model}\n\n{table(rows)}\n"
+    skipped = [r for r in rows if r.get("skipped")]
+    if skipped:
+        text += "\nSkipped:\n\n" + "".join(f"- {r['recipe']}: {r['skipped']}\n" for r in skipped)
     atomic_write_text(out / "compare.md", text, overwrite=True)
     report = json.loads((out / "report.json").read_text())
     _plot(report["layers"], rows, highlight, out / "compare.png")
