@@ -1,0 +1,226 @@
+"""Export to ExecuTorch (``.pte``), lowered to XNNPACK, carrying edgequant's own values.
+
+Each packed module is replaced, for export only, by the graph pattern XNNPACK's partitioner
+recognises, built from edgequant's stored integers and scales (no re-quantization):
+
+- 8da4w (int4 symmetric group-wise weights, int8 per-token asymmetric activations):
+  ``choose_qparams_per_token_asymmetric -> quantize_per_token -> dequantize_per_token`` on the
+  activations, ``dequantize_per_channel_group`` on the int4 values (held in int8), ``linear``;
+- int8-dynamic (int8 per-channel symmetric weights): the same activation pattern and
+  ``dequantize_per_channel`` on the weights.
+
+Schemes XNNPACK cannot run correctly are refused before anything is written, naming the layers
+and the nearest scheme it can run; with ``allow_fallback`` they are kept in float (their
+dequantized values, so outputs do not change) with a warning listing them.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edgequant.layers import QuantizedEmbedding, QuantizedLinear
+from edgequant.schemes import Scheme
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Unsupported:
+    fqn: str
+    scheme: Scheme
+    reason: str
+    nearest: str
+
+
+def xnnpack_problem(module: nn.Module) -> tuple[str, str] | None:
+    """Why XNNPACK cannot run this packed module as stored, and the nearest scheme it can."""
+    s = module.scheme
+    if isinstance(module, QuantizedEmbedding):
+        return ("quantized embedding lookups are not exported yet", "a float embedding")
+    if not s.is_integer:
+        return (f"{s.weight} weights are not exported yet", "fp32 (no rule) or int8-dynamic")
+    if s.activation != "int8_dynamic":
+        return (
+            "weight-only integer linears ran but gave wrong outputs on XNNPACK in a trial here",
+            "the same weights with activation int8_dynamic (8da4w / int8-dynamic)",
+        )
+    if s.activation_symmetric:
+        return ("XNNPACK's dynamic activations are asymmetric", "activation_symmetric: false")
+    if s.bits == 4 and s.granularity == "per_group" and s.symmetric:
+        if s.group_size % 32:
+            return (
+                f"XNNPACK's int4 kernels need a group size that is a multiple of 32, got "
+                f"{s.group_size}",
+                "a group of 32, 64, 128 or 256 that divides the layer's inputs",
+            )
+        return None
+    if s.bits == 8 and s.granularity == "per_channel" and s.symmetric:
+        return None
+    return (f"{s.describe()} has no XNNPACK kernel", "8da4w or int8-dynamic")
+
+
+def check_xnnpack(model: nn.Module) -> list[Unsupported]:
+    """Every packed module XNNPACK cannot run as stored."""
+    out = []
+    for fqn, module in model.named_modules():
+        if isinstance(module, (QuantizedLinear, QuantizedEmbedding)):
+            problem = xnnpack_problem(module)
+            if problem:
+                out.append(Unsupported(fqn, module.scheme, *problem))
+    return out
+
+
+def _per_token_dynamic(x: torch.Tensor) -> torch.Tensor:
+    qd = torch.ops.quantized_decomposed
+    scale, zero_point = qd.choose_qparams_per_token_asymmetric(x, torch.int8)
+    xq = qd.quantize_per_token(x, scale, zero_point, -128, 127, torch.int8)
+    return qd.dequantize_per_token(xq, scale, zero_point, -128, 127, torch.int8, x.dtype)
+
+
+class ExportLinear(nn.Module):
+    """The XNNPACK-recognisable form of a packed 8da4w or int8-dynamic linear."""
+
+    def __init__(self, layer: QuantizedLinear) -> None:
+        super().__init__()
+        s = layer.scheme
+        self.bits, self.group_size = s.bits, s.group_size
+        self.register_buffer("weight_int8", layer.int_weight().clone())  # our integers
+        scale = layer.scale.float()  # fp16/bf16 -> fp32 is exact: our scales, bit for bit
+        self.register_buffer("scales", scale.squeeze(1) if s.bits == 8 else scale)
+        zeros = torch.zeros(self.scales.shape, dtype=torch.int64)
+        self.register_buffer("zeros", zeros)
+        self.bias = None if layer.bias is None else nn.Parameter(layer.bias.clone(), False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        qd = torch.ops.quantized_decomposed
+        if self.bits == 4:
+            weight = qd.dequantize_per_channel_group(
+                self.weight_int8, self.scales, self.zeros, -8, 7, torch.int8, self.group_size,
+                torch.float32,
+            )
+        else:
+            weight = qd.dequantize_per_channel(
+                self.weight_int8, self.scales, self.zeros, 0, -127, 127, torch.int8
+            )
+        return F.linear(_per_token_dynamic(x), weight, self.bias)
+
+
+def _float_twin(module: nn.Module) -> nn.Module:
+    weight = module.dequantized_weight()
+    if isinstance(module, QuantizedEmbedding):
+        out = nn.Embedding(*weight.shape, _weight=weight.clone())
+        if module.embed_scale is not None:
+            raise NotImplementedError("scaled embeddings are not exported yet")
+        return out
+    out = nn.Linear(weight.shape[1], weight.shape[0], bias=module.bias is not None)
+    out.weight = nn.Parameter(weight.clone(), requires_grad=False)
+    if module.bias is not None:
+        out.bias = nn.Parameter(module.bias.clone(), requires_grad=False)
+    return out
+
+
+def prepare(model: nn.Module, allow_fallback: bool = False) -> nn.Module:
+    """A copy of ``model`` with every packed module in its export form (checked first)."""
+    problems = check_xnnpack(model)
+    if problems and not allow_fallback:
+        first = problems[0]
+        names = ", ".join(p.fqn for p in problems[:4])
+        more = f" and {len(problems) - 4} more" if len(problems) > 4 else ""
+        raise ValueError(
+            f"XNNPACK cannot run {len(problems)} module(s) as the recipe stores them "
+            f"({names}{more}): {first.reason}; nearest supported: {first.nearest}. "
+            "Change the recipe, or pass allow_fallback=True (--allow-fallback) to keep them in "
+            "float"
+        )
+    if problems:
+        log.warning(
+            "kept in float for XNNPACK (their dequantized values, so outputs do not change): %s",
+            ", ".join(f"{p.fqn} ({p.scheme.describe()}: {p.reason})" for p in problems),
+        )
+    model = copy.deepcopy(model)
+    unsupported = {p.fqn for p in problems}
+    for fqn, module in list(model.named_modules()):
+        if not isinstance(module, (QuantizedLinear, QuantizedEmbedding)):
+            continue
+        new = _float_twin(module) if fqn in unsupported else ExportLinear(module)
+        parent_name, _, child = fqn.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+    return model
+
+
+def to_pte(
+    model: nn.Module,
+    path: str | Path,
+    *,
+    max_seq_len: int = 512,
+    bos_id: int | None = None,
+    eos_id: int | None = None,
+    allow_fallback: bool = False,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``model`` (a llama2.c `Transformer` or an HF Llama, packed or float) as a ``.pte``.
+
+    The program's ``forward(tokens [1, T] int64, input_pos [1] int64) -> logits [1, T, vocab]``
+    keeps a static KV cache of ``max_seq_len`` positions; the constant methods ExecuTorch's LLM
+    runner reads are included.
+    """
+    import torchao  # noqa: F401  (registers the quantized_decomposed ops)
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
+
+    from edgequant.export.native import ExportDecoder, from_hf_llama
+    from edgequant.models import llama2c
+
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"folder {str(path.parent)!r} does not exist")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{str(path)!r} exists; pass overwrite=True to replace it")
+    native = model if isinstance(model, llama2c.Transformer) else from_hf_llama(model)
+    decoder = ExportDecoder(prepare(native, allow_fallback), max_seq_len).eval()
+    args = native.args
+    example = (torch.zeros(1, 2, dtype=torch.long), torch.tensor([0], dtype=torch.long))
+    seq = torch.export.Dim("seq", min=1, max=max_seq_len)
+    with torch.no_grad():
+        program = torch.export.export(
+            decoder, example, dynamic_shapes={"tokens": {1: seq}, "input_pos": None}, strict=False
+        )
+    metadata = {
+        "get_max_seq_len": max_seq_len,
+        "get_max_context_len": max_seq_len,
+        "get_vocab_size": args.vocab_size,
+        "get_n_layers": args.n_layers,
+        "use_kv_cache": True,
+        "use_sdpa_with_kv_cache": False,
+        "enable_dynamic_shape": True,
+    }
+    if bos_id is not None:
+        metadata["get_bos_id"] = bos_id
+    if eos_id is not None:
+        metadata["get_eos_ids"] = [eos_id]
+    edge = to_edge_transform_and_lower(
+        program,
+        partitioner=[XnnpackPartitioner()],
+        constant_methods=metadata,
+        compile_config=EdgeCompileConfig(_check_ir_validity=False),
+    )
+    buffer = edge.to_executorch().buffer
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(buffer)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
