@@ -78,14 +78,38 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from edgequant import job
     from edgequant.report import table
 
-    rows = job.evaluate_bundle(
-        args.bundle,
-        reference=args.model,
-        eval_windows=args.eval_windows,
-        seq_len=args.seq_len,
-        text=args.text,
-    )
+    options = dict(eval_windows=args.eval_windows, seq_len=args.seq_len, text=args.text)
+    if args.pte:
+        if args.bundle or not args.model:
+            raise ValueError("--pte FILE takes its float reference from --model M (no bundle)")
+        rows = job.evaluate_pte(args.pte, reference=args.model, **options)
+    elif args.bundle:
+        rows = job.evaluate_bundle(args.bundle, reference=args.model, **options)
+    else:
+        raise ValueError("pass a bundle folder, or --pte FILE with --model M")
     print(table(rows))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import edgequant
+    from edgequant.artifact import load_tokenizer
+    from edgequant.export import to_pte
+
+    model = edgequant.load(args.artifact)
+    tokenizer = load_tokenizer(args.artifact)
+    path = to_pte(
+        model,
+        args.out,
+        max_seq_len=args.max_seq_len,
+        bos_id=getattr(tokenizer, "bos_id", None),
+        eos_id=getattr(tokenizer, "eos_id", None),
+        allow_fallback=args.allow_fallback,
+        overwrite=args.overwrite,
+    )
+    print(f"wrote {path} ({path.stat().st_size} bytes)")
+    if tokenizer is not None:
+        print(f"tokenizer for ExecuTorch's runner: {Path(args.artifact) / 'tokenizer'}")
     return 0
 
 
@@ -104,7 +128,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
         model, tokenizer, _ = load(args.model)
     else:
-        raise ValueError("pass --model M or --artifact DIR")
+        raise ValueError("pass --model M, --artifact DIR, or --pte FILE with one of them")
+    if args.pte:  # the program generates; the model above only lends its tokenizer
+        from edgequant.export.pte_runtime import PteModel
+
+        model = PteModel(args.pte)
     result = generate(
         model,
         tokenizer,
@@ -218,8 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_options(p)
     p.set_defaults(func=cmd_quantize)
 
-    p = sub.add_parser("eval", help="measure a saved bundle (against its float model)")
-    p.add_argument("bundle", help="bundle folder")
+    p = sub.add_parser("eval", help="measure a bundle or a .pte against its float model")
+    p.add_argument("bundle", nargs="?", help="bundle folder")
+    p.add_argument("--pte", help="an ExecuTorch program written by `edgequant export`")
     p.add_argument(
         "--model", help="the float model to compare with (default: the one in report.json)"
     )
@@ -229,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="generate text from a model or a bundle")
     p.add_argument("--model", help=model_help)
     p.add_argument("--artifact", help="a bundle folder (uses its stored tokenizer)")
+    p.add_argument("--pte", help="generate with this .pte (tokenizer from --artifact or --model)")
     p.add_argument("--prompt", default="", help="the prompt (empty: start from BOS)")
     p.add_argument("--max-new-tokens", type=_count(1), default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -237,6 +267,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("export", help="write a bundle as an on-device program")
+    p.add_argument("--format", choices=("pte",), required=True, help="pte: ExecuTorch, XNNPACK")
+    p.add_argument("--artifact", required=True, help="the bundle folder to export")
+    p.add_argument("--out", required=True, help="the file to write")
+    p.add_argument("--max-seq-len", type=_count(2), default=512, help="KV cache length (512)")
+    p.add_argument(
+        "--allow-fallback",
+        action="store_true",
+        help="keep layers the backend cannot run in float (with a warning) instead of refusing",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing file")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("inspect", help="verify a bundle and summarise its manifest")
     p.add_argument("path", help="bundle folder")

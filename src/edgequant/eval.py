@@ -56,10 +56,12 @@ def _bar(iterable, total: int, desc: str, unit: str):
 
 
 def _device(model: nn.Module) -> torch.device:
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
+    """Where the model's tensors live; CPU for models that hold none (e.g. a .pte runner)."""
+    if isinstance(model, nn.Module):
+        for t in model.parameters():
+            return t.device
+        for t in model.buffers():
+            return t.device
     return torch.device("cpu")
 
 

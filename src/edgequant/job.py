@@ -226,3 +226,48 @@ def evaluate_bundle(
         float_row["perplexity"] = measured["float_perplexity"]
     name = (manifest["recipe"] or {}).get("name") or str(bundle)
     return [float_row, {**measured, "recipe": name}]
+
+
+def evaluate_pte(
+    pte: str | Path,
+    *,
+    reference: str,
+    eval_windows: int = 8,
+    seq_len: int = DEFAULT_SEQ_LEN,
+    text: str | Path | None = None,
+) -> list[dict[str, Any]]:
+    """Rows (float, .pte) measuring an ExecuTorch program against the float model
+    ``reference``, on the same windows and with the same tokenizer."""
+    from edgequant.export.pte_runtime import PteModel
+    from edgequant.models import load
+
+    program = PteModel(pte)
+    if seq_len > program.args.max_seq_len:
+        raise ValueError(
+            f"--seq-len {seq_len} is longer than the program's max_seq_len "
+            f"{program.args.max_seq_len}; pass --seq-len {program.args.max_seq_len} or less"
+        )
+    float_model, tokenizer, info = load(reference)
+    speed_ids = _speed_ids(tokenizer, text)
+    float_speed, pte_speed = _speed(float_model, speed_ids), _speed(program, speed_ids)
+    rows = [
+        {
+            "recipe": "float",
+            "decode_tokens_per_s": float_speed["decode_tokens_per_s"],
+            "prefill_tokens_per_s": float_speed["prefill_tokens_per_s"],
+        },
+        {
+            "recipe": Path(pte).name,
+            "quantized_bytes": Path(pte).stat().st_size,
+            "decode_tokens_per_s": pte_speed["decode_tokens_per_s"],
+            "prefill_tokens_per_s": pte_speed["prefill_tokens_per_s"],
+        },
+    ]
+    if eval_windows:
+        float_pass = _float_pass(float_model, tokenizer, info, eval_windows, seq_len, text)
+        windows = float_pass["windows"]
+        pte_logits = torch.stack([program(w[None])[0] for w in windows])
+        measured = ev.compare(float_pass["logits"], pte_logits, windows)
+        rows[0]["perplexity"] = measured["float_perplexity"]
+        rows[1].update(measured)
+    return rows

@@ -11,7 +11,7 @@ recognises, built from edgequant's stored integers and scales (no re-quantizatio
 
 Schemes XNNPACK cannot run correctly are refused before anything is written, naming the layers
 and the nearest scheme it can run; with ``allow_fallback`` they are kept in float (their
-dequantized values, so outputs do not change) with a warning listing them.
+dequantized weights, float activations) with a warning listing them.
 """
 
 from __future__ import annotations
@@ -104,7 +104,13 @@ class ExportLinear(nn.Module):
         qd = torch.ops.quantized_decomposed
         if self.bits == 4:
             weight = qd.dequantize_per_channel_group(
-                self.weight_int8, self.scales, self.zeros, -8, 7, torch.int8, self.group_size,
+                self.weight_int8,
+                self.scales,
+                self.zeros,
+                -8,
+                7,
+                torch.int8,
+                self.group_size,
                 torch.float32,
             )
         else:
@@ -143,7 +149,8 @@ def prepare(model: nn.Module, allow_fallback: bool = False) -> nn.Module:
         )
     if problems:
         log.warning(
-            "kept in float for XNNPACK (their dequantized values, so outputs do not change): %s",
+            "kept in float for XNNPACK (their dequantized weights; activations are no longer "
+            "quantized there): %s",
             ", ".join(f"{p.fqn} ({p.scheme.describe()}: {p.reason})" for p in problems),
         )
     model = copy.deepcopy(model)
@@ -155,6 +162,25 @@ def prepare(model: nn.Module, allow_fallback: bool = False) -> nn.Module:
         parent_name, _, child = fqn.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
     return model
+
+
+def export_program(model: nn.Module, max_seq_len: int, allow_fallback: bool = False):
+    """``(torch.export.ExportedProgram, ModelArgs)`` of the decoder, before lowering (its
+    constants are edgequant's stored integers and scales)."""
+    import torchao  # noqa: F401  (registers the quantized_decomposed ops)
+
+    from edgequant.export.native import ExportDecoder, from_hf_llama
+    from edgequant.models import llama2c
+
+    native = model if isinstance(model, llama2c.Transformer) else from_hf_llama(model)
+    decoder = ExportDecoder(prepare(native, allow_fallback), max_seq_len).eval()
+    example = (torch.zeros(1, 2, dtype=torch.long), torch.tensor([0], dtype=torch.long))
+    seq = torch.export.Dim("seq", min=1, max=max_seq_len)
+    with torch.no_grad():
+        program = torch.export.export(
+            decoder, example, dynamic_shapes={"tokens": {1: seq}, "input_pos": None}, strict=False
+        )
+    return program, native.args
 
 
 def to_pte(
@@ -177,23 +203,12 @@ def to_pte(
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
 
-    from edgequant.export.native import ExportDecoder, from_hf_llama
-    from edgequant.models import llama2c
-
     path = Path(path)
     if not path.parent.is_dir():
         raise FileNotFoundError(f"folder {str(path.parent)!r} does not exist")
     if path.exists() and not overwrite:
         raise FileExistsError(f"{str(path)!r} exists; pass overwrite=True to replace it")
-    native = model if isinstance(model, llama2c.Transformer) else from_hf_llama(model)
-    decoder = ExportDecoder(prepare(native, allow_fallback), max_seq_len).eval()
-    args = native.args
-    example = (torch.zeros(1, 2, dtype=torch.long), torch.tensor([0], dtype=torch.long))
-    seq = torch.export.Dim("seq", min=1, max=max_seq_len)
-    with torch.no_grad():
-        program = torch.export.export(
-            decoder, example, dynamic_shapes={"tokens": {1: seq}, "input_pos": None}, strict=False
-        )
+    program, args = export_program(model, max_seq_len, allow_fallback)
     metadata = {
         "get_max_seq_len": max_seq_len,
         "get_max_context_len": max_seq_len,

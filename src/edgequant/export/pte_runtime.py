@@ -1,0 +1,82 @@
+"""Run a ``.pte`` written by `edgequant.export.to_pte` in ExecuTorch's Python runtime.
+
+`PteModel` looks like edgequant's llama2.c model to the rest of the library: ``model(tokens)``
+gives the logits of a whole sequence, and ``new_cache()`` / ``model(tokens, start_pos=...,
+cache=...)`` decode incrementally, so `edgequant.generate` and `edgequant.eval` run on the file
+itself. The program holds its own KV cache: one `PteModel` serves one sequence at a time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+@dataclass(frozen=True)
+class PteArgs:
+    max_seq_len: int
+    vocab_size: int
+    n_layers: int
+
+
+class _Positions:
+    """Stands for the KV cache, which lives inside the program."""
+
+    def __init__(self, max_len: int) -> None:
+        self.max_len = max_len
+
+
+class PteModel:
+    """A loaded ``.pte`` with edgequant's decoder calling convention."""
+
+    def __init__(self, path: str | Path) -> None:
+        from executorch.runtime import Runtime
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f".pte file {str(path)!r} does not exist")
+        try:
+            program = Runtime.get().load_program(str(path))
+            self._forward = program.load_method("forward")
+
+            def constant(name: str) -> int:
+                return int(program.load_method(name).execute([])[0])
+
+            self.args = PteArgs(
+                max_seq_len=constant("get_max_seq_len"),
+                vocab_size=constant("get_vocab_size"),
+                n_layers=constant("get_n_layers"),
+            )
+        except (RuntimeError, ValueError) as e:
+            raise ValueError(
+                f"{str(path)!r} is not a loadable ExecuTorch LLM program (truncated, corrupted, "
+                f"or not written by edgequant.export.to_pte): {e}"
+            ) from None
+        self.path = path
+
+    def new_cache(self, batch: int = 1, max_len: int | None = None, **_) -> _Positions:
+        if batch != 1:
+            raise ValueError(f"a .pte decodes one sequence; got batch {batch}")
+        return _Positions(self.args.max_seq_len if max_len is None else max_len)
+
+    def __call__(self, tokens: torch.Tensor, start_pos: int = 0, cache=None) -> torch.Tensor:
+        if tokens.dim() != 2 or tokens.shape[0] != 1:
+            raise ValueError(f"tokens must be [1, seq], got shape {tuple(tokens.shape)}")
+        if start_pos + tokens.shape[1] > self.args.max_seq_len:
+            raise ValueError(
+                f"start_pos + seq must be <= max_seq_len={self.args.max_seq_len}, got "
+                f"{start_pos} + {tokens.shape[1]}"
+            )
+        inputs = [tokens.to(torch.long).contiguous(), torch.tensor([start_pos], dtype=torch.long)]
+        return self._forward.execute(inputs)[0].float()  # [1, T, vocab]
+
+    def eval(self) -> PteModel:
+        return self
+
+    def parameters(self):  # the weights live inside the program
+        return iter(())
+
+    def buffers(self):
+        return iter(())

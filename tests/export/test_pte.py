@@ -1,0 +1,176 @@
+"""ExecuTorch export on stories260K: the .pte runs in executorch.runtime and in ExecuTorch's own
+TextLLMRunner, computes what the eager packed model computes, and holds edgequant's integers."""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+import edgequant
+from edgequant import kernels
+from edgequant.data import stories260k_dir
+from edgequant.export.pte import check_xnnpack, export_program, prepare, to_pte
+from edgequant.export.pte_runtime import PteModel
+from edgequant.generate import generate
+from edgequant.models import llama2c
+from edgequant.primitives import sqnr
+from edgequant.recipe import Recipe, Rule
+from edgequant.schemes import Scheme
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+XNNPACK_RECIPE = EXAMPLES / "stories260k-xnnpack.yaml"
+REFERENCE = "Once upon a time, there was a little girl named Lily. She loved to play outside in the park. One day, she saw a big, red ball."  # noqa: E501
+MAX_SEQ_LEN = 256
+
+
+def _model(recipe=None):
+    model, _ = llama2c.load(stories260k_dir())
+    if recipe is not None:
+        model, _ = edgequant.quantize(model, recipe)
+    return model
+
+
+@pytest.fixture(scope="module")
+def programs(stories260k, tmp_path_factory):
+    """Eager model and written .pte for fp32, int8-dynamic and 8da4w (XNNPACK recipe)."""
+    folder = tmp_path_factory.mktemp("pte")
+    out = {}
+    for name, recipe in (
+        ("fp32", None),
+        ("int8-dynamic", "int8-dynamic"),
+        ("8da4w", str(XNNPACK_RECIPE)),
+    ):
+        if name == "int8-dynamic":  # quantized embeddings are not exported yet
+            base = edgequant.recipes.get("int8-dynamic")
+            recipe = Recipe(base.rules + (Rule(None, role="embedding"),))
+        model = _model(recipe)
+        path = to_pte(model, folder / f"{name}.pte", max_seq_len=MAX_SEQ_LEN, bos_id=1, eos_id=2)
+        out[name] = (model, path)
+    return out
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(stories260k):
+    _, tok = stories260k
+    return torch.tensor([tok.encode("Once upon a time, there was a little girl named Lily.")])
+
+
+@pytest.mark.parametrize(("name", "max_abs"), [("fp32", 1e-4), ("int8-dynamic", 1e-4)])
+def test_pte_logits_equal_the_eager_model(programs, prompt_ids, name, max_abs):
+    model, path = programs[name]
+    with torch.no_grad():
+        eager = model(prompt_ids)
+    got = PteModel(path)(prompt_ids)
+    # measured here: fp32 9.5e-6, int8-dynamic 5.7e-6 (logits up to about 19)
+    assert (got - eager).abs().max().item() < max_abs
+
+
+def test_8da4w_pte_matches_the_reference_kernels(programs, prompt_ids):
+    model, path = programs["8da4w"]
+    kernels.use_reference(True)
+    try:
+        with torch.no_grad():
+            reference = model(prompt_ids)
+    finally:
+        kernels.use_reference(False)
+    got = PteModel(path)(prompt_ids)
+    # XNNPACK rounds int4 scales to bf16 inside its kernels; measured 39.3 dB here
+    assert sqnr(reference, got) > 35.0
+
+
+def test_fp32_pte_reproduces_the_reference_story(programs, stories260k):
+    model, path = programs["fp32"]
+    _, tok = stories260k
+    out = generate(PteModel(path), tok, None, max_new_tokens=200)
+    eager = llama2c.generate(model, [1], 200)
+    assert out.new_ids == eager[1:]
+    assert out.text.startswith(REFERENCE)
+
+
+def test_decoding_in_the_pte_follows_its_prefill(programs, prompt_ids):
+    model, path = programs["int8-dynamic"]
+    program = PteModel(path)
+    T = prompt_ids.shape[1]
+    program(prompt_ids[:, :-1], start_pos=0)
+    last = program(prompt_ids[:, -1:], start_pos=T - 1)
+    with torch.no_grad():
+        eager = model(prompt_ids)
+    assert (last[0, -1] - eager[0, -1]).abs().max().item() < 1e-4
+
+
+def test_textllmrunner_generates_our_greedy_text(programs, stories260k):
+    import executorch.extension.llm.custom_ops  # noqa: F401  (registers llama:: ops)
+    from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
+
+    _, tok = stories260k
+    for name in ("fp32", "8da4w"):
+        _, path = programs[name]
+        runner = TextLLMRunner(str(path), str(stories260k_dir() / "tok512.model"))
+        pieces: list[str] = []
+        config = GenerationConfig(max_new_tokens=40, temperature=0.0, num_bos=1, echo=False)
+        runner.generate("Once upon a time", config, token_callback=pieces.append)
+        ours = generate(PteModel(path), tok, "Once upon a time", max_new_tokens=40)
+        assert "".join(pieces).strip() == ours.text.strip(), name
+        if name == "fp32":
+            assert ("Once upon a time" + "".join(pieces)).startswith(REFERENCE)
+
+
+def test_the_program_holds_edgequants_integers_and_scales(stories260k):
+    model = _model(str(XNNPACK_RECIPE))
+    program, _ = export_program(model, max_seq_len=32)
+    constants = {**program.state_dict, **program.constants}
+    for fqn in ("layers.0.attention.wq", "layers.3.feed_forward.w1", "output"):
+        layer = model.get_submodule(fqn)
+        ints = constants[f"model.{fqn}.weight_int8"]
+        assert torch.equal(ints, layer.int_weight())  # the int4 values, one per int8
+        scales = constants[f"model.{fqn}.scales"]
+        assert torch.equal(scales, layer.scale.float())  # fp16 -> fp32 is exact
+    w2 = model.layers[0].feed_forward.w2  # int8-dynamic
+    assert torch.equal(constants["model.layers.0.feed_forward.w2.weight_int8"], w2.qweight)
+
+
+def test_unsupported_schemes_are_refused_naming_layers(stories260k):
+    model = _model(str(EXAMPLES / "stories260k-8da4w.yaml"))  # g86 w2 + quantized embedding
+    problems = {p.fqn: p for p in check_xnnpack(model)}
+    assert set(problems) == {"tok_embeddings"} | {f"layers.{i}.feed_forward.w2" for i in range(5)}
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            "XNNPACK cannot run 6 module(s) as the recipe stores them (tok_embeddings, "
+            "layers.0.feed_forward.w2, layers.1.feed_forward.w2, layers.2.feed_forward.w2 and 2 more)"
+        ),
+    ):
+        prepare(model)
+    weight_only = _model(Recipe((Rule(Scheme("int8"), role="feedforward"),)))
+    with pytest.raises(ValueError, match="weight-only integer linears ran but gave wrong outputs"):
+        prepare(weight_only)
+
+
+def test_allow_fallback_keeps_them_float_with_a_warning(stories260k, caplog):
+    model = _model(str(EXAMPLES / "stories260k-8da4w.yaml"))
+    with caplog.at_level(logging.WARNING):
+        ready = prepare(model, allow_fallback=True)
+    assert "kept in float for XNNPACK" in caplog.text and "layers.4.feed_forward.w2" in caplog.text
+    w2 = ready.layers[0].feed_forward.w2
+    assert isinstance(w2, torch.nn.Linear)
+    assert torch.equal(w2.weight, model.layers[0].feed_forward.w2.dequantized_weight())
+
+
+def test_output_path_errors(programs, tmp_path):
+    model, path = programs["fp32"]
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        to_pte(model, tmp_path / "missing" / "m.pte")
+    with pytest.raises(FileExistsError, match="exists; pass overwrite=True"):
+        to_pte(model, path)
+
+
+def test_truncated_pte_is_a_clear_error(programs, tmp_path):
+    _, path = programs["fp32"]
+    bad = tmp_path / "bad.pte"
+    bad.write_bytes(path.read_bytes()[:100_000])
+    with pytest.raises(ValueError, match="is not a loadable ExecuTorch LLM program"):
+        PteModel(bad)
