@@ -141,7 +141,8 @@ def test_unsupported_schemes_are_refused_naming_layers(stories260k):
         ValueError,
         match=re.escape(
             "XNNPACK cannot run 6 module(s) as the recipe stores them (tok_embeddings, "
-            "layers.0.feed_forward.w2, layers.1.feed_forward.w2, layers.2.feed_forward.w2 and 2 more)"
+            "layers.0.feed_forward.w2, layers.1.feed_forward.w2, layers.2.feed_forward.w2 "
+            "and 2 more)"
         ),
     ):
         prepare(model)
