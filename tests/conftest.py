@@ -58,3 +58,22 @@ def story_ids(stories260k):
     ids = tokenizer.encode(STORY * 4)[:256]
     assert len(ids) == 256
     return torch.tensor([ids])
+
+
+@pytest.fixture(scope="module")
+def tiny_hf_llama():
+    """A random Hugging Face Llama: hidden 64, 2 layers, 4 heads / 2 kv heads, vocab 128."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        max_position_embeddings=64,
+    )
+    return transformers.LlamaForCausalLM(config).eval()

@@ -284,25 +284,8 @@ SPEED_KEYS = {
 }
 
 
-@pytest.fixture(scope="module")
-def tiny_llama():
-    """A random Hugging Face Llama: hidden 64, 2 layers, vocab 128."""
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-        max_position_embeddings=64,
-    )
-    return transformers.LlamaForCausalLM(config).eval()
-
-
-def test_speed_hf_llama_uses_the_kv_cache(tiny_llama):
-    result = ev.speed(tiny_llama, list(range(1, 17)), new_tokens=8)
+def test_speed_hf_llama_uses_the_kv_cache(tiny_hf_llama):
+    result = ev.speed(tiny_hf_llama, list(range(1, 17)), new_tokens=8)
     assert set(result) == SPEED_KEYS
     assert result["kv_cache"] is True
     assert (result["prompt_tokens"], result["new_tokens"]) == (16, 8)
@@ -310,7 +293,7 @@ def test_speed_hf_llama_uses_the_kv_cache(tiny_llama):
 
 
 def test_layer_sqnr_reads_hf_conv1d_transposed():
-    transformers = pytest.importorskip("transformers")
+    import transformers
     torch.manual_seed(0)
     config = transformers.GPT2Config(
         n_embd=32,
@@ -374,7 +357,7 @@ class _NoCache(nn.Module):
         return self.model(ids)
 
 
-def test_timed_decode_path_matches_full_recompute(stories260k, tiny_llama):
+def test_timed_decode_path_matches_full_recompute(stories260k, tiny_hf_llama):
     """What `speed` times generates the same greedy tokens as recomputing everything."""
     from edgequant.models import llama2c
 
@@ -384,6 +367,6 @@ def test_timed_decode_path_matches_full_recompute(stories260k, tiny_llama):
         tokens, _ = _greedy(model, prompt, 12)
         assert tokens == llama2c.generate(model, prompt, 12)[len(prompt) :]
         assert _greedy(_NoCache(model), prompt, 12) == (tokens, False)
-        hf_tokens, kv_cache = _greedy(tiny_llama, list(range(1, 17)), 8)
+        hf_tokens, kv_cache = _greedy(tiny_hf_llama, list(range(1, 17)), 8)
         assert kv_cache is True
-        assert _greedy(_NoCache(tiny_llama), list(range(1, 17)), 8) == (hf_tokens, False)
+        assert _greedy(_NoCache(tiny_hf_llama), list(range(1, 17)), 8) == (hf_tokens, False)

@@ -54,22 +54,6 @@ class NoCache(nn.Module):
         return out if isinstance(out, torch.Tensor) else out.logits
 
 
-@pytest.fixture(scope="module")
-def tiny_hf_llama():
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-        max_position_embeddings=64,
-    )
-    return transformers.LlamaForCausalLM(config).eval()
-
-
 def recompute_greedy(model: nn.Module, ids: list[int], n: int) -> list[int]:
     """Argmax over the whole sequence's logits at every step (no cache)."""
     ids = list(ids)

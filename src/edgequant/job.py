@@ -66,6 +66,17 @@ def _float_pass(model, tokenizer, info, windows_n, seq_len, text) -> dict[str, A
     }
 
 
+def _float_side(float_model, tokenizer, info, eval_windows, seq_len, text):
+    """``(speed prompt ids, float pass or None, float speed)``: everything measured on float."""
+    speed_ids = _speed_ids(tokenizer, text)
+    float_pass = (
+        _float_pass(float_model, tokenizer, info, eval_windows, seq_len, text)
+        if eval_windows
+        else None
+    )
+    return speed_ids, float_pass, _speed(float_model, speed_ids)
+
+
 def _speed(model, ids: list[int]) -> dict[str, Any]:
     return ev.speed(model, ids[:SPEED_PROMPT_TOKENS], SPEED_NEW_TOKENS)
 
@@ -109,13 +120,9 @@ def run(
     check_writable(out, overwrite)
     recipe = as_recipe(recipe)
     float_model, tokenizer, info = load(model_name)
-    speed_ids = _speed_ids(tokenizer, text)
-    float_pass = (
-        _float_pass(float_model, tokenizer, info, eval_windows, seq_len, text)
-        if eval_windows
-        else None
+    speed_ids, float_pass, float_speed = _float_side(
+        float_model, tokenizer, info, eval_windows, seq_len, text
     )
-    float_speed = _speed(float_model, speed_ids)
 
     started = time.perf_counter()
     model, plan = edgequant.quantize(copy.deepcopy(float_model), recipe)
@@ -207,13 +214,9 @@ def evaluate_bundle(
     if manifest.get("recipe") is None:
         raise ValueError(f"{str(bundle)!r} records no recipe; cannot size it against float")
     plan = edgequant.plan(float_model, model.edgequant_recipe)
-    speed_ids = _speed_ids(tokenizer, text)
-    float_pass = (
-        _float_pass(float_model, tokenizer, info, eval_windows, seq_len, text)
-        if eval_windows
-        else None
+    speed_ids, float_pass, float_speed = _float_side(
+        float_model, tokenizer, info, eval_windows, seq_len, text
     )
-    float_speed = _speed(float_model, speed_ids)
     measured = measure(float_model, model, plan, float_pass, speed_ids)
     float_row = {
         "recipe": "float",
