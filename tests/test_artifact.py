@@ -192,3 +192,17 @@ def test_manifest_without_its_tables_is_refused(bundle):
         ValueError, match=re.escape("is corrupted: ['files'] missing or not mappings")
     ):
         edgequant.load(path)
+
+
+def test_an_unlisted_file_in_the_tokenizer_folder_is_refused(fresh_stories260k, tmp_path):
+    from edgequant.artifact import load_tokenizer
+
+    model, tokenizer = fresh_stories260k()
+    path = edgequant.save(model, tmp_path / "b", tokenizer=tokenizer)
+    assert load_tokenizer(path).encode("Once", bos=True)[0] == 1
+    (path / "tokenizer" / "special_tokens_map.json").write_text("{}")
+    with pytest.raises(
+        ValueError,
+        match=re.escape("holds file(s) the manifest does not list: ['special_tokens_map.json']"),
+    ):
+        load_tokenizer(path)

@@ -67,6 +67,8 @@ def test_quantize_runs_the_main_job(stories260k, tmp_path, capsys):
     ):
         assert key in report, key
     assert report["recipe"]["name"] == "stories260k-8da4w"
+    assert report["bundle_reloads_identically"] is True
+    assert report["torch_threads"] >= 1 and sum(report["kernels"].values()) == 36
     assert (report["eval_windows"], report["seq_len"]) == (2, 128)
     assert report["quantized_bytes"] == 143712 and abs(report["bits_per_weight"] - 4.433) < 1e-3
     assert report["float_perplexity"] < report["perplexity"]
@@ -206,3 +208,10 @@ def test_compare_runs_every_preset_on_one_float_pass(stories260k, tmp_path, caps
     assert rows["int8-dynamic"]["kl_divergence"] == pytest.approx(report["kl_divergence"])
     assert "Skipped:" in (out / "compare.md").read_text()
     assert (out / "compare.png").is_file()
+
+
+def test_generate_argument_conflicts(capsys):
+    assert main(["generate", "--model", "stories260k", "--top-k", "5"]) == 2
+    assert "--top-k/--top-p shape sampling; pass --temperature > 0" in capsys.readouterr().err
+    assert main(["generate", "--model", "stories260k", "--artifact", "x"]) == 2
+    assert "pass --model or --artifact, not both" in capsys.readouterr().err

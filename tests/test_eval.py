@@ -294,6 +294,7 @@ def test_speed_hf_llama_uses_the_kv_cache(tiny_hf_llama):
 
 def test_layer_sqnr_reads_hf_conv1d_transposed():
     import transformers
+
     torch.manual_seed(0)
     config = transformers.GPT2Config(
         n_embd=32,

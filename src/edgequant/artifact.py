@@ -75,6 +75,12 @@ def load_tokenizer(path: str | Path):
     if record is None:
         return None
     folder = path / TOKENIZER_DIR
+    unlisted = sorted(p.name for p in folder.iterdir() if p.name not in record["files"])
+    if unlisted:  # the tokenizer would read them, and the manifest vouches only for its own
+        raise ValueError(
+            f"{str(folder)!r} holds file(s) the manifest does not list: {unlisted}; remove them "
+            "(they would change the tokenizer without failing the integrity check)"
+        )
     if record["kind"] == "hf":
         return HFTokenizer.load(folder)
     return Llama2cTokenizer(folder / record["files"][0])

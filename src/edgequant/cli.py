@@ -62,6 +62,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     )
     print(f"model: {report['model_source']}")
     print(f"bundle: {args.out}  (report.json, report.md, report.png)")
+    if not report["bundle_reloads_identically"]:
+        print("CHECK FAILED: the saved bundle, reloaded, gives different logits", file=sys.stderr)
+        return EXIT_CHECK_FAILED
     if report["eval_windows"]:
         print(
             f"evaluated on {report['eval_windows']} windows of {report['seq_len']} tokens of "
@@ -116,6 +119,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from edgequant.generate import generate
 
+    if (args.top_k is not None or args.top_p is not None) and args.temperature == 0:
+        raise ValueError("--top-k/--top-p shape sampling; pass --temperature > 0 with them")
+    if args.artifact and args.model:
+        raise ValueError("pass --model or --artifact, not both")
     if args.artifact:
         import edgequant
         from edgequant.artifact import load_tokenizer

@@ -129,7 +129,7 @@ def run(
     quantize_seconds = time.perf_counter() - started
     edgequant.save(model, out, tokenizer=tokenizer, overwrite=overwrite)
     report = {
-        "model": model_name,
+        "model": str(Path(model_name).resolve()) if Path(model_name).exists() else model_name,
         "model_source": info["source"],
         "model_family": info["family"],
         "recipe": recipe.to_dict(),
@@ -140,6 +140,9 @@ def run(
         "float_prefill_tokens_per_s": float_speed["prefill_tokens_per_s"],
         "speed_prompt_tokens": float_speed["prompt_tokens"],
         "speed_new_tokens": float_speed["new_tokens"],
+        "bundle_reloads_identically": _reloads_identically(out, model, float_model, speed_ids),
+        "kernels": _kernel_counts(model),
+        "torch_threads": torch.get_num_threads(),
         "edgequant_version": edgequant.__version__,
         "torch_version": torch.__version__,
     }
@@ -150,6 +153,26 @@ def run(
         rows = compare(float_model, tokenizer, info, float_pass, speed_ids, float_speed)
         write_compare(rows, out, model_name, highlight=recipe.name)
     return report
+
+
+def _reloads_identically(out: Path, model, float_model, ids: list[int]) -> bool:
+    """Load the bundle just written and check it gives the quantized model's logits exactly."""
+    reloaded = edgequant.load(out, model=copy.deepcopy(float_model))
+    x = torch.tensor([ids])
+    with torch.inference_mode():
+        return bool(torch.equal(logits(reloaded, x), logits(model, x)))
+
+
+def _kernel_counts(model) -> dict[str, int]:
+    """How many packed modules run each kernel (``reference`` or a fast path)."""
+    from collections import Counter
+
+    from edgequant import kernels
+    from edgequant.layers import QuantizedLinear
+
+    return dict(
+        Counter(kernels.kernel_name(m) for m in model.modules() if isinstance(m, QuantizedLinear))
+    )
 
 
 def compare(float_model, tokenizer, info, float_pass, speed_ids, float_speed) -> list[dict]:

@@ -86,6 +86,7 @@ def test_tokenizer_byte_fallback_ids(stories260k):
 
 def test_tokenizer_matches_sentencepiece(stories260k):
     import sentencepiece as spm
+
     _, tok = stories260k
     sp = spm.SentencePieceProcessor(model_file=str(data.stories260k_dir() / "tok512.model"))
     # sentencepiece also collapses runs of spaces; llama2.c (and this encoder) keeps them

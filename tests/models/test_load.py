@@ -89,3 +89,18 @@ def test_unknown_format(tmp_path):
     path.write_bytes(b"x")
     with pytest.raises(ValueError, match="cannot tell the model format"):
         load(path)
+
+
+def test_a_pickle_bin_file_is_refused_as_such(tmp_path):
+    path = tmp_path / "model.bin"
+    path.write_bytes(b"\x80\x04\x95pickled")
+    with pytest.raises(
+        ValueError, match="is a pickle checkpoint, not llama2.c's format; edgequant never unpickles"
+    ):
+        load(path)
+
+
+def test_a_folder_with_only_a_pickle_and_no_config_says_pickle(tmp_path):
+    (tmp_path / "pytorch_model.bin").write_bytes(b"PK\x03\x04zip")
+    with pytest.raises(ValueError, match="holds only pickle checkpoints \\(pytorch_model.bin\\)"):
+        load(tmp_path)

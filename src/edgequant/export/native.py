@@ -67,8 +67,16 @@ def from_hf_llama(model: nn.Module) -> llama2c.Transformer:
 class ExportDecoder(nn.Module):
     """``forward(tokens [1, T], input_pos [1]) -> logits [1, T, vocab]`` with a static cache."""
 
-    def __init__(self, model: llama2c.Transformer, max_seq_len: int) -> None:
+    def __init__(
+        self, model: llama2c.Transformer, max_seq_len: int, custom_sdpa: bool = True
+    ) -> None:
         super().__init__()
+        # custom_sdpa: ExecuTorch's llama::update_cache / llama::custom_sdpa kernels (what its own
+        # LLM export uses: grouped-query attention over the cache prefix, no copies); otherwise
+        # plain index_copy_ + SDPA over the whole cache with a mask (portable, slower).
+        self.custom_sdpa = custom_sdpa
+        if custom_sdpa:
+            import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401  (llama:: ops)
         args = model.args
         if not 2 <= max_seq_len <= args.max_seq_len:
             raise ValueError(
@@ -77,6 +85,8 @@ class ExportDecoder(nn.Module):
         self.model, self.max_seq_len = model, max_seq_len
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
         shape = (1, args.n_kv_heads, max_seq_len, args.head_dim)  # [1, KV, S, D] per layer
+        if custom_sdpa:
+            shape = (1, max_seq_len, args.n_kv_heads, args.head_dim)  # [1, S, KV, D]
         for i in range(args.n_layers):
             self.register_buffer(f"k_cache_{i}", torch.zeros(shape), persistent=False)
             self.register_buffer(f"v_cache_{i}", torch.zeros(shape), persistent=False)
@@ -86,6 +96,8 @@ class ExportDecoder(nn.Module):
 
     def forward(self, tokens: Tensor, input_pos: Tensor) -> Tensor:
         T = tokens.shape[1]
+        if self.custom_sdpa:
+            return self._forward_custom(tokens, input_pos)
         positions = input_pos + torch.arange(T, dtype=torch.long)  # [T]
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # [T, D]
         # query i (at position input_pos + i) sees cache slots 0 .. input_pos + i
@@ -94,6 +106,30 @@ class ExportDecoder(nn.Module):
         h = self.model.tok_embeddings(tokens)  # [1, T, dim]
         for i, block in enumerate(self.model.layers):
             h = h + self._attention(block, i, block.attention_norm(h), cos, sin, positions, mask)
+            h = h + block.feed_forward(block.ffn_norm(h))
+        return self.model.output(self.model.norm(h))  # [1, T, vocab]
+
+    def _forward_custom(self, tokens: Tensor, input_pos: Tensor) -> Tensor:
+        T = tokens.shape[1]
+        start = input_pos[0].item()
+        torch._check_is_size(start)
+        torch._check(start + T <= self.max_seq_len)
+        cos = self.rope_cos.narrow(0, start, T)  # [T, D]
+        sin = self.rope_sin.narrow(0, start, T)  # [T, D]
+        h = self.model.tok_embeddings(tokens)  # [1, T, dim]
+        for i, block in enumerate(self.model.layers):
+            x = block.attention_norm(h)
+            attn = block.attention
+            q = attn.wq(x).view(1, T, self.n_heads, self.head_dim)  # [1, T, H, D]
+            k = attn.wk(x).view(1, T, self.n_kv_heads, self.head_dim)  # [1, T, KV, D]
+            v = attn.wv(x).view(1, T, self.n_kv_heads, self.head_dim)  # [1, T, KV, D]
+            q = llama2c.apply_rope(q.transpose(1, 2), cos, sin).transpose(1, 2)
+            k = llama2c.apply_rope(k.transpose(1, 2), cos, sin).transpose(1, 2)
+            k_cache, v_cache = getattr(self, f"k_cache_{i}"), getattr(self, f"v_cache_{i}")
+            torch.ops.llama.update_cache(k, k_cache, start)
+            torch.ops.llama.update_cache(v, v_cache, start)
+            y = torch.ops.llama.custom_sdpa(q, k_cache, v_cache, start, None, 0.0, True)
+            h = h + attn.wo(y.reshape(1, T, self.n_heads * self.head_dim))  # [1, T, dim]
             h = h + block.feed_forward(block.ffn_norm(h))
         return self.model.output(self.model.norm(h))  # [1, T, vocab]
 

@@ -215,7 +215,7 @@ def to_pte(
         "get_vocab_size": args.vocab_size,
         "get_n_layers": args.n_layers,
         "use_kv_cache": True,
-        "use_sdpa_with_kv_cache": False,
+        "use_sdpa_with_kv_cache": True,
         "enable_dynamic_shape": True,
     }
     if bos_id is not None:

@@ -68,6 +68,8 @@ def load(name_or_path: str | Path) -> tuple[Any, Any, dict[str, Any]]:
     if path.suffix == ".bin" or (path.is_dir() and any(path.glob("*.bin"))):
         from edgequant.models import hf, llama2c
 
+        if path.is_file() and hf.is_pickle(path):
+            raise hf.refuse_pickle(f"{str(path)!r} is a pickle checkpoint, not llama2.c's format")
         if path.is_dir() and not any(p.name.startswith("tok") for p in path.glob("*.bin")):
             hf.check_folder(path)  # pickles without a config: refuse with the reason
         model, tokenizer = llama2c.load(path)

@@ -12,22 +12,35 @@ from pathlib import Path
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
+def is_pickle(path: Path) -> bool:
+    """A torch.save / pickle file: pickle protocol >= 2 starts with 0x80, torch's zip with PK."""
+    with open(path, "rb") as f:
+        head = f.read(2)
+    return head[:1] == b"\x80" or head == b"PK"
+
+
+def refuse_pickle(what: str) -> ValueError:
+    return ValueError(
+        f"{what}; edgequant never unpickles model files, since loading them can run arbitrary "
+        "code. Convert them to safetensors where you trust the file (e.g. transformers' "
+        "model.save_pretrained(out, safe_serialization=True)) and load that folder"
+    )
+
+
 def check_folder(folder: Path) -> None:
-    """Refuse a folder without a config or without safetensors weights, saying why."""
+    """Refuse a folder without safetensors weights or without a config, saying why."""
+    has_weights = any(folder.glob("*.safetensors"))
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if not has_weights and pickles and any(is_pickle(folder / n) for n in pickles):
+        raise refuse_pickle(f"{str(folder)!r} holds only pickle checkpoints ({', '.join(pickles)})")
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(
             f"{str(folder)!r} has no config.json: not a Hugging Face model folder"
         )
-    if any(folder.glob("*.safetensors")):
+    if has_weights:
         return
-    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if pickles:
-        raise ValueError(
-            f"{str(folder)!r} holds only pickle checkpoints ({', '.join(pickles)}); edgequant "
-            "never unpickles model files, since loading them can run arbitrary code. Convert them "
-            "to safetensors where you trust the file (e.g. transformers' "
-            "model.save_pretrained(out, safe_serialization=True)) and load that folder"
-        )
+        raise refuse_pickle(f"{str(folder)!r} holds only pickle checkpoints ({', '.join(pickles)})")
     raise FileNotFoundError(f"{str(folder)!r} has no weights (*.safetensors)")
 
 
