@@ -112,7 +112,7 @@ class ExportDecoder(nn.Module):
     def _forward_custom(self, tokens: Tensor, input_pos: Tensor) -> Tensor:
         T = tokens.shape[1]
         start = input_pos[0].item()
-        torch._check_is_size(start)
+        torch._check(start >= 0)
         torch._check(start + T <= self.max_seq_len)
         cos = self.rope_cos.narrow(0, start, T)  # [T, D]
         sin = self.rope_sin.narrow(0, start, T)  # [T, D]
