@@ -175,3 +175,18 @@ def test_truncated_pte_is_a_clear_error(programs, tmp_path):
     bad.write_bytes(path.read_bytes()[:100_000])
     with pytest.raises(ValueError, match="is not a loadable ExecuTorch LLM program"):
         PteModel(bad)
+
+
+def test_a_fresh_process_can_run_the_program(programs):
+    """The program needs ExecuTorch's llama:: kernels; PteModel registers them itself."""
+    import subprocess
+    import sys
+
+    _, path = programs["8da4w"]
+    code = (
+        "import torch; from edgequant.export.pte_runtime import PteModel; "
+        f"print(tuple(PteModel({str(path)!r})(torch.tensor([[1, 400, 30]])).shape))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().endswith("(1, 3, 512)")

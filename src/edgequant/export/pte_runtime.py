@@ -32,6 +32,7 @@ class PteModel:
     """A loaded ``.pte`` with edgequant's decoder calling convention."""
 
     def __init__(self, path: str | Path) -> None:
+        import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401  (llama:: kernels)
         from executorch.runtime import Runtime
 
         path = Path(path)
