@@ -20,6 +20,7 @@ import copy
 import logging
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -208,7 +209,10 @@ def to_pte(
         raise FileNotFoundError(f"folder {str(path.parent)!r} does not exist")
     if path.exists() and not overwrite:
         raise FileExistsError(f"{str(path)!r} exists; pass overwrite=True to replace it")
-    program, args = export_program(model, max_seq_len, allow_fallback)
+    with warnings.catch_warnings():  # torch/executorch deprecation chatter during export
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        program, args = export_program(model, max_seq_len, allow_fallback)
     metadata = {
         "get_max_seq_len": max_seq_len,
         "get_max_context_len": max_seq_len,
@@ -222,13 +226,18 @@ def to_pte(
         metadata["get_bos_id"] = bos_id
     if eos_id is not None:
         metadata["get_eos_ids"] = [eos_id]
-    edge = to_edge_transform_and_lower(
-        program,
-        partitioner=[XnnpackPartitioner()],
-        constant_methods=metadata,
-        compile_config=EdgeCompileConfig(_check_ir_validity=False),
-    )
-    buffer = edge.to_executorch().buffer
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        # the KV cache buffers are mutated by design; their initial values are not needed
+        warnings.filterwarnings("ignore", message="Mutation on a buffer in the model")
+        edge = to_edge_transform_and_lower(
+            program,
+            partitioner=[XnnpackPartitioner()],
+            constant_methods=metadata,
+            compile_config=EdgeCompileConfig(_check_ir_validity=False),
+        )
+        buffer = edge.to_executorch().buffer
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
