@@ -45,8 +45,21 @@ class Unsupported:
 def xnnpack_problem(module: nn.Module) -> tuple[str, str] | None:
     """Why XNNPACK cannot run this packed module as stored, and the nearest scheme it can."""
     s = module.scheme
-    if isinstance(module, QuantizedEmbedding):
-        return ("quantized embedding lookups are not exported yet", "a float embedding")
+    if isinstance(module, QuantizedEmbedding):  # ExecuTorch's quantized lookup kernels
+        if (
+            s.is_integer
+            and s.symmetric
+            and (
+                (s.bits == 8 and s.granularity in ("per_channel", "per_group"))
+                or (s.bits == 4 and s.granularity == "per_group")
+            )
+        ):
+            return None
+        return (
+            f"ExecuTorch's quantized embedding kernels take symmetric int8 or int4 group-wise "
+            f"rows, not {s.describe()}",
+            "int8 per-channel or int4 group-wise symmetric",
+        )
     if not s.is_integer:
         return (f"{s.weight} weights are not exported yet", "fp32 (no rule) or int8-dynamic")
     if s.activation != "int8_dynamic":
@@ -121,6 +134,38 @@ class ExportLinear(nn.Module):
         return F.linear(_per_token_dynamic(x), weight, self.bias)
 
 
+class ExportEmbedding(nn.Module):
+    """A packed embedding as ExecuTorch's ``embedding_byte`` / ``embedding_4bit`` lookup.
+
+    ``embedding_4bit`` packs two values per byte with the *even* column in the high nibble
+    (``(q_even + 8) << 4 | (q_odd + 8)``); edgequant stores the even column in the low nibble,
+    so the bytes are re-packed (same integers). Scales are edgequant's, in their own dtype."""
+
+    def __init__(self, layer: QuantizedEmbedding) -> None:
+        super().__init__()
+        s = layer.scheme
+        self.bits = s.bits
+        q = layer.int_weight()
+        if s.bits == 4:
+            u = (q.to(torch.int16) + 8).to(torch.uint8)
+            q = (u[:, 0::2] << 4) | u[:, 1::2]
+        self.register_buffer("weight", q.contiguous())
+        self.register_buffer("scales", layer.scale.clone())
+        self.embed_scale = layer.embed_scale
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        qd = torch.ops.quantized_decomposed
+        if self.bits == 4:
+            rows = qd.embedding_4bit.dtype(
+                self.weight, self.scales, None, -8, 7, ids, dtype=torch.float32
+            )
+        else:
+            rows = qd.embedding_byte.dtype(
+                self.weight, self.scales, None, -128, 127, ids, dtype=torch.float32
+            )
+        return rows if self.embed_scale is None else rows * self.embed_scale
+
+
 def _float_twin(module: nn.Module) -> nn.Module:
     weight = module.dequantized_weight()
     if isinstance(module, QuantizedEmbedding):
@@ -159,7 +204,12 @@ def prepare(model: nn.Module, allow_fallback: bool = False) -> nn.Module:
     for fqn, module in list(model.named_modules()):
         if not isinstance(module, (QuantizedLinear, QuantizedEmbedding)):
             continue
-        new = _float_twin(module) if fqn in unsupported else ExportLinear(module)
+        if fqn in unsupported:
+            new = _float_twin(module)
+        elif isinstance(module, QuantizedEmbedding):
+            new = ExportEmbedding(module)
+        else:
+            new = ExportLinear(module)
         parent_name, _, child = fqn.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
     return model
@@ -168,6 +218,7 @@ def prepare(model: nn.Module, allow_fallback: bool = False) -> nn.Module:
 def export_program(model: nn.Module, max_seq_len: int, allow_fallback: bool = False):
     """``(torch.export.ExportedProgram, ModelArgs)`` of the decoder, before lowering (its
     constants are edgequant's stored integers and scales)."""
+    import executorch.exir.passes._quant_patterns_and_replacements  # noqa: F401  (embedding ops)
     import torchao  # noqa: F401  (registers the quantized_decomposed ops)
 
     from edgequant.export.native import ExportDecoder, from_hf_llama

@@ -33,6 +33,7 @@ class PteModel:
 
     def __init__(self, path: str | Path) -> None:
         import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401  (llama:: kernels)
+        import executorch.kernels.quantized  # noqa: F401  (quantized embedding kernels)
         from executorch.runtime import Runtime
 
         path = Path(path)
