@@ -175,14 +175,19 @@ def _kernel_counts(model) -> dict[str, int]:
     )
 
 
-def compare(float_model, tokenizer, info, float_pass, speed_ids, float_speed) -> list[dict]:
-    """Every preset on the same float pass; one row each (float first)."""
-    float_row = {
+def _float_row(float_speed: dict[str, Any], **fields: Any) -> dict[str, Any]:
+    """The table row of the float model: its speed plus whatever else the caller measured."""
+    return {
         "recipe": "float",
-        "bits_per_weight": 32.0,
+        **fields,
         "decode_tokens_per_s": float_speed["decode_tokens_per_s"],
         "prefill_tokens_per_s": float_speed["prefill_tokens_per_s"],
     }
+
+
+def compare(float_model, tokenizer, info, float_pass, speed_ids, float_speed) -> list[dict]:
+    """Every preset on the same float pass; one row each (float first)."""
+    float_row = _float_row(float_speed, bits_per_weight=32.0)
     if float_pass is not None:
         float_row["perplexity"] = ev.perplexity_from_logits(
             float_pass["logits"], float_pass["windows"]
@@ -231,23 +236,19 @@ def evaluate_bundle(
                 f"{str(bundle)!r} has no report.json naming its float model; pass --model"
             )
         reference = json.loads(report_path.read_text())["model"]
+    if manifest.get("recipe") is None:  # before loading anything
+        raise ValueError(f"{str(bundle)!r} records no recipe; cannot size it against float")
     float_model, float_tokenizer, info = load(reference)
     model = edgequant.load(bundle, model=copy.deepcopy(float_model))
     tokenizer = load_tokenizer(bundle) or float_tokenizer
-    if manifest.get("recipe") is None:
-        raise ValueError(f"{str(bundle)!r} records no recipe; cannot size it against float")
     plan = edgequant.plan(float_model, model.edgequant_recipe)
     speed_ids, float_pass, float_speed = _float_side(
         float_model, tokenizer, info, eval_windows, seq_len, text
     )
     measured = measure(float_model, model, plan, float_pass, speed_ids)
-    float_row = {
-        "recipe": "float",
-        "bits_per_weight": 32.0,
-        "quantized_bytes": measured["float_bytes"],
-        "decode_tokens_per_s": float_speed["decode_tokens_per_s"],
-        "prefill_tokens_per_s": float_speed["prefill_tokens_per_s"],
-    }
+    float_row = _float_row(
+        float_speed, bits_per_weight=32.0, quantized_bytes=measured["float_bytes"]
+    )
     if float_pass is not None:
         float_row["perplexity"] = measured["float_perplexity"]
     name = (manifest["recipe"] or {}).get("name") or str(bundle)
@@ -274,14 +275,12 @@ def evaluate_pte(
             f"{program.args.max_seq_len}; pass --seq-len {program.args.max_seq_len} or less"
         )
     float_model, tokenizer, info = load(reference)
-    speed_ids = _speed_ids(tokenizer, text)
-    float_speed, pte_speed = _speed(float_model, speed_ids), _speed(program, speed_ids)
+    speed_ids, float_pass, float_speed = _float_side(
+        float_model, tokenizer, info, eval_windows, seq_len, text
+    )
+    pte_speed = _speed(program, speed_ids)
     rows = [
-        {
-            "recipe": "float",
-            "decode_tokens_per_s": float_speed["decode_tokens_per_s"],
-            "prefill_tokens_per_s": float_speed["prefill_tokens_per_s"],
-        },
+        _float_row(float_speed),
         {
             "recipe": Path(pte).name,
             "quantized_bytes": Path(pte).stat().st_size,
@@ -289,8 +288,7 @@ def evaluate_pte(
             "prefill_tokens_per_s": pte_speed["prefill_tokens_per_s"],
         },
     ]
-    if eval_windows:
-        float_pass = _float_pass(float_model, tokenizer, info, eval_windows, seq_len, text)
+    if float_pass is not None:
         windows = float_pass["windows"]
         pte_logits = torch.stack([program(w[None])[0] for w in windows])
         measured = ev.compare(float_pass["logits"], pte_logits, windows)
