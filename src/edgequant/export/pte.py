@@ -7,7 +7,10 @@ recognises, built from edgequant's stored integers and scales (no re-quantizatio
   ``choose_qparams_per_token_asymmetric -> quantize_per_token -> dequantize_per_token`` on the
   activations, ``dequantize_per_channel_group`` on the int4 values (held in int8), ``linear``;
 - int8-dynamic (int8 per-channel symmetric weights): the same activation pattern and
-  ``dequantize_per_channel`` on the weights.
+  ``dequantize_per_channel`` on the weights;
+- fp16 weights: the linear runs in fp16 (its input rounded to fp16, as XNNPACK's fp16 kernels
+  do; edgequant's eager layer computes in fp32), the embedding looks up fp16 rows;
+- int8 / int4 group-wise embeddings: ExecuTorch's ``embedding_byte`` / ``embedding_4bit``.
 
 Schemes XNNPACK cannot run correctly are refused before anything is written, naming the layers
 and the nearest scheme it can run; with ``allow_fallback`` they are kept in float (their
@@ -45,6 +48,10 @@ class Unsupported:
 def xnnpack_problem(module: nn.Module) -> tuple[str, str] | None:
     """Why XNNPACK cannot run this packed module as stored, and the nearest scheme it can."""
     s = module.scheme
+    if s.weight == "bf16":
+        return ("XNNPACK has no bf16 kernels here", "fp16")
+    if s.weight == "fp16" and s.activation == "none":
+        return None
     if isinstance(module, QuantizedEmbedding):  # ExecuTorch's quantized lookup kernels
         if (
             s.is_integer
@@ -61,7 +68,7 @@ def xnnpack_problem(module: nn.Module) -> tuple[str, str] | None:
             "int8 per-channel or int4 group-wise symmetric",
         )
     if not s.is_integer:
-        return (f"{s.weight} weights are not exported yet", "fp32 (no rule) or int8-dynamic")
+        return (f"{s.describe()} is not exported", "fp16 or int8-dynamic")
     if s.activation != "int8_dynamic":
         return (
             "weight-only integer linears ran but gave wrong outputs on XNNPACK in a trial here",
@@ -166,6 +173,38 @@ class ExportEmbedding(nn.Module):
         return rows if self.embed_scale is None else rows * self.embed_scale
 
 
+class ExportHalfLinear(nn.Module):
+    """An fp16 linear as XNNPACK runs it: fp16 input and weight, fp32 out."""
+
+    def __init__(self, layer: QuantizedLinear) -> None:
+        super().__init__()
+        self.register_buffer("weight", layer.weight.clone())  # our fp16 values
+        self.bias = None if layer.bias is None else nn.Parameter(layer.bias.half(), False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.to(torch.float16), self.weight, self.bias).to(torch.float32)
+
+
+class ExportHalfEmbedding(nn.Module):
+    """An fp16 table: rows looked up in fp16, returned in fp32 (exact)."""
+
+    def __init__(self, layer: QuantizedEmbedding) -> None:
+        super().__init__()
+        self.register_buffer("weight", layer.weight.clone())
+        self.embed_scale = layer.embed_scale
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = F.embedding(ids, self.weight).to(torch.float32)
+        return rows if self.embed_scale is None else rows * self.embed_scale
+
+
+def _export_form(module: nn.Module) -> nn.Module:
+    embedding = isinstance(module, QuantizedEmbedding)
+    if not module.scheme.is_integer:
+        return ExportHalfEmbedding(module) if embedding else ExportHalfLinear(module)
+    return ExportEmbedding(module) if embedding else ExportLinear(module)
+
+
 def _float_twin(module: nn.Module) -> nn.Module:
     weight = module.dequantized_weight()
     if isinstance(module, QuantizedEmbedding):
@@ -204,12 +243,7 @@ def prepare(model: nn.Module, allow_fallback: bool = False) -> nn.Module:
     for fqn, module in list(model.named_modules()):
         if not isinstance(module, (QuantizedLinear, QuantizedEmbedding)):
             continue
-        if fqn in unsupported:
-            new = _float_twin(module)
-        elif isinstance(module, QuantizedEmbedding):
-            new = ExportEmbedding(module)
-        else:
-            new = ExportLinear(module)
+        new = _float_twin(module) if fqn in unsupported else _export_form(module)
         parent_name, _, child = fqn.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
     return model
