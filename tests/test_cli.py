@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -215,3 +216,74 @@ def test_generate_argument_conflicts(capsys):
     assert "--top-k/--top-p shape sampling; pass --temperature > 0" in capsys.readouterr().err
     assert main(["generate", "--model", "stories260k", "--artifact", "x"]) == 2
     assert "pass --model or --artifact, not both" in capsys.readouterr().err
+
+
+STORIES_XNNPACK = "examples/stories260k-xnnpack.yaml"
+
+
+def _bundle(tmp_path, recipe: str, name: str = "b") -> Path:
+    out = tmp_path / name
+    args = ["quantize", "--model", "stories260k", "--recipe", recipe, "--out", str(out)]
+    assert main([*args, "--eval-windows", "0"]) == 0
+    return out
+
+
+def test_export_pte_then_eval_and_generate_on_the_file(stories260k, tmp_path, capsys):
+    bundle = _bundle(tmp_path, STORIES_XNNPACK)
+    pte = tmp_path / "m.pte"
+    export = ["export", "--format", "pte", "--artifact", str(bundle), "--out", str(pte)]
+    assert main([*export, "--max-seq-len", "64"]) == 0
+    assert f"wrote {pte}" in capsys.readouterr().out
+
+    assert main([*export, "--max-seq-len", "64"]) == 2  # the file exists now
+    assert f"{str(pte)!r} exists; pass overwrite=True (--overwrite)" in capsys.readouterr().err
+
+    # a 64-position program: the speed run shrinks its 64 + 32 tokens to fit
+    eval_pte = ["eval", "--pte", str(pte), "--model", "stories260k", "--eval-windows", "2"]
+    assert main([*eval_pte, "--seq-len", "64"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| m.pte")]
+    assert len(rows) == 1
+    assert main([*eval_pte, "--seq-len", "128"]) == 2
+    assert (
+        "--seq-len 128 is longer than the program's max_seq_len 64; pass --seq-len 64 or less"
+        in capsys.readouterr().err
+    )
+
+    gen = ["generate", "--pte", str(pte), "--artifact", str(bundle), "--max-new-tokens", "20"]
+    assert main(gen) == 0
+    from_file = capsys.readouterr().out
+    assert main(["generate", "--artifact", str(bundle), "--max-new-tokens", "20"]) == 0
+    assert from_file == capsys.readouterr().out  # same greedy text as the eager bundle
+
+
+def test_export_refuses_bad_input_before_any_work(stories260k, tmp_path, capsys, caplog):
+    bundle = _bundle(tmp_path, STORIES_8DA4W)  # w2 in groups of 86: no XNNPACK kernel
+    export = ["export", "--format", "pte", "--artifact", str(bundle), "--max-seq-len", "32"]
+
+    assert main([*export, "--out", str(tmp_path / "no" / "m.pte")]) == 2
+    assert f"folder {str(tmp_path / 'no')!r} does not exist" in capsys.readouterr().err
+    assert main([*export, "--out", str(tmp_path / "m.bin")]) == 2
+    assert "must end in .pte" in capsys.readouterr().err
+
+    out = tmp_path / "m.pte"
+    assert main([*export, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(
+        "edgequant export: error: XNNPACK cannot run 5 module(s) as the recipe stores them "
+        "(layers.0.feed_forward.w2, "
+    )
+    assert "nearest supported: a group of 32, 64, 128 or 256" in err
+    assert "--allow-fallback" in err and not out.exists()
+
+    with caplog.at_level(logging.WARNING):
+        assert main([*export, "--out", str(out), "--allow-fallback"]) == 0
+    assert "kept in float for XNNPACK" in caplog.text and out.is_file()
+
+
+def test_a_truncated_pte_is_a_clear_error(stories260k, tmp_path, capsys):
+    bad = tmp_path / "bad.pte"
+    bad.write_bytes(b"\0" * 4096)
+    assert main(["eval", "--pte", str(bad), "--model", "stories260k"]) == 2
+    assert "is not a loadable ExecuTorch LLM program" in capsys.readouterr().err
+    assert main(["generate", "--pte", str(bad), "--model", "stories260k"]) == 2
+    assert "is not a loadable ExecuTorch LLM program" in capsys.readouterr().err

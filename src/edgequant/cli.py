@@ -98,7 +98,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     import edgequant
     from edgequant.artifact import load_tokenizer
     from edgequant.export import to_pte
+    from edgequant.export.pte import check_out
 
+    check_out(args.out, args.overwrite)  # before loading anything
     model = edgequant.load(args.artifact)
     tokenizer = load_tokenizer(args.artifact)
     path = to_pte(

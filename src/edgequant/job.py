@@ -66,19 +66,26 @@ def _float_pass(model, tokenizer, info, windows_n, seq_len, text) -> dict[str, A
     }
 
 
-def _float_side(float_model, tokenizer, info, eval_windows, seq_len, text):
-    """``(speed prompt ids, float pass or None, float speed)``: everything measured on float."""
+def _float_side(float_model, tokenizer, info, eval_windows, seq_len, text, context=None):
+    """``(speed prompt ids, float pass or None, float speed)``: everything measured on float.
+    ``context`` caps the speed run's prompt + new tokens (a program's max_seq_len)."""
     speed_ids = _speed_ids(tokenizer, text)
     float_pass = (
         _float_pass(float_model, tokenizer, info, eval_windows, seq_len, text)
         if eval_windows
         else None
     )
-    return speed_ids, float_pass, _speed(float_model, speed_ids)
+    return speed_ids, float_pass, _speed(float_model, speed_ids, context)
 
 
-def _speed(model, ids: list[int]) -> dict[str, Any]:
-    return ev.speed(model, ids[:SPEED_PROMPT_TOKENS], SPEED_NEW_TOKENS)
+def _speed(model, ids: list[int], context: int | None = None) -> dict[str, Any]:
+    """Prefill of ``SPEED_PROMPT_TOKENS`` and ``SPEED_NEW_TOKENS`` decoded, both shrunk in
+    proportion when ``context`` cannot hold them."""
+    prompt, new = SPEED_PROMPT_TOKENS, SPEED_NEW_TOKENS
+    if context is not None and prompt + new > context:
+        new = max(1, context * new // (prompt + new))
+        prompt = context - new
+    return ev.speed(model, ids[:prompt], new)
 
 
 def measure(
@@ -275,10 +282,11 @@ def evaluate_pte(
             f"{program.args.max_seq_len}; pass --seq-len {program.args.max_seq_len} or less"
         )
     float_model, tokenizer, info = load(reference)
+    context = program.args.max_seq_len
     speed_ids, float_pass, float_speed = _float_side(
-        float_model, tokenizer, info, eval_windows, seq_len, text
+        float_model, tokenizer, info, eval_windows, seq_len, text, context
     )
-    pte_speed = _speed(program, speed_ids)
+    pte_speed = _speed(program, speed_ids, context)
     rows = [
         _float_row(float_speed),
         {

@@ -269,6 +269,22 @@ def export_program(model: nn.Module, max_seq_len: int, allow_fallback: bool = Fa
     return program, native.args
 
 
+def check_out(path: str | Path, overwrite: bool) -> Path:
+    """``path`` as a Path, if a program may be written there (checked before any work)."""
+    path = Path(path)
+    if path.suffix != ".pte":
+        raise ValueError(f"output {str(path)!r} must end in .pte (ExecuTorch's runner expects it)")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"folder {str(path.parent)!r} does not exist")
+    if path.is_dir():
+        raise FileExistsError(f"{str(path)!r} is a folder; name a .pte file")
+    if path.exists() and not overwrite:
+        raise FileExistsError(
+            f"{str(path)!r} exists; pass overwrite=True (--overwrite) to replace it"
+        )
+    return path
+
+
 def to_pte(
     model: nn.Module,
     path: str | Path,
@@ -289,11 +305,7 @@ def to_pte(
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
 
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"folder {str(path.parent)!r} does not exist")
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{str(path)!r} exists; pass overwrite=True to replace it")
+    path = check_out(path, overwrite)
     with warnings.catch_warnings():  # torch/executorch deprecation chatter during export
         warnings.simplefilter("ignore", FutureWarning)
         warnings.simplefilter("ignore", DeprecationWarning)
