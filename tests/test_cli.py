@@ -25,6 +25,7 @@ def test_recipes_lists_and_prints_presets(capsys):
         "int8-dynamic",
         "8da4w",
         "int4-weight-only",
+        "int8-static",
     ]
     assert main(["recipes", "8da4w"]) == 0
     data = yaml.safe_load(capsys.readouterr().out)

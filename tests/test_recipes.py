@@ -8,7 +8,7 @@ from edgequant import recipes
 from edgequant.recipe import Recipe, Rule
 from edgequant.schemes import Scheme
 
-NAMES = ["fp16", "int8-weight-only", "int8-dynamic", "8da4w", "int4-weight-only"]
+NAMES = ["fp16", "int8-weight-only", "int8-dynamic", "8da4w", "int4-weight-only", "int8-static"]
 ALLOWED = (
     "['weight', 'granularity', 'group_size', 'symmetric', 'scale_dtype', 'activation', "
     "'activation_symmetric', 'algorithm']"
@@ -66,12 +66,26 @@ EXPECTED = {
         activation_symmetric=False,
         algorithm="minmax",
     ),
+    "int8-static": dict(
+        weight="int8",
+        granularity="per_channel",
+        group_size=None,
+        symmetric=True,
+        scale_dtype="fp32",
+        activation="int8_static",
+        activation_symmetric=False,
+        algorithm="minmax",
+    ),
 }
 
 
 def test_names():
     assert recipes.names() == NAMES
     assert list(EXPECTED) == NAMES
+    assert recipes.names("source") == NAMES[:-1]  # int8-static needs calibration: graph mode
+    assert recipes.names("graph") == ["int8-weight-only", "int8-dynamic", "int8-static"]
+    with pytest.raises(ValueError, match="mode must be None, 'source' or 'graph', got 'gpu'"):
+        recipes.names("gpu")
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -193,7 +207,7 @@ def test_invalid_override_value(name, overrides, msg):
 def test_unknown_preset():
     msg = (
         "unknown preset 'int3'; "
-        "presets: fp16, int8-weight-only, int8-dynamic, 8da4w, int4-weight-only"
+        "presets: fp16, int8-weight-only, int8-dynamic, 8da4w, int4-weight-only, int8-static"
     )
     with pytest.raises(ValueError) as info:
         recipes.get("int3")

@@ -50,7 +50,7 @@ _FLOAT_CACHE: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 _BLOCK = 128
 
 
-def _bar(iterable, total: int, desc: str, unit: str):
+def progress_bar(iterable, total: int, desc: str, unit: str):
     """A progress bar, shown only when there is more than one step (and stderr is a TTY)."""
     return tqdm(iterable, total=total, desc=desc, unit=unit, disable=(total <= 1) or None)
 
@@ -151,7 +151,7 @@ def _iter_logits(model: nn.Module, w: torch.Tensor, desc: str) -> Iterator[torch
     _check_windows(w)
     device = _device(model)
     with torch.no_grad():
-        for i in _bar(range(w.shape[0]), w.shape[0], desc, "window"):
+        for i in progress_bar(range(w.shape[0]), w.shape[0], desc, "window"):
             yield model_logits(model, w[i : i + 1].to(device))[0].cpu()  # [L, V]
 
 
@@ -243,7 +243,7 @@ def compare(
         )
     n, L = windows.shape
     kl = agree = nll_q = nll_f = 0.0
-    for i in _bar(range(n), n, "compare", "window"):
+    for i in progress_bar(range(n), n, "compare", "window"):
         for start in range(0, L - 1, _BLOCK):
             stop = min(start + _BLOCK, L - 1)
             f, q = float_logits[i, start:stop], quant_logits[i, start:stop]  # [b, V]
@@ -406,7 +406,7 @@ def speed(
         token = step(prompt)
         _sync(device)
         t1 = time.perf_counter()
-        for _ in _bar(range(new_tokens), new_tokens, "decode", "tok"):
+        for _ in progress_bar(range(new_tokens), new_tokens, "decode", "tok"):
             token = step(token)
         _sync(device)
         t2 = time.perf_counter()

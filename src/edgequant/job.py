@@ -201,7 +201,7 @@ def compare(float_model, tokenizer, info, float_pass, speed_ids, float_speed) ->
         )
         float_row.update(kl_divergence=0.0, top1_agreement=100.0)
     rows = [float_row]
-    for name in edgequant.recipes.names():
+    for name in edgequant.recipes.names("source"):
         try:
             edgequant.plan(float_model, name)
         except ValueError as e:  # e.g. a group size this model's layers cannot hold

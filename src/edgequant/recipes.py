@@ -1,7 +1,9 @@
 """Named presets: ``edgequant.recipes.get(name, **overrides)`` and ``edgequant.recipes.names()``.
 
 Every preset is one ``role: default`` rule, so it quantizes every Linear and Embedding (an
-embedding lookup ignores the activation mode). Keyword overrides replace scheme fields in every
+embedding lookup ignores the activation mode). ``int8-static`` needs calibrated activation
+ranges, so it is for graph mode (`edgequant.graph.quantize`) only; ``names("source")`` lists the
+presets `edgequant.quantize` runs. Keyword overrides replace scheme fields in every
 rule, e.g. ``get("8da4w", group_size=64)`` or ``get("int8-dynamic", scale_dtype="fp16")``.
 """
 
@@ -33,12 +35,30 @@ _PRESETS: dict[str, tuple[Scheme, str]] = {
         Scheme("int4", "per_group", group_size=32, scale_dtype="fp16"),
         "int4 symmetric group-wise weights (group 32, fp16 scales), float activations",
     ),
+    "int8-static": (
+        Scheme("int8", activation="int8_static"),
+        "int8 per-channel symmetric weights, int8 per-tensor activations from calibration "
+        "(graph mode)",
+    ),
 }
 
 
-def names() -> list[str]:
-    """The preset names, e.g. ``['fp16', 'int8-weight-only', 'int8-dynamic', '8da4w', ...]``."""
-    return list(_PRESETS)
+def names(mode: str | None = None) -> list[str]:
+    """The preset names, e.g. ``['fp16', 'int8-weight-only', 'int8-dynamic', '8da4w', ...]``;
+    ``mode="source"`` keeps those `edgequant.quantize` runs, ``"graph"`` those graph mode runs.
+
+    >>> names("source")[-1], names("graph")
+    ('int4-weight-only', ['int8-weight-only', 'int8-dynamic', 'int8-static'])
+    """
+    if mode not in (None, "source", "graph"):
+        raise ValueError(f"mode must be None, 'source' or 'graph', got {mode!r}")
+    out = []
+    for name, (scheme, _) in _PRESETS.items():
+        graph_ok = scheme.is_integer and scheme.granularity != "per_group"
+        source_ok = scheme.activation != "int8_static"
+        if mode is None or (mode == "source" and source_ok) or (mode == "graph" and graph_ok):
+            out.append(name)
+    return out
 
 
 def describe(name: str) -> str:

@@ -55,6 +55,16 @@ def role_of(fqn: str, module: nn.Module) -> tuple[str | None, int | None]:
     >>> role_of("output", nn.Linear(2, 2))
     ('lm_head', None)
     """
+    return role_of_name(fqn, isinstance(module, (nn.Embedding, QuantizedEmbedding)))
+
+
+def role_of_name(fqn: str, embedding: bool) -> tuple[str | None, int | None]:
+    """`role_of` for a module known only by its FQN and whether it is an embedding lookup (as
+    in an exported graph's module stack).
+
+    >>> role_of_name("encoder.layer.1.attention.self.query", embedding=False)
+    ('attention', 1)
+    """
     m = _LAYER_INDEX.search(fqn)
     layer = int(m.group(1)) if m else None
     parts = fqn.split(".")
@@ -62,7 +72,7 @@ def role_of(fqn: str, module: nn.Module) -> tuple[str | None, int | None]:
         for part in parts:
             if part in _BLOCK_PARTS:
                 return _BLOCK_PARTS[part], layer
-    if isinstance(module, (nn.Embedding, QuantizedEmbedding)):
+    if embedding:
         return "embedding", layer
     if layer is not None:  # e.g. layers.0.output is not the lm_head
         return None, layer

@@ -169,7 +169,9 @@ def test_unsupported_schemes_are_refused_naming_layers(stories260k):
     with pytest.raises(ValueError, match="weight-only integer linears ran but gave wrong outputs"):
         prepare(weight_only)
     bf16 = _model(Recipe((Rule(Scheme("bf16"), role="attention"),)))
-    with pytest.raises(ValueError, match="XNNPACK has no bf16 kernels here; nearest supported: fp16"):
+    with pytest.raises(
+        ValueError, match="XNNPACK has no bf16 kernels here; nearest supported: fp16"
+    ):
         prepare(bf16)
 
 

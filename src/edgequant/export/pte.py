@@ -301,10 +301,6 @@ def to_pte(
     keeps a static KV cache of ``max_seq_len`` positions; the constant methods ExecuTorch's LLM
     runner reads are included.
     """
-    import torchao  # noqa: F401  (registers the quantized_decomposed ops)
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-    from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
-
     path = check_out(path, overwrite)
     with warnings.catch_warnings():  # torch/executorch deprecation chatter during export
         warnings.simplefilter("ignore", FutureWarning)
@@ -323,6 +319,20 @@ def to_pte(
         metadata["get_bos_id"] = bos_id
     if eos_id is not None:
         metadata["get_eos_ids"] = [eos_id]
+    return lower_to_pte(program, path, constant_methods=metadata, overwrite=overwrite)
+
+
+def lower_to_pte(
+    program, path: str | Path, *, constant_methods: dict | None = None, overwrite: bool = False
+) -> Path:
+    """Lower a ``torch.export.ExportedProgram`` to XNNPACK and write it as ``path`` (a temporary
+    file renamed into place)."""
+    import executorch.kernels.quantized  # noqa: F401  (out variants of un-delegated q/dq ops)
+    import torchao  # noqa: F401  (registers the quantized_decomposed ops)
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
+
+    path = check_out(path, overwrite)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -331,7 +341,7 @@ def to_pte(
         edge = to_edge_transform_and_lower(
             program,
             partitioner=[XnnpackPartitioner()],
-            constant_methods=metadata,
+            constant_methods=constant_methods,
             compile_config=EdgeCompileConfig(_check_ir_validity=False),
         )
         buffer = edge.to_executorch().buffer

@@ -82,3 +82,27 @@ class PteModel:
 
     def buffers(self):
         return iter(())
+
+
+class PteProgram:
+    """Any ``.pte`` (e.g. a graph-mode model from `edgequant.graph.to_pte`): ``program(*inputs)``
+    runs its ``forward`` in ``executorch.runtime`` and returns its outputs as a tuple."""
+
+    def __init__(self, path: str | Path, method: str = "forward") -> None:
+        import executorch.kernels.quantized  # noqa: F401  (quantize/dequantize kernels)
+        from executorch.runtime import Runtime
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f".pte file {str(path)!r} does not exist")
+        try:
+            self._method = Runtime.get().load_program(str(path)).load_method(method)
+        except (RuntimeError, ValueError) as e:
+            raise ValueError(
+                f"{str(path)!r} is not a loadable ExecuTorch program with a {method!r} method "
+                f"(truncated or corrupted?): {e}"
+            ) from None
+        self.path = path
+
+    def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(self._method.execute([t.contiguous() for t in inputs]))
