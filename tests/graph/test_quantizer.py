@@ -156,3 +156,37 @@ def test_a_scheme_the_backend_cannot_run_is_refused_naming_nodes(cnn, images):
     converted = graph.quantize(cnn, (x,), weight_only, backend="generic")
     with torch.no_grad():
         assert torch.allclose(converted(x), cnn(x), atol=0.05)
+
+
+class AudioAttention(nn.Module):
+    """A 1-D convolution front end and a matmul/bmm attention, as in small audio encoders."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.frontend = nn.Conv1d(8, 16, 3, padding=1)
+        self.qk = nn.Linear(16, 32)
+
+    def forward(self, x):
+        h = torch.relu(self.frontend(x)).transpose(1, 2)  # [B, T, 16]
+        q, k = self.qk(h).split(16, dim=-1)
+        scores = torch.matmul(q, k.transpose(1, 2)).softmax(-1)
+        return torch.bmm(scores, h)
+
+
+def test_conv1d_matmul_and_bmm_are_annotated_on_the_generic_backend():
+    torch.manual_seed(0)
+    model = AudioAttention().eval()
+    x = torch.randn(2, 8, 20)
+    q = graph.RecipeQuantizer("int8-static", backend="generic")
+    converted = graph.quantize(model, (x,), quantizer=q, calibration=[(torch.randn(2, 8, 20),)])
+    kinds = {d.kind: d for d in q.decisions}
+    assert set(kinds) == {"conv", "linear", "matmul"}
+    assert all(d.annotated for d in q.decisions)
+    with torch.no_grad():
+        assert edgequant.primitives.sqnr(model(x), converted(x)) > 25.0  # measured 40.5 dB
+    # XNNPACK's table does not quantize matmul: there it stays float, said so in the decision
+    q = graph.RecipeQuantizer("int8-static")
+    graph.quantize(model, (x,), quantizer=q, calibration=[(x,)])
+    matmuls = [d for d in q.decisions if d.kind == "matmul"]
+    assert len(matmuls) == 2 and all(d.scheme is None for d in matmuls)
+    assert matmuls[0].note == "xnnpack does not quantize matmul"

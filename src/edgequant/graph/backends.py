@@ -37,9 +37,10 @@ class Backend:
             act = "none"
         else:
             act = scheme.activation
+        if not modes:
+            return f"{self.name} does not quantize {kind}"
         if act not in modes:
-            allowed = ", ".join(modes) or "nothing"
-            return f"{self.name} runs {kind} with activation {allowed}, not {act!r}"
+            return f"{self.name} runs {kind} with activation {', '.join(modes)}, not {act!r}"
         if kind in ("add", "matmul"):  # no weights: the activation mode is all that matters
             return None
         if not scheme.is_integer:

@@ -53,7 +53,9 @@ aten = torch.ops.aten
 KIND_OF_OP = {
     aten.linear.default: "linear",
     aten.conv1d.default: "conv",
+    aten.conv1d.padding: "conv",
     aten.conv2d.default: "conv",
+    aten.conv2d.padding: "conv",
     aten.matmul.default: "matmul",
     aten.bmm.default: "matmul",
     aten.add.Tensor: "add",
