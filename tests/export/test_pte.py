@@ -118,7 +118,7 @@ def test_decoding_in_the_pte_follows_its_prefill(programs, prompt_ids):
 
 
 def test_textllmrunner_generates_our_greedy_text(programs, stories260k):
-    import executorch.extension.llm.custom_ops  # noqa: F401  (registers llama:: ops)
+    import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401  (llama:: ops)
     from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
 
     _, tok = stories260k
