@@ -89,6 +89,10 @@ def test_converted_graph_runs_as_a_pte(cnn, images, tmp_path):
         assert sqnr(converted(x), out) > 40.0  # XNNPACK's int8 kernels; measured identical
     with pytest.raises(FileExistsError, match="exists; pass overwrite=True"):
         graph.to_pte(converted, (x,), path)
+    bad = tmp_path / "bad.pte"
+    bad.write_bytes(path.read_bytes()[:2000])
+    with pytest.raises(ValueError, match="is not a loadable ExecuTorch program with a 'forward'"):
+        PteProgram(bad)
 
 
 def test_example_inputs_that_do_not_match_show_the_signature(cnn):

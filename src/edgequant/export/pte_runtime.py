@@ -28,34 +28,43 @@ class _Positions:
         self.max_len = max_len
 
 
+def _load(path: Path, what: str, read):
+    """``read(program)`` of the ExecuTorch program at ``path``; one clear error for a bad file."""
+    from executorch.runtime import Runtime
+
+    if not path.is_file():
+        raise FileNotFoundError(f".pte file {str(path)!r} does not exist")
+    try:
+        return read(Runtime.get().load_program(str(path)))
+    except (RuntimeError, ValueError) as e:
+        raise ValueError(f"{str(path)!r} is not a loadable {what}: {e}") from None
+
+
 class PteModel:
     """A loaded ``.pte`` with edgequant's decoder calling convention."""
 
     def __init__(self, path: str | Path) -> None:
         import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401  (llama:: kernels)
         import executorch.kernels.quantized  # noqa: F401  (quantized embedding kernels)
-        from executorch.runtime import Runtime
 
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f".pte file {str(path)!r} does not exist")
-        try:
-            program = Runtime.get().load_program(str(path))
-            self._forward = program.load_method("forward")
-
+        def read(program):
             def constant(name: str) -> int:
                 return int(program.load_method(name).execute([])[0])
 
-            self.args = PteArgs(
+            args = PteArgs(
                 max_seq_len=constant("get_max_seq_len"),
                 vocab_size=constant("get_vocab_size"),
                 n_layers=constant("get_n_layers"),
             )
-        except (RuntimeError, ValueError) as e:
-            raise ValueError(
-                f"{str(path)!r} is not a loadable ExecuTorch LLM program (truncated, corrupted, "
-                f"or not written by edgequant.export.to_pte): {e}"
-            ) from None
+            return program.load_method("forward"), args
+
+        path = Path(path)
+        self._forward, self.args = _load(
+            path,
+            "ExecuTorch LLM program (truncated, corrupted, or not written by "
+            "edgequant.export.to_pte)",
+            read,
+        )
         self.path = path
 
     def new_cache(self, batch: int = 1, max_len: int | None = None, **_) -> _Positions:
@@ -90,18 +99,13 @@ class PteProgram:
 
     def __init__(self, path: str | Path, method: str = "forward") -> None:
         import executorch.kernels.quantized  # noqa: F401  (quantize/dequantize kernels)
-        from executorch.runtime import Runtime
 
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f".pte file {str(path)!r} does not exist")
-        try:
-            self._method = Runtime.get().load_program(str(path)).load_method(method)
-        except (RuntimeError, ValueError) as e:
-            raise ValueError(
-                f"{str(path)!r} is not a loadable ExecuTorch program with a {method!r} method "
-                f"(truncated or corrupted?): {e}"
-            ) from None
+        self._method = _load(
+            path,
+            f"ExecuTorch program with a {method!r} method (truncated or corrupted?)",
+            lambda program: program.load_method(method),
+        )
         self.path = path
 
     def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
