@@ -50,9 +50,11 @@ _FLOAT_CACHE: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 _BLOCK = 128
 
 
-def progress_bar(iterable, total: int, desc: str, unit: str):
-    """A progress bar, shown only when there is more than one step (and stderr is a TTY)."""
-    return tqdm(iterable, total=total, desc=desc, unit=unit, disable=(total <= 1) or None)
+def progress_bar(iterable, total: int | None, desc: str, unit: str):
+    """A progress bar, shown only when there may be more than one step (and stderr is a TTY);
+    ``total`` None when the length is unknown."""
+    few = total is not None and total <= 1
+    return tqdm(iterable, total=total, desc=desc, unit=unit, disable=few or None)
 
 
 def _device(model: nn.Module) -> torch.device:

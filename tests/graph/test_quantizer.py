@@ -86,8 +86,13 @@ def test_setters_map_to_rules_with_the_xnnpack_quantizer_precedence(cnn, images)
         "role=default",
         "module=re:features\\.2(?:\\..*)?",
     ]
-    graph.quantize(cnn, (x,), quantizer=q, calibration=calibration)
+    converted = graph.quantize(cnn, (x,), quantizer=q, calibration=calibration)
     decided = {d.module: d for d in q.decisions if d.kind in ("conv", "linear")}
+    weights = {  # what feeds each convolution's weight in the converted graph
+        n.name: n.args[1] for n in converted.graph.nodes if "conv2d" in str(n.target)
+    }
+    assert str(weights["conv2d"].target).endswith("dequantize_per_tensor.default")  # type rule
+    assert weights["conv2d_2"].op == "get_attr"  # features.2 by name: a float weight
     assert decided["features.0.conv"].scheme.granularity == "per_tensor"  # module type
     assert decided["features.0.conv"].rule == "module_type torch.nn.modules.conv.Conv2d"
     assert decided["features.2.conv"].scheme is None  # module name beats module type
@@ -149,6 +154,9 @@ def test_a_scheme_the_backend_cannot_run_is_refused_naming_nodes(cnn, images):
     grouped = edgequant.recipes.get("8da4w")
     with pytest.raises(ValueError, match="group-wise schemes: use edgequant.quantize"):
         graph.quantize(cnn, (x,), grouped, backend="generic", calibration=calibration)
+    asymmetric = Recipe((Rule(Scheme("int8", symmetric=False), role="default"),))
+    with pytest.raises(ValueError, match="generic takes symmetric weights only"):
+        graph.quantize(cnn, (x,), asymmetric, backend="generic")
     weight_only = edgequant.recipes.get("int8-weight-only")
     with pytest.raises(ValueError, match="xnnpack runs conv with activation int8_static, int8_dy"):
         graph.quantize(cnn, (x,), weight_only)

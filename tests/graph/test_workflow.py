@@ -75,9 +75,12 @@ def test_qat_prepare_inserts_fake_quant_and_converts(mlp):
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+    with torch.no_grad():
+        fake_quantized = prepared(x)  # convert rewrites the prepared graph in place
+    assert prepared.meta["edgequant_qat"] is True
     converted = graph.convert(prepared)
     with torch.no_grad():
-        assert sqnr(prepared(x), converted(x)) > 25.0
+        assert sqnr(fake_quantized, converted(x)) > 25.0
 
 
 def test_converted_graph_runs_as_a_pte(cnn, images, tmp_path):
@@ -114,6 +117,41 @@ def test_example_inputs_that_do_not_match_show_the_signature(cnn):
         graph.quantize(cnn, (torch.randn(1, 5, 16, 16),), "int8-dynamic")
     with pytest.raises(TypeError, match="example_inputs must be a tuple"):
         graph.quantize(cnn, torch.randn(1, 3, 16, 16), "int8-dynamic")
+
+
+def test_calibration_is_read_lazily_from_generators_and_dataloaders(cnn, images):
+    x, calibration = images
+    seen = []
+
+    def batches():  # a generator: no len()
+        for (b,) in calibration:
+            seen.append(b)
+            yield (b,)
+
+    from_generator = graph.quantize(cnn, (x,), "int8-static", calibration=batches())
+    assert len(seen) == 8
+    loader = torch.utils.data.DataLoader(  # yields [tensor] lists (default collate)
+        torch.utils.data.TensorDataset(torch.cat([b for (b,) in calibration])), batch_size=4
+    )
+    from_loader = graph.quantize(cnn, (x,), "int8-static", calibration=loader)
+    with torch.no_grad():  # the same 8 batches observed: the same ranges
+        assert torch.equal(from_generator(x), from_loader(x))
+    prepared = graph.prepare(cnn, (x,), "int8-static")
+    assert graph.calibrate(prepared, [{"x": b} for (b,) in calibration]) == 8  # keyword batches
+
+
+def test_recipe_and_quantizer_arguments_are_checked(cnn, images):
+    x, _ = images
+    with pytest.raises(ValueError, match="pass recipe or quantizer, not both"):
+        graph.quantize(cnn, (x,), "int8-dynamic", quantizer=graph.RecipeQuantizer("int8-dynamic"))
+    with pytest.raises(ValueError, match="pass a recipe \\(a preset name, a file, a Recipe\\)"):
+        graph.quantize(cnn, (x,))
+    with pytest.raises(ValueError, match="made with is_qat=False but prepare got is_qat=True"):
+        graph.prepare(cnn, (x,), quantizer=graph.RecipeQuantizer("int8-static"), is_qat=True)
+    assert cnn.training is False  # capture leaves the user's module in its own mode
+    cnn.train()
+    graph.capture(cnn, (x,))
+    assert cnn.training is True
 
 
 def test_empty_or_missing_calibration_is_a_clear_error(cnn, images):

@@ -41,7 +41,7 @@ class Backend:
             return f"{self.name} does not quantize {kind}"
         if act not in modes:
             return f"{self.name} runs {kind} with activation {', '.join(modes)}, not {act!r}"
-        if kind in ("add", "matmul"):  # no weights: the activation mode is all that matters
+        if kind in ACTIVATION_ONLY:  # no weights: the activation mode is all that matters
             return None
         if not scheme.is_integer:
             return f"graph mode holds integer weights; {scheme.weight} belongs to source mode"
@@ -86,12 +86,13 @@ GENERIC = Backend(
     name="generic",
     description=(
         "a generic integer backend (PT2E's reference quantized representation): int2..int8 "
-        "weights, symmetric or not, per channel or per tensor; weight-only, static or dynamic "
-        "int8 activations"
+        "symmetric weights, per channel or per tensor; weight-only, static or dynamic int8 "
+        "activations"
     ),
     weight_bits=(2, 3, 4, 5, 6, 7, 8),
     weight_granularities=("per_channel", "per_tensor"),
-    asymmetric_weights=True,
+    # ExecuTorch's pattern annotators (torchao's get_weight_qspec) take symmetric weights only
+    asymmetric_weights=False,
     activations={
         "linear": ("none", "int8_static", "int8_dynamic"),
         "conv": ("none", "int8_static", "int8_dynamic"),

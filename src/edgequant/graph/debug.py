@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.fx import GraphModule, Interpreter, Node
 
-from edgequant.graph.quantizer import KIND_OF_OP, _module_of
+from edgequant.graph.quantizer import _module_of
 from edgequant.primitives import sqnr
 
 
@@ -41,6 +41,8 @@ class DebugReport:
 
     @property
     def worst(self) -> NodeError:
+        if not self.rows:
+            raise ValueError("no node of the converted graph could be compared with float")
         return self.rows[0]
 
     def table(self, limit: int | None = None) -> str:
@@ -121,9 +123,9 @@ def debug(
     rows = []
     for name, expected in float_of.items():
         node = nodes[name]
-        if node.target not in KIND_OF_OP and not _is_compute(node):
+        if not _is_compute(node) or name not in local.values:
             continue
-        if not expected.is_floating_point() or name not in local.values:
+        if not expected.is_floating_point() or not expected.any():  # no signal to compare
             continue
         rows.append(
             NodeError(

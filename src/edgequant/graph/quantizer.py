@@ -82,7 +82,9 @@ class Decision:
     kind: str
     module: str  # FQN of the innermost module that ran it ("" = the root)
     scheme: Scheme | None  # None: left float
-    rule: str  # what decided: "rules[i] (...)", "module_type ...", "operator_type ...", "none"
+    # what decided: "rules[i] (...)", "module_type ...", "operator_type ...", "no rule",
+    # "another quantizer"
+    rule: str
     annotated: bool  # False when a scheme was resolved but no pattern took the node
     note: str = ""
 
@@ -93,8 +95,7 @@ def _module_of(node: Node) -> tuple[str, list[str]]:
     entries = list(stack.values())
     if not entries:
         return "", []
-    types = [t if isinstance(t, str) else f"{t.__module__}.{t.__qualname__}" for _, t in entries]
-    return str(entries[-1][0]), types
+    return str(entries[-1][0]), [_type_name(t) for _, t in entries]
 
 
 def _type_name(t: type | str) -> str:
@@ -181,7 +182,7 @@ class RecipeQuantizer(Quantizer):
         for n in nodes:
             scheme, why = self.resolve(n)
             kind = KIND_OF_OP[n.target]
-            if scheme is not None:
+            if scheme is not None and n not in before:
                 problem = self.backend.problem(scheme, kind)
                 if problem and kind in ACTIVATION_ONLY:
                     notes[n] = problem  # a weight-less op the backend runs in float here
@@ -312,9 +313,15 @@ def _activation_spec(scheme: Scheme, is_qat: bool) -> QuantizationSpec:
             ),
         )
     qscheme = torch.per_tensor_symmetric if scheme.activation_symmetric else torch.per_tensor_affine
-    if is_qat:
-        ctr = (FakeQuantize if dynamic else FusedMovingAvgObsFakeQuantize).with_args(
-            observer=MovingAverageMinMaxObserver, eps=_EPS
+    if is_qat:  # dynamic: per tensor, the range recomputed on every batch (ExecuTorch's form)
+        ctr = (
+            FakeQuantize.with_args(
+                observer=MovingAverageMinMaxObserver, averaging_constant=1, eps=_EPS
+            )
+            if dynamic
+            else FusedMovingAvgObsFakeQuantize.with_args(
+                observer=MovingAverageMinMaxObserver, eps=_EPS
+            )
         )
     else:
         ctr = (PlaceholderObserver if dynamic else MinMaxObserver).with_args(eps=_EPS)

@@ -42,7 +42,15 @@ def capture(
             f"example_inputs must be a tuple of the model's positional arguments, got "
             f"{type(example_inputs).__name__} (wrap one tensor as (x,))"
         )
-    model = model.train() if train else model.eval()
+    was_training = model.training
+    model.train(train)
+    try:
+        return _export(model, example_inputs, dynamic_shapes)
+    finally:
+        model.train(was_training)  # the user's module keeps its mode
+
+
+def _export(model: nn.Module, example_inputs: tuple, dynamic_shapes) -> GraphModule:
     try:
         inspect.signature(model.forward).bind(*example_inputs)
     except TypeError as e:
@@ -73,37 +81,61 @@ def prepare(
 ) -> GraphModule:
     """The exported graph with observers (or, with ``is_qat=True``, fake-quant modules to
     fine-tune through) where ``recipe`` (or ``quantizer``) annotates it."""
-    if quantizer is None:
-        quantizer = RecipeQuantizer(recipe, backend, is_qat=is_qat)
-    elif recipe is not None:
-        raise ValueError("pass recipe or quantizer, not both")
+    quantizer = _quantizer(recipe, backend, quantizer, is_qat)
     gm = capture(model, example_inputs, train=is_qat)
-    return prepare_qat_pt2e(gm, quantizer) if is_qat else prepare_pt2e(gm, quantizer)
+    prepared = prepare_qat_pt2e(gm, quantizer) if is_qat else prepare_pt2e(gm, quantizer)
+    prepared.meta["edgequant_qat"] = is_qat  # convert() moves a QAT graph to eval first
+    return prepared
+
+
+def _quantizer(recipe: Any, backend: str, quantizer: Quantizer | None, is_qat: bool) -> Quantizer:
+    if quantizer is None:
+        if recipe is None:
+            raise ValueError("pass a recipe (a preset name, a file, a Recipe) or a quantizer")
+        return RecipeQuantizer(recipe, backend, is_qat=is_qat)
+    if recipe is not None:
+        raise ValueError("pass recipe or quantizer, not both")
+    for q in getattr(quantizer, "quantizers", [quantizer]):
+        if isinstance(q, RecipeQuantizer) and q.is_qat != is_qat:
+            raise ValueError(
+                f"the quantizer was made with is_qat={q.is_qat} but prepare got is_qat={is_qat}; "
+                "make them agree (QAT needs fake-quant modules, PTQ observers)"
+            )
+    return quantizer
 
 
 def calibrate(prepared: GraphModule, calibration: Iterable, *, desc: str = "calibrating") -> int:
-    """Run every argument tuple of ``calibration`` through ``prepared``; returns the count."""
-    batches = list(calibration) if not hasattr(calibration, "__len__") else calibration
-    if len(batches) == 0:
+    """Run every batch of ``calibration`` through ``prepared`` (read lazily: a generator or a
+    DataLoader works); returns the count. A batch is a tuple or list of positional arguments,
+    a dict of keyword arguments, or one tensor."""
+    try:
+        total = len(calibration)  # type: ignore[arg-type]
+    except TypeError:  # a generator, or a DataLoader over an IterableDataset
+        total = None
+    count = 0
+    with torch.no_grad():
+        for batch in progress_bar(calibration, total=total, desc=desc, unit="batch"):
+            if isinstance(batch, dict):
+                prepared(**batch)
+            elif isinstance(batch, (tuple, list)):
+                prepared(*batch)
+            else:
+                prepared(batch)
+            count += 1
+    if count == 0:
         raise ValueError(
             "calibration is empty: static activations need at least one batch of example "
             "arguments to observe their ranges"
         )
-    count = 0
-    with torch.no_grad():
-        for batch in progress_bar(batches, total=len(batches), desc=desc, unit="batch"):
-            args = batch if isinstance(batch, tuple) else (batch,)
-            prepared(*args)
-            count += 1
     return count
 
 
 def convert(prepared: GraphModule) -> GraphModule:
     """The converted graph of a prepared (and calibrated, or QAT fine-tuned) one; a QAT graph is
     moved to eval mode first (dropout off, batch norms on their running statistics)."""
-    from torchao.quantization.pt2e import FakeQuantizeBase, move_exported_model_to_eval
+    from torchao.quantization.pt2e import move_exported_model_to_eval
 
-    if any(isinstance(m, FakeQuantizeBase) for m in prepared.modules()):
+    if prepared.meta.get("edgequant_qat"):
         prepared = move_exported_model_to_eval(prepared)
     return convert_pt2e(prepared)
 
@@ -120,8 +152,7 @@ def quantize(
     """Export ``model``, annotate it from ``recipe`` for ``backend``, prepare, run
     ``calibration`` (an iterable of argument tuples; needed when a scheme has static
     activations), convert, and return the converted graph module."""
-    if quantizer is None:
-        quantizer = RecipeQuantizer(recipe, backend)
+    quantizer = _quantizer(recipe, backend, quantizer, is_qat=False)
     prepared = prepare(model, example_inputs, quantizer=quantizer)
     static = _has_static(quantizer)
     if calibration is None and static:
