@@ -1,0 +1,421 @@
+"""Export to LiteRT (``.tflite``) keeping edgequant's values (work in progress, see below).
+
+The decoder is converted by litert-torch with its KV cache as explicit inputs and outputs and
+two signatures, ``prefill`` (a chunk of ``prefill_len`` tokens) and ``decode`` (one token):
+
+    (tokens [1, T] int32, input_pos [T] int32, k_0, v_0, ..., k_{L-1}, v_{L-1})
+        -> (logits [1, T, vocab], k_0', v_0', ...)      caches [1, kv_heads, max_seq_len, head_dim]
+
+Quantization keeps edgequant's integers: the model is converted with each packed module's
+dequantized weights (its integers times its scales, exact in fp32), then ai-edge-quantizer's
+dequantized-weight recovery rebuilds the integers and scales from those values, op by op. Ops are
+matched to modules by weight content (tensor names in the converted file are fused and do not
+name one module), and the written file is read back: every packed module must come out with its
+scheme, or the export fails.
+
+Supported today: fp16 weights (weight-only) and int4 symmetric group-wise weights with groups of
+32, 64, 128 or 256 (with int8 dynamic activations, LiteRT's dynamic-range blockwise kernels).
+The int4 integers are kept exactly; LiteRT's block scales are fp16 numbers rounded to bf16
+precision (see `block_scales`), so only ``scale_dtype: bf16`` scales are kept bit for bit.
+int8 is refused: edgequant's symmetric int8 uses [-128, 127] with scale amax/127.5, LiteRT's
+[-127, 127] with amax/127, so about half of the rows cannot be represented as stored.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edgequant.layers import QuantizedEmbedding, QuantizedLinear
+from edgequant.models import llama2c
+from edgequant.schemes import Scheme
+
+_BLOCKS = (32, 64, 128, 256)
+
+
+class LiteRTDecoder(nn.Module):
+    """A llama2.c-style decoder whose KV cache is passed in and returned (see module doc)."""
+
+    def __init__(self, model: llama2c.Transformer, max_seq_len: int) -> None:
+        super().__init__()
+        args = model.args
+        if not 2 <= max_seq_len <= args.max_seq_len:
+            raise ValueError(
+                f"max_seq_len must be in [2, {args.max_seq_len}] for this model, got {max_seq_len}"
+            )
+        self.model, self.max_seq_len = model, max_seq_len
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        cos, sin = llama2c.rope_cos_sin(max_seq_len, args.head_dim, args.rope_theta)
+        self.register_buffer("rope_cos", cos.float(), persistent=False)  # [S, D]
+        self.register_buffer("rope_sin", sin.float(), persistent=False)  # [S, D]
+
+    def cache_shape(self) -> tuple[int, int, int, int]:
+        return (1, self.n_kv_heads, self.max_seq_len, self.head_dim)
+
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor, *kv: torch.Tensor):
+        T = tokens.shape[1]
+        cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]  # [T, D]
+        # query i (at position input_pos[i]) sees cache slots 0 .. input_pos[i]
+        visible = torch.arange(self.max_seq_len)[None, :] <= input_pos[:, None]  # [T, S]
+        bias = torch.where(visible, 0.0, float("-inf"))
+        h = self.model.tok_embeddings(tokens)  # [1, T, dim]
+        caches = []
+        n_rep = self.n_heads // self.n_kv_heads
+        for i, block in enumerate(self.model.layers):
+            x = block.attention_norm(h)
+            attn = block.attention
+            q = attn.wq(x).view(1, T, self.n_heads, self.head_dim).transpose(1, 2)
+            k = attn.wk(x).view(1, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+            v = attn.wv(x).view(1, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+            q, k = llama2c.apply_rope(q, cos, sin), llama2c.apply_rope(k, cos, sin)
+            k_cache = kv[2 * i].index_copy(2, input_pos, k)  # [1, KV, S, D]
+            v_cache = kv[2 * i + 1].index_copy(2, input_pos, v)
+            caches += [k_cache, v_cache]
+            y = F.scaled_dot_product_attention(
+                q,
+                k_cache.repeat_interleave(n_rep, dim=1),
+                v_cache.repeat_interleave(n_rep, dim=1),
+                attn_mask=bias,
+            )  # [1, H, T, D]
+            h = h + attn.wo(y.transpose(1, 2).reshape(1, T, self.n_heads * self.head_dim))
+            h = h + block.feed_forward(block.ffn_norm(h))
+        return (self.model.output(self.model.norm(h)), *caches)
+
+
+# ---- what LiteRT can hold exactly -----------------------------------------------------------
+def litert_problem(module: nn.Module) -> tuple[str, str] | None:
+    """Why this packed module cannot be written to LiteRT as stored, and the nearest scheme."""
+    s = module.scheme
+    if s.weight == "fp16" and s.activation == "none":
+        return None
+    if not s.is_integer:
+        return (f"{s.weight} weights are not written to LiteRT", "fp16")
+    if s.bits == 8:
+        return (
+            "edgequant's symmetric int8 grid is [-128, 127] (scale amax/127.5); LiteRT's is "
+            "[-127, 127], so rows holding -128 cannot be kept as stored",
+            "int4 group-wise (g32..g256) or fp16",
+        )
+    if s.bits != 4 or s.granularity != "per_group" or not s.symmetric:
+        return (f"{s.describe()} has no LiteRT kernel", "int4 symmetric group-wise or fp16")
+    if s.group_size not in _BLOCKS:
+        return (
+            f"LiteRT's int4 blocks are 32, 64, 128 or 256 wide, not {s.group_size}",
+            "a group of 32, 64, 128 or 256 that divides the layer's inputs",
+        )
+    if isinstance(module, QuantizedEmbedding):
+        return ("int4 embedding lookups are not written yet", "fp16")
+    if s.activation == "int8_static":
+        return ("static activations are not written to LiteRT", "activation int8_dynamic")
+    return None
+
+
+@dataclass(frozen=True)
+class Unsupported:
+    fqn: str
+    scheme: Scheme
+    reason: str
+    nearest: str
+
+
+def check_litert(model: nn.Module) -> list[Unsupported]:
+    out = []
+    for fqn, module in model.named_modules():
+        if isinstance(module, (QuantizedLinear, QuantizedEmbedding)):
+            problem = litert_problem(module)
+            if problem:
+                out.append(Unsupported(fqn, module.scheme, *problem))
+    return out
+
+
+# ---- conversion ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Stored:
+    """One packed module as edgequant stores it, and its float weights in the converted file."""
+
+    scheme: Scheme
+    dequantized: np.ndarray  # fp32, what the float conversion holds
+    values: np.ndarray  # the integers (int8 array) or the fp16 weights
+    scales: np.ndarray | None
+
+
+def _dequantized_copy(model: nn.Module) -> tuple[nn.Module, dict[str, _Stored]]:
+    """A float copy (each packed module's exact dequantized weights) and what each packed module
+    stores (to find its op in the converted file and to check the written values)."""
+    from edgequant.export.pte import _float_twin
+
+    model = copy.deepcopy(model)
+    packed = {}
+    for fqn, module in list(model.named_modules()):
+        if isinstance(module, (QuantizedLinear, QuantizedEmbedding)):
+            twin = _float_twin(module)
+            if module.scheme.is_integer:
+                values, scales = module.int_weight().numpy(), module.scale.numpy()
+            else:
+                values, scales = module.weight.numpy(), None
+            dequantized = twin.weight.detach().numpy().copy()
+            packed[fqn] = _Stored(module.scheme, dequantized, values.copy(), scales)
+            parent, _, child = fqn.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, twin)
+    return model, packed
+
+
+def _op_config(scheme: Scheme):
+    """``(algorithm, OpQuantizationConfig)`` holding ``scheme`` in ai-edge-quantizer's terms."""
+    from ai_edge_quantizer import qtyping
+    from ai_edge_quantizer.algorithm_manager import AlgorithmName
+
+    if not scheme.is_integer:  # fp16: a cast, exact for values that are fp16 already
+        weight = qtyping.TensorQuantizationConfig(num_bits=16, dtype=qtyping.TensorDataType.FLOAT)
+        config = qtyping.OpQuantizationConfig(
+            weight_tensor_config=weight,
+            compute_precision=qtyping.ComputePrecision.FLOAT,
+            explicit_dequantize=True,
+        )
+        return AlgorithmName.FLOAT_CASTING, config
+    granularity = getattr(qtyping.QuantGranularity, f"BLOCKWISE_{scheme.group_size}")
+    weight = qtyping.TensorQuantizationConfig(
+        num_bits=scheme.bits, symmetric=True, granularity=granularity
+    )
+    dynamic = scheme.activation == "int8_dynamic"
+    config = qtyping.OpQuantizationConfig(
+        weight_tensor_config=weight,
+        compute_precision=(
+            qtyping.ComputePrecision.INTEGER if dynamic else qtyping.ComputePrecision.FLOAT
+        ),
+        explicit_dequantize=not dynamic,
+    )
+    return AlgorithmName.DEQUANTIZED_WEIGHT_RECOVERY, config
+
+
+def _weight_ops(model_bytes: bytes):
+    """``(subgraph index, subgraph, op, opname, weight tensor, weight array)`` of every
+    FULLY_CONNECTED and
+    EMBEDDING_LOOKUP op with a constant weight."""
+    from ai_edge_quantizer import qtyping
+    from ai_edge_quantizer.utils import tfl_flatbuffer_utils as fb
+
+    tfl = fb.read_model(model_bytes)
+    names = {"FULLY_CONNECTED": 1, "EMBEDDING_LOOKUP": 1}  # input index of the weight
+    for sg_index, sg in enumerate(tfl.subgraphs):
+        for op in sg.operators:
+            opname = fb.TFL_OP_CODE_TO_NAME.get(tfl.operatorCodes[op.opcodeIndex].builtinCode)
+            if opname not in names:
+                continue
+            tensor = sg.tensors[op.inputs[names[opname]]]
+            data = fb.get_tensor_data(tensor, tfl.buffers)
+            if data is None:
+                continue
+            yield sg_index, sg, op, qtyping.TFLOperationName(opname), tensor, data
+
+
+def _quantize(float_bytes: bytes, packed: dict[str, _Stored]) -> bytes:
+    from ai_edge_quantizer import quantizer as aeq
+    from ai_edge_quantizer.utils import tfl_flatbuffer_utils as fb
+
+    by_content: dict[tuple, list[str]] = {}
+    for fqn, stored in packed.items():
+        w = stored.dequantized
+        by_content.setdefault((w.shape, w.tobytes()), []).append(fqn)
+    weights: dict[tuple[int, str], str] = {}  # (subgraph, weight tensor name) -> module
+    qt = aeq.Quantizer(bytearray(float_bytes))
+    found: set[str] = set()
+    for sg_index, sg, op, opname, tensor, data in _weight_ops(float_bytes):
+        fqns = by_content.get((tuple(data.shape), np.ascontiguousarray(data).tobytes()))
+        if not fqns:
+            continue
+        weights[(sg_index, fb.get_tensor_name(tensor))] = fqns[0]
+        schemes = {packed[f].scheme for f in fqns}
+        if len(schemes) > 1:
+            raise ValueError(
+                f"{', '.join(fqns)} hold the same weights with different schemes; LiteRT keeps "
+                "one tensor for them: give them one scheme"
+            )
+        found.update(fqns)
+        algorithm, config = _op_config(schemes.pop())
+        scope = fb.get_op_scope(op, sg.tensors)
+        qt.update_quantization_recipe(
+            regex=f"^{re.escape(scope)}$",
+            operation_name=opname,
+            op_config=config,
+            algorithm_key=algorithm,
+        )
+    missing = sorted(set(packed) - found)
+    if missing:
+        raise RuntimeError(
+            f"no LiteRT op found holding the weights of {', '.join(missing[:4])}"
+            f"{' and more' if len(missing) > 4 else ''}; the converter changed them"
+        )
+    out = bytes(qt.quantize().quantized_model)
+    _check_written(out, weights, packed)
+    return out
+
+
+_INT4, _FLOAT16 = 17, 1  # tflite TensorType values
+
+
+def _check_written(model_bytes: bytes, weights: dict[tuple[int, str], str], packed) -> None:
+    """Read the quantized file back: every packed module's tensor must hold its values."""
+    written: dict[tuple[int, str], list[WrittenTensor]] = {}
+    for t in written_tensors(model_bytes):
+        written.setdefault((t.subgraph, t.name), []).append(t)
+    wrong = [
+        fqn
+        for key, fqn in weights.items()
+        if not any(_holds(t, packed[fqn]) for t in written.get(key, []))
+    ]
+    if wrong:
+        raise RuntimeError(
+            f"the written .tflite does not hold edgequant's values for {', '.join(wrong[:4])}"
+            f"{' and more' if len(wrong) > 4 else ''} (ai-edge-quantizer skipped or changed them)"
+        )
+
+
+@dataclass(frozen=True)
+class WrittenTensor:
+    """A constant int4 or fp16 tensor of a ``.tflite`` file, decoded."""
+
+    subgraph: int
+    name: str
+    values: np.ndarray  # int8 array of the int4 values, or the fp16 weights
+    scales: np.ndarray | None  # fp16 block scales [rows, blocks] (int4)
+    block_size: int | None
+
+
+def written_tensors(model_bytes: bytes):
+    """Every constant INT4 (block-quantized) and FLOAT16 tensor of a ``.tflite``."""
+    from ai_edge_quantizer.utils import tfl_flatbuffer_utils as fb
+
+    tfl = fb.read_model(model_bytes)
+    for i, sg in enumerate(tfl.subgraphs):
+        for tensor in sg.tensors:
+            raw = _buffer(tfl, tensor.buffer)
+            if raw is None or tensor.type not in (_INT4, _FLOAT16):
+                continue
+            shape = tuple(int(d) for d in tensor.shape)
+            name = fb.get_tensor_name(tensor)
+            if tensor.type == _FLOAT16:
+                yield WrittenTensor(
+                    i, name, np.frombuffer(raw.tobytes(), "<f2").reshape(shape), None, None
+                )
+                continue
+            details = tensor.quantization.details
+            ints = np.stack([raw & 0x0F, raw >> 4], axis=-1).reshape(-1).astype(np.int8)
+            ints = np.where(ints > 7, ints - 16, ints)[: int(np.prod(shape))].reshape(shape)
+            scales = sg.tensors[details.scales]
+            scale_values = np.frombuffer(_buffer(tfl, scales.buffer).tobytes(), "<f2")
+            yield WrittenTensor(
+                i,
+                name,
+                ints.astype(np.int8),
+                scale_values.reshape(shape[0], -1),
+                int(details.blockSize),
+            )
+
+
+def _buffer(tfl, index: int) -> np.ndarray | None:
+    data = tfl.buffers[index].data
+    if data is None:
+        return None
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return np.frombuffer(bytes(data), dtype=np.uint8)
+    return np.asarray(data, dtype=np.uint8)
+
+
+def _holds(t: WrittenTensor, stored: _Stored) -> bool:
+    if not stored.scheme.is_integer:
+        return t.scales is None and np.array_equal(t.values, stored.values.astype(np.float16))
+    return (
+        t.block_size == stored.scheme.group_size
+        and np.array_equal(t.values, stored.values)
+        and np.array_equal(t.scales, block_scales(stored.scales))
+    )
+
+
+def block_scales(scales: np.ndarray) -> np.ndarray:
+    """The fp16 block scales LiteRT holds for edgequant's ``scales``: ai-edge-quantizer rounds
+    them to bf16 precision first (as XNNPACK's int4 kernels do in ExecuTorch), so a scheme with
+    ``scale_dtype: bf16`` is kept bit for bit and fp16/fp32 scales to 8 significant bits."""
+    import ml_dtypes
+
+    return np.asarray(scales, dtype=np.float32).astype(ml_dtypes.bfloat16).astype(np.float16)
+
+
+def convert(
+    model: nn.Module, *, max_seq_len: int = 256, prefill_len: int = 32, allow_fallback=False
+) -> bytes:
+    """The ``.tflite`` bytes of ``model`` (a llama2.c `Transformer` or an HF Llama, packed or
+    float) with ``prefill`` and ``decode`` signatures."""
+    import litert_torch
+
+    from edgequant.export.native import from_hf_llama
+    from edgequant.export.pte import _float_twin
+
+    native = model if isinstance(model, llama2c.Transformer) else from_hf_llama(model)
+    problems = check_litert(native)
+    if problems and not allow_fallback:
+        first = problems[0]
+        names = ", ".join(p.fqn for p in problems[:4])
+        more = f" and {len(problems) - 4} more" if len(problems) > 4 else ""
+        raise ValueError(
+            f"LiteRT cannot hold {len(problems)} module(s) as the recipe stores them "
+            f"({names}{more}): {first.reason}; nearest supported: {first.nearest}. Change the "
+            "recipe, or pass allow_fallback=True to keep them in float"
+        )
+    if problems:
+        native = copy.deepcopy(native)
+        for p in problems:
+            parent, _, child = p.fqn.rpartition(".")
+            owner = native.get_submodule(parent) if parent else native
+            setattr(owner, child, _float_twin(owner.get_submodule(child)))
+    if not 1 <= prefill_len <= max_seq_len:
+        raise ValueError(f"prefill_len must be in [1, {max_seq_len}], got {prefill_len}")
+    float_model, packed = _dequantized_copy(native)
+    decoder = LiteRTDecoder(float_model.eval(), max_seq_len).eval()
+    kv = [torch.zeros(decoder.cache_shape()) for _ in range(2 * native.args.n_layers)]
+    prefill = (torch.zeros(1, prefill_len, dtype=torch.int32), torch.arange(prefill_len), *kv)
+    decode = (torch.zeros(1, 1, dtype=torch.int32), torch.zeros(1, dtype=torch.int32), *kv)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        converted = (
+            litert_torch.signature("prefill", decoder, prefill)
+            .signature("decode", decoder, decode)
+            .convert()
+        )
+    with tempfile.TemporaryDirectory() as tmp:
+        float_path = Path(tmp) / "float.tflite"
+        converted.export(str(float_path))
+        float_bytes = float_path.read_bytes()
+    return _quantize(float_bytes, packed) if packed else float_bytes
+
+
+def to_tflite(model: nn.Module, path: str | Path, *, overwrite: bool = False, **options) -> Path:
+    """Write `convert(model, **options)` as ``path`` (a temporary file renamed into place)."""
+    path = Path(path)
+    if path.suffix != ".tflite":
+        raise ValueError(f"output {str(path)!r} must end in .tflite")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"folder {str(path.parent)!r} does not exist")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{str(path)!r} exists; pass overwrite=True to replace it")
+    data = convert(model, **options)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
