@@ -288,3 +288,25 @@ def test_a_truncated_pte_is_a_clear_error(stories260k, tmp_path, capsys):
     assert "is not a loadable ExecuTorch LLM program" in capsys.readouterr().err
     assert main(["generate", "--pte", str(bad), "--model", "stories260k"]) == 2
     assert "is not a loadable ExecuTorch LLM program" in capsys.readouterr().err
+
+
+def test_export_tflite_then_eval_and_generate_on_the_file(stories260k, tmp_path, capsys):
+    bundle = _bundle(tmp_path, "fp16")
+    out = tmp_path / "m.tflite"
+    export = ["export", "--format", "tflite", "--artifact", str(bundle), "--out", str(out)]
+    assert main([*export, "--max-seq-len", "64", "--prefill-len", "16"]) == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+
+    eval_file = ["eval", "--tflite", str(out), "--model", "stories260k", "--eval-windows", "2"]
+    assert main([*eval_file, "--seq-len", "64"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| m.tflite")]
+    assert len(rows) == 1
+
+    gen = ["generate", "--artifact", str(bundle), "--max-new-tokens", "20"]
+    assert main([*gen, "--tflite", str(out)]) == 0
+    from_file = capsys.readouterr().out.split("\n[")[0]
+    assert main(gen) == 0
+    assert from_file == capsys.readouterr().out.split("\n[")[0]  # fp16 weights, fp32 compute
+
+    assert main([*gen, "--tflite", str(out), "--pte", str(tmp_path / "m.pte")]) == 2
+    assert "pass --pte or --tflite, not both" in capsys.readouterr().err

@@ -77,19 +77,28 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _program_arg(args: argparse.Namespace) -> str | None:
+    if args.pte and args.tflite:
+        raise ValueError("pass --pte or --tflite, not both")
+    return args.pte or args.tflite
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from edgequant import job
     from edgequant.report import table
 
     options = dict(eval_windows=args.eval_windows, seq_len=args.seq_len, text=args.text)
-    if args.pte:
+    program = _program_arg(args)
+    if program:
         if args.bundle or not args.model:
-            raise ValueError("--pte FILE takes its float reference from --model M (no bundle)")
-        rows = job.evaluate_pte(args.pte, reference=args.model, **options)
+            raise ValueError(
+                "--pte/--tflite FILE takes its float reference from --model M (no bundle)"
+            )
+        rows = job.evaluate_program(program, reference=args.model, **options)
     elif args.bundle:
         rows = job.evaluate_bundle(args.bundle, reference=args.model, **options)
     else:
-        raise ValueError("pass a bundle folder, or --pte FILE with --model M")
+        raise ValueError("pass a bundle folder, or --pte/--tflite FILE with --model M")
     print(table(rows))
     return 0
 
@@ -97,23 +106,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     import edgequant
     from edgequant.artifact import load_tokenizer
-    from edgequant.export import to_pte
+    from edgequant.export import to_pte, to_tflite
     from edgequant.export.pte import check_out
 
-    check_out(args.out, args.overwrite)  # before loading anything
+    check_out(args.out, args.overwrite, f".{args.format}")  # before loading anything
     model = edgequant.load(args.artifact)
     tokenizer = load_tokenizer(args.artifact)
-    path = to_pte(
-        model,
-        args.out,
-        max_seq_len=args.max_seq_len,
-        bos_id=getattr(tokenizer, "bos_id", None),
-        eos_id=getattr(tokenizer, "eos_id", None),
-        allow_fallback=args.allow_fallback,
-        overwrite=args.overwrite,
+    common = dict(
+        max_seq_len=args.max_seq_len, allow_fallback=args.allow_fallback, overwrite=args.overwrite
     )
+    if args.format == "tflite":
+        path = to_tflite(model, args.out, prefill_len=args.prefill_len, **common)
+    else:
+        bos, eos = getattr(tokenizer, "bos_id", None), getattr(tokenizer, "eos_id", None)
+        path = to_pte(model, args.out, bos_id=bos, eos_id=eos, **common)
     print(f"wrote {path} ({path.stat().st_size} bytes)")
-    if tokenizer is not None:
+    if tokenizer is not None and args.format == "pte":
         print(f"tokenizer for ExecuTorch's runner: {Path(args.artifact) / 'tokenizer'}")
     return 0
 
@@ -137,11 +145,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
         model, tokenizer, _ = load(args.model)
     else:
-        raise ValueError("pass --model M, --artifact DIR, or --pte FILE with one of them")
-    if args.pte:  # the program generates; the model above only lends its tokenizer
-        from edgequant.export.pte_runtime import PteModel
+        raise ValueError("pass --model M, --artifact DIR, or --pte/--tflite FILE with one of them")
+    program = _program_arg(args)
+    if program:  # the program generates; the model above only lends its tokenizer
+        from edgequant.export import load_program
 
-        model = PteModel(args.pte)
+        model = load_program(program)
     result = generate(
         model,
         tokenizer,
@@ -258,6 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="measure a bundle or a .pte against its float model")
     p.add_argument("bundle", nargs="?", help="bundle folder")
     p.add_argument("--pte", help="an ExecuTorch program written by `edgequant export`")
+    p.add_argument("--tflite", help="a LiteRT program written by `edgequant export`")
     p.add_argument(
         "--model", help="the float model to compare with (default: the one in report.json)"
     )
@@ -268,6 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help=model_help)
     p.add_argument("--artifact", help="a bundle folder (uses its stored tokenizer)")
     p.add_argument("--pte", help="generate with this .pte (tokenizer from --artifact or --model)")
+    p.add_argument("--tflite", help="generate with this .tflite (tokenizer as for --pte)")
     p.add_argument("--prompt", default="", help="the prompt (empty: start from BOS)")
     p.add_argument("--max-new-tokens", type=_count(1), default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -278,10 +289,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("export", help="write a bundle as an on-device program")
-    p.add_argument("--format", choices=("pte",), required=True, help="pte: ExecuTorch, XNNPACK")
+    p.add_argument(
+        "--format",
+        choices=("pte", "tflite"),
+        required=True,
+        help="pte: ExecuTorch, XNNPACK; tflite: LiteRT (in progress: fp32, fp16, int4 blocks)",
+    )
     p.add_argument("--artifact", required=True, help="the bundle folder to export")
     p.add_argument("--out", required=True, help="the file to write")
     p.add_argument("--max-seq-len", type=_count(2), default=512, help="KV cache length (512)")
+    p.add_argument(
+        "--prefill-len", type=_count(1), default=32, help="tflite: prefill signature length (32)"
+    )
     p.add_argument(
         "--allow-fallback",
         action="store_true",

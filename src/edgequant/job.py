@@ -262,7 +262,7 @@ def evaluate_bundle(
     return [float_row, {**measured, "recipe": name}]
 
 
-def evaluate_pte(
+def evaluate_program(
     pte: str | Path,
     *,
     reference: str,
@@ -270,12 +270,12 @@ def evaluate_pte(
     seq_len: int = DEFAULT_SEQ_LEN,
     text: str | Path | None = None,
 ) -> list[dict[str, Any]]:
-    """Rows (float, .pte) measuring an ExecuTorch program against the float model
-    ``reference``, on the same windows and with the same tokenizer."""
-    from edgequant.export.pte_runtime import PteModel
+    """Rows (float, program) measuring a written program (``.pte`` or ``.tflite``) against the
+    float model ``reference``, on the same windows and with the same tokenizer."""
+    from edgequant.export import load_program
     from edgequant.models import load
 
-    program = PteModel(pte)
+    program = load_program(pte)
     if seq_len > program.args.max_seq_len:
         raise ValueError(
             f"--seq-len {seq_len} is longer than the program's max_seq_len "

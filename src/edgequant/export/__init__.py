@@ -1,6 +1,9 @@
-"""Exporters: ``to_pte`` (ExecuTorch, XNNPACK). Heavy dependencies are imported on use."""
+"""Exporters: ``to_pte`` (ExecuTorch, XNNPACK) and ``to_tflite`` (LiteRT), and `load_program`
+to run what they write. Heavy dependencies are imported on use."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 
 def to_pte(*args, **kwargs):
@@ -8,3 +11,31 @@ def to_pte(*args, **kwargs):
     from edgequant.export.pte import to_pte as _to_pte
 
     return _to_pte(*args, **kwargs)
+
+
+def to_tflite(*args, **kwargs):
+    """See `edgequant.export.litert.to_tflite`."""
+    from edgequant.export.litert import to_tflite as _to_tflite
+
+    return _to_tflite(*args, **kwargs)
+
+
+def load_program(path: str | Path):
+    """A written decoder program with edgequant's model calling convention: a ``.pte`` in
+    ExecuTorch's runtime (`PteModel`) or a ``.tflite`` in LiteRT's interpreter (`TfliteModel`).
+
+    >>> load_program("model.onnx")
+    Traceback (most recent call last):
+    ...
+    ValueError: 'model.onnx': a program file ends in .pte (ExecuTorch) or .tflite (LiteRT)
+    """
+    suffix = Path(path).suffix
+    if suffix == ".pte":
+        from edgequant.export.pte_runtime import PteModel
+
+        return PteModel(path)
+    if suffix == ".tflite":
+        from edgequant.export.litert_runtime import TfliteModel
+
+        return TfliteModel(path)
+    raise ValueError(f"{str(path)!r}: a program file ends in .pte (ExecuTorch) or .tflite (LiteRT)")

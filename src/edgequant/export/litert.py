@@ -401,13 +401,9 @@ def convert(
 
 def to_tflite(model: nn.Module, path: str | Path, *, overwrite: bool = False, **options) -> Path:
     """Write `convert(model, **options)` as ``path`` (a temporary file renamed into place)."""
-    path = Path(path)
-    if path.suffix != ".tflite":
-        raise ValueError(f"output {str(path)!r} must end in .tflite")
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"folder {str(path.parent)!r} does not exist")
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{str(path)!r} exists; pass overwrite=True to replace it")
+    from edgequant.export.pte import check_out
+
+    path = check_out(path, overwrite, ".tflite")
     data = convert(model, **options)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:

@@ -269,11 +269,11 @@ def export_program(model: nn.Module, max_seq_len: int, allow_fallback: bool = Fa
     return program, native.args
 
 
-def check_out(path: str | Path, overwrite: bool) -> Path:
+def check_out(path: str | Path, overwrite: bool, suffix: str = ".pte") -> Path:
     """``path`` as a Path, if a program may be written there (checked before any work)."""
     path = Path(path)
-    if path.suffix != ".pte":
-        raise ValueError(f"output {str(path)!r} must end in .pte (ExecuTorch's runner expects it)")
+    if path.suffix != suffix:
+        raise ValueError(f"output {str(path)!r} must end in {suffix} (its runtime expects it)")
     if not path.parent.is_dir():
         raise FileNotFoundError(f"folder {str(path.parent)!r} does not exist")
     if path.is_dir():
