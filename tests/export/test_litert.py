@@ -75,7 +75,8 @@ def test_quantized_tflite_holds_edgequants_values(files, story_ids):
     model, path = files["mixed"]
     written = list(litert.written_tensors(path.read_bytes()))
     wq = model.layers[0].attention.wq
-    ints = [t for t in written if t.scales is not None and np.array_equal(t.values, wq.int_weight())]
+    ours = wq.int_weight().numpy()
+    ints = [t for t in written if t.scales is not None and np.array_equal(t.values, ours)]
     assert ints and all(t.block_size == 32 for t in ints)  # one per signature
     assert np.array_equal(ints[0].scales, litert.block_scales(wq.scale.numpy()))
     w2 = model.layers[3].feed_forward.w2.weight.numpy()  # fp16, kept as is

@@ -24,7 +24,6 @@ int8 is refused: edgequant's symmetric int8 uses [-128, 127] with scale amax/127
 from __future__ import annotations
 
 import copy
-import os
 import re
 import tempfile
 import warnings
@@ -403,15 +402,12 @@ def to_tflite(model: nn.Module, path: str | Path, *, overwrite: bool = False, **
     """Write `convert(model, **options)` as ``path`` (a temporary file renamed into place)."""
     from edgequant.export.pte import check_out
 
-    path = check_out(path, overwrite, ".tflite")
-    data = convert(model, **options)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    check_out(path, overwrite, ".tflite")
+    return write(convert(model, **options), path, overwrite=overwrite)
+
+
+def write(data: bytes, path: str | Path, *, overwrite: bool = False) -> Path:
+    """Write ``.tflite`` bytes as ``path`` (a temporary file renamed into place)."""
+    from edgequant.export.pte import check_out, write_atomic
+
+    return write_atomic(data, check_out(path, overwrite, ".tflite"))

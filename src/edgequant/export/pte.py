@@ -345,10 +345,15 @@ def lower_to_pte(
             compile_config=EdgeCompileConfig(_check_ir_validity=False),
         )
         buffer = edge.to_executorch().buffer
+    return write_atomic(buffer, path)
+
+
+def write_atomic(data: bytes, path: Path) -> Path:
+    """``data`` as ``path``: a temporary file in the same folder, renamed into place."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(buffer)
+            f.write(data)
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:

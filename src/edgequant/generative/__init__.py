@@ -2,10 +2,19 @@
 
 ``quant_recipes.full_int8_dynamic_recipe()`` and friends, ``quant_recipe_utils``'s
 ``create_layer_quant_*``, ``LayerQuantRecipe``, ``GenerativeQuantRecipe`` and ``QuantConfig``;
-each converts to an edgequant `Recipe` with ``.to_recipe()``.
+each converts to an edgequant `Recipe` with ``.to_recipe()``; ``convert(model, sample_args,
+quant_config=...)`` writes LiteRT.
 """
 
 from edgequant.generative.quant_config import QuantConfig
 from edgequant.generative.quant_recipe import GenerativeQuantRecipe, LayerQuantRecipe
 
-__all__ = ["GenerativeQuantRecipe", "LayerQuantRecipe", "QuantConfig"]
+
+def convert(*args, **kwargs):
+    """See `edgequant.generative.convert.convert` (LiteRT; needs the ``litert`` extra)."""
+    from edgequant.generative.convert import convert as _convert
+
+    return _convert(*args, **kwargs)
+
+
+__all__ = ["GenerativeQuantRecipe", "LayerQuantRecipe", "QuantConfig", "convert"]
