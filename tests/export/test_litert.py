@@ -94,7 +94,7 @@ def test_schemes_litert_cannot_hold_are_refused_naming_layers(stories260k, tmp_p
     with pytest.raises(
         ValueError,
         match=re.escape(
-            "LiteRT cannot hold 37 module(s) as the recipe stores them (tok_embeddings, "
+            "LiteRT cannot run 37 module(s) as the recipe stores them (tok_embeddings, "
             "layers.0.attention.wq, layers.0.attention.wk, layers.0.attention.wv and 33 more): "
             "edgequant's symmetric int8 grid is [-128, 127]"
         ),

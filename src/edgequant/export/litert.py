@@ -119,15 +119,10 @@ def litert_problem(module: nn.Module) -> tuple[str, str] | None:
     return None
 
 
-@dataclass(frozen=True)
-class Unsupported:
-    fqn: str
-    scheme: Scheme
-    reason: str
-    nearest: str
+def check_litert(model: nn.Module):
+    """Every packed module LiteRT cannot hold as stored (`edgequant.export.pte.Unsupported`)."""
+    from edgequant.export.pte import Unsupported
 
-
-def check_litert(model: nn.Module) -> list[Unsupported]:
     out = []
     for fqn, module in model.named_modules():
         if isinstance(module, (QuantizedLinear, QuantizedEmbedding)):
@@ -358,19 +353,11 @@ def convert(
     import litert_torch
 
     from edgequant.export.native import from_hf_llama
-    from edgequant.export.pte import _float_twin
+    from edgequant.export.pte import _float_twin, refuse_or_warn
 
     native = model if isinstance(model, llama2c.Transformer) else from_hf_llama(model)
     problems = check_litert(native)
-    if problems and not allow_fallback:
-        first = problems[0]
-        names = ", ".join(p.fqn for p in problems[:4])
-        more = f" and {len(problems) - 4} more" if len(problems) > 4 else ""
-        raise ValueError(
-            f"LiteRT cannot hold {len(problems)} module(s) as the recipe stores them "
-            f"({names}{more}): {first.reason}; nearest supported: {first.nearest}. Change the "
-            "recipe, or pass allow_fallback=True to keep them in float"
-        )
+    refuse_or_warn(problems, "LiteRT", allow_fallback)
     if problems:
         native = copy.deepcopy(native)
         for p in problems:

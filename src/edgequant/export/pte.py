@@ -219,25 +219,32 @@ def _float_twin(module: nn.Module) -> nn.Module:
     return out
 
 
-def prepare(model: nn.Module, allow_fallback: bool = False) -> nn.Module:
-    """A copy of ``model`` with every packed module in its export form (checked first)."""
-    problems = check_xnnpack(model)
+def refuse_or_warn(problems: list[Unsupported], backend: str, allow_fallback: bool) -> None:
+    """Refuse modules ``backend`` cannot hold as stored (naming them and the nearest scheme),
+    or, with ``allow_fallback``, warn that they are kept in float."""
     if problems and not allow_fallback:
         first = problems[0]
         names = ", ".join(p.fqn for p in problems[:4])
         more = f" and {len(problems) - 4} more" if len(problems) > 4 else ""
         raise ValueError(
-            f"XNNPACK cannot run {len(problems)} module(s) as the recipe stores them "
+            f"{backend} cannot run {len(problems)} module(s) as the recipe stores them "
             f"({names}{more}): {first.reason}; nearest supported: {first.nearest}. "
             "Change the recipe, or pass allow_fallback=True (--allow-fallback) to keep them in "
             "float"
         )
     if problems:
         log.warning(
-            "kept in float for XNNPACK (their dequantized weights; activations are no longer "
+            "kept in float for %s (their dequantized weights; activations are no longer "
             "quantized there): %s",
+            backend,
             ", ".join(f"{p.fqn} ({p.scheme.describe()}: {p.reason})" for p in problems),
         )
+
+
+def prepare(model: nn.Module, allow_fallback: bool = False) -> nn.Module:
+    """A copy of ``model`` with every packed module in its export form (checked first)."""
+    problems = check_xnnpack(model)
+    refuse_or_warn(problems, "XNNPACK", allow_fallback)
     model = copy.deepcopy(model)
     unsupported = {p.fqn for p in problems}
     for fqn, module in list(model.named_modules()):
