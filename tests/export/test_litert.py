@@ -119,3 +119,20 @@ def test_output_and_file_errors(files, tmp_path):
     bad.write_bytes(path.read_bytes()[:5000])
     with pytest.raises(ValueError, match="is not a loadable LiteRT decoder"):
         TfliteModel(bad)
+
+
+def test_a_block_with_one_value_keeps_its_integer_and_scale(stories260k):
+    """ai-edge-quantizer's recovery reads a block's scale as its smallest step: a block holding
+    only 0 and 7 steps comes back as 0 and 1 at 7x the scale; edgequant puts its own back."""
+    model, _ = llama2c.load(stories260k_dir())
+    with torch.no_grad():
+        model.layers[0].attention.wq.weight[0, :32] = 0.0
+        model.layers[0].attention.wq.weight[0, 1] = 1.0
+    model, _ = edgequant.quantize(model, Recipe((Rule(INT4_DYNAMIC, role="attention"),)))
+    wq = model.layers[0].attention.wq
+    assert wq.int_weight()[0, :4].tolist() == [0, 7, 0, 0]
+    data = litert.convert(model, max_seq_len=32, prefill_len=8)
+    ours = wq.int_weight().numpy()
+    written = [t for t in litert.written_tensors(data) if np.array_equal(t.values, ours)]
+    assert len(written) == 2  # prefill and decode
+    assert written[0].scales[0, 0] == litert.block_scales(wq.scale.numpy())[0, 0]

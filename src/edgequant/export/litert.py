@@ -250,9 +250,39 @@ def _quantize(float_bytes: bytes, packed: dict[str, _Stored]) -> bytes:
             f"no LiteRT op found holding the weights of {', '.join(missing[:4])}"
             f"{' and more' if len(missing) > 4 else ''}; the converter changed them"
         )
-    out = bytes(qt.quantize().quantized_model)
+    out = _restore(bytes(qt.quantize().quantized_model), weights, packed)
     _check_written(out, weights, packed)
     return out
+
+
+def _restore(model_bytes: bytes, weights: dict[tuple[int, str], str], packed) -> bytes:
+    """Put edgequant's own integers and scales into the int4 tensors ai-edge-quantizer wrote.
+
+    Its recovery takes a block's scale to be the smallest step between the block's values, so a
+    block whose values are, say, only 0 and 7 steps comes back as 0 and 1 with 7x the scale:
+    the same weights, other integers, and a scale that rounds differently to bf16. The tensors
+    keep their layout; only their bytes are replaced."""
+    from ai_edge_litert.tools import flatbuffer_utils
+    from ai_edge_quantizer.utils import tfl_flatbuffer_utils as fb
+
+    tfl = fb.read_model(model_bytes)
+    for (sg_index, name), fqn in weights.items():
+        stored = packed[fqn]
+        if not stored.scheme.is_integer:
+            continue
+        sg = tfl.subgraphs[sg_index]
+        for tensor in sg.tensors:
+            if tensor.type != _INT4 or fb.get_tensor_name(tensor) != name:
+                continue
+            u = (stored.values.reshape(-1).astype(np.int16) & 0x0F).astype(np.uint8)
+            if u.size % 2:
+                u = np.append(u, np.uint8(0))
+            tfl.buffers[tensor.buffer].data = (u[0::2] | (u[1::2] << 4)).astype(np.uint8)
+            scales = sg.tensors[tensor.quantization.details.scales]
+            tfl.buffers[scales.buffer].data = np.frombuffer(
+                block_scales(stored.scales).tobytes(), dtype=np.uint8
+            )
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(tfl))
 
 
 _INT4, _FLOAT16 = 17, 1  # tflite TensorType values
@@ -263,11 +293,13 @@ def _check_written(model_bytes: bytes, weights: dict[tuple[int, str], str], pack
     written: dict[tuple[int, str], list[WrittenTensor]] = {}
     for t in written_tensors(model_bytes):
         written.setdefault((t.subgraph, t.name), []).append(t)
-    wrong = [
-        fqn
-        for key, fqn in weights.items()
-        if not any(_holds(t, packed[fqn]) for t in written.get(key, []))
-    ]
+    wrong = sorted(
+        {
+            fqn
+            for key, fqn in weights.items()
+            if not any(_holds(t, packed[fqn]) for t in written.get(key, []))
+        }
+    )
     if wrong:
         raise RuntimeError(
             f"the written .tflite does not hold edgequant's values for {', '.join(wrong[:4])}"
