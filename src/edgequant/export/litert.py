@@ -121,15 +121,9 @@ def litert_problem(module: nn.Module) -> tuple[str, str] | None:
 
 def check_litert(model: nn.Module):
     """Every packed module LiteRT cannot hold as stored (`edgequant.export.pte.Unsupported`)."""
-    from edgequant.export.pte import Unsupported
+    from edgequant.export.pte import unsupported
 
-    out = []
-    for fqn, module in model.named_modules():
-        if isinstance(module, (QuantizedLinear, QuantizedEmbedding)):
-            problem = litert_problem(module)
-            if problem:
-                out.append(Unsupported(fqn, module.scheme, *problem))
-    return out
+    return unsupported(model, litert_problem)
 
 
 # ---- conversion ----------------------------------------------------------------------------

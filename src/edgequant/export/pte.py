@@ -89,15 +89,20 @@ def xnnpack_problem(module: nn.Module) -> tuple[str, str] | None:
     return (f"{s.describe()} has no XNNPACK kernel", "8da4w or int8-dynamic")
 
 
-def check_xnnpack(model: nn.Module) -> list[Unsupported]:
-    """Every packed module XNNPACK cannot run as stored."""
+def unsupported(model: nn.Module, problem_of) -> list[Unsupported]:
+    """Every packed module for which ``problem_of(module)`` gives ``(reason, nearest)``."""
     out = []
     for fqn, module in model.named_modules():
         if isinstance(module, (QuantizedLinear, QuantizedEmbedding)):
-            problem = xnnpack_problem(module)
+            problem = problem_of(module)
             if problem:
                 out.append(Unsupported(fqn, module.scheme, *problem))
     return out
+
+
+def check_xnnpack(model: nn.Module) -> list[Unsupported]:
+    """Every packed module XNNPACK cannot run as stored."""
+    return unsupported(model, xnnpack_problem)
 
 
 def _per_token_dynamic(x: torch.Tensor) -> torch.Tensor:
