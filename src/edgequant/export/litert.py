@@ -67,6 +67,10 @@ class LiteRTDecoder(nn.Module):
         # query i (at position input_pos[i]) sees cache slots 0 .. input_pos[i]
         visible = torch.arange(self.max_seq_len)[None, :] <= input_pos[:, None]  # [T, S]
         bias = torch.where(visible, 0.0, float("-inf"))
+        import litert_torch.generative.custom_ops.dynamic_update_slice as dus
+
+        zero = torch.zeros([], dtype=torch.int32)
+        slot = [zero, zero, input_pos.int()[0].reshape([]), zero]  # positions are consecutive
         h = self.model.tok_embeddings(tokens)  # [1, T, dim]
         caches = []
         n_rep = self.n_heads // self.n_kv_heads
@@ -77,8 +81,9 @@ class LiteRTDecoder(nn.Module):
             k = attn.wk(x).view(1, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
             v = attn.wv(x).view(1, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
             q, k = llama2c.apply_rope(q, cos, sin), llama2c.apply_rope(k, cos, sin)
-            k_cache = kv[2 * i].index_copy(2, input_pos, k)  # [1, KV, S, D]
-            v_cache = kv[2 * i + 1].index_copy(2, input_pos, v)
+            # LiteRT's DYNAMIC_UPDATE_SLICE (an index_copy becomes a slow STABLEHLO_SCATTER)
+            k_cache = dus.dynamic_update_slice(kv[2 * i], k, slot)  # [1, KV, S, D]
+            v_cache = dus.dynamic_update_slice(kv[2 * i + 1], v, slot)
             caches += [k_cache, v_cache]
             y = F.scaled_dot_product_attention(
                 q,
