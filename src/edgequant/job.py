@@ -263,7 +263,7 @@ def evaluate_bundle(
 
 
 def evaluate_program(
-    pte: str | Path,
+    path: str | Path,
     *,
     reference: str,
     eval_windows: int = 8,
@@ -275,7 +275,7 @@ def evaluate_program(
     from edgequant.export import load_program
     from edgequant.models import load
 
-    program = load_program(pte)
+    program = load_program(path)
     if seq_len > program.args.max_seq_len:
         raise ValueError(
             f"--seq-len {seq_len} is longer than the program's max_seq_len "
@@ -286,20 +286,20 @@ def evaluate_program(
     speed_ids, float_pass, float_speed = _float_side(
         float_model, tokenizer, info, eval_windows, seq_len, text, context
     )
-    pte_speed = _speed(program, speed_ids, context)
+    program_speed = _speed(program, speed_ids, context)
     rows = [
         _float_row(float_speed),
         {
-            "recipe": Path(pte).name,
-            "quantized_bytes": Path(pte).stat().st_size,
-            "decode_tokens_per_s": pte_speed["decode_tokens_per_s"],
-            "prefill_tokens_per_s": pte_speed["prefill_tokens_per_s"],
+            "recipe": Path(path).name,
+            "quantized_bytes": Path(path).stat().st_size,
+            "decode_tokens_per_s": program_speed["decode_tokens_per_s"],
+            "prefill_tokens_per_s": program_speed["prefill_tokens_per_s"],
         },
     ]
     if float_pass is not None:
         windows = float_pass["windows"]
-        pte_logits = torch.stack([program(w[None])[0] for w in windows])
-        measured = ev.compare(float_pass["logits"], pte_logits, windows)
+        program_logits = torch.stack([program(w[None])[0] for w in windows])
+        measured = ev.compare(float_pass["logits"], program_logits, windows)
         rows[0]["perplexity"] = measured["float_perplexity"]
         rows[1].update(measured)
     return rows

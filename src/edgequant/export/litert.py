@@ -46,17 +46,10 @@ class LiteRTDecoder(nn.Module):
     """A llama2.c-style decoder whose KV cache is passed in and returned (see module doc)."""
 
     def __init__(self, model: llama2c.Transformer, max_seq_len: int) -> None:
+        from edgequant.export.native import setup_decoder
+
         super().__init__()
-        args = model.args
-        if not 2 <= max_seq_len <= args.max_seq_len:
-            raise ValueError(
-                f"max_seq_len must be in [2, {args.max_seq_len}] for this model, got {max_seq_len}"
-            )
-        self.model, self.max_seq_len = model, max_seq_len
-        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
-        cos, sin = llama2c.rope_cos_sin(max_seq_len, args.head_dim, args.rope_theta)
-        self.register_buffer("rope_cos", cos.float(), persistent=False)  # [S, D]
-        self.register_buffer("rope_sin", sin.float(), persistent=False)  # [S, D]
+        setup_decoder(self, model, max_seq_len)
 
     def cache_shape(self) -> tuple[int, int, int, int]:
         return (1, self.n_kv_heads, self.max_seq_len, self.head_dim)

@@ -64,6 +64,23 @@ def from_hf_llama(model: nn.Module) -> llama2c.Transformer:
     return native.eval()
 
 
+def setup_decoder(decoder: nn.Module, model: llama2c.Transformer, max_seq_len: int):
+    """What every export decoder holds: ``model``, ``max_seq_len`` (checked), the head counts
+    and RoPE tables for ``max_seq_len`` positions; returns the model's args."""
+    args = model.args
+    if not 2 <= max_seq_len <= args.max_seq_len:
+        raise ValueError(
+            f"max_seq_len must be in [2, {args.max_seq_len}] for this model, got {max_seq_len}"
+        )
+    decoder.model, decoder.max_seq_len = model, max_seq_len
+    decoder.n_heads, decoder.n_kv_heads = args.n_heads, args.n_kv_heads
+    decoder.head_dim = args.head_dim
+    cos, sin = llama2c.rope_cos_sin(max_seq_len, args.head_dim, args.rope_theta)
+    decoder.register_buffer("rope_cos", cos.float(), persistent=False)  # [S, D]
+    decoder.register_buffer("rope_sin", sin.float(), persistent=False)  # [S, D]
+    return args
+
+
 class ExportDecoder(nn.Module):
     """``forward(tokens [1, T], input_pos [1]) -> logits [1, T, vocab]`` with a static cache."""
 
@@ -77,22 +94,13 @@ class ExportDecoder(nn.Module):
         self.custom_sdpa = custom_sdpa
         if custom_sdpa:
             import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401  (llama:: ops)
-        args = model.args
-        if not 2 <= max_seq_len <= args.max_seq_len:
-            raise ValueError(
-                f"max_seq_len must be in [2, {args.max_seq_len}] for this model, got {max_seq_len}"
-            )
-        self.model, self.max_seq_len = model, max_seq_len
-        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        args = setup_decoder(self, model, max_seq_len)
         shape = (1, args.n_kv_heads, max_seq_len, args.head_dim)  # [1, KV, S, D] per layer
         if custom_sdpa:
             shape = (1, max_seq_len, args.n_kv_heads, args.head_dim)  # [1, S, KV, D]
         for i in range(args.n_layers):
             self.register_buffer(f"k_cache_{i}", torch.zeros(shape), persistent=False)
             self.register_buffer(f"v_cache_{i}", torch.zeros(shape), persistent=False)
-        cos, sin = llama2c.rope_cos_sin(max_seq_len, args.head_dim, args.rope_theta)
-        self.register_buffer("rope_cos", cos.float(), persistent=False)  # [S, D]
-        self.register_buffer("rope_sin", sin.float(), persistent=False)  # [S, D]
 
     def forward(self, tokens: Tensor, input_pos: Tensor) -> Tensor:
         T = tokens.shape[1]
