@@ -4,7 +4,7 @@ The decoder is converted by litert-torch with its KV cache as explicit inputs an
 two signatures, ``prefill`` (a chunk of ``prefill_len`` tokens) and ``decode`` (one token):
 
     (tokens [1, T] int32, input_pos [T] int32, k_0, v_0, ..., k_{L-1}, v_{L-1})
-        -> (logits [1, T, vocab], k_0', v_0', ...)      caches [1, kv_heads, max_seq_len, head_dim]
+        -> (logits [1, T, vocab], k_0', v_0', ...)      caches [1, max_seq_len, kv_heads, head_dim]
 
 Quantization keeps edgequant's integers: the model is converted with each packed module's
 dequantized weights (its integers times its scales, exact in fp32), then ai-edge-quantizer's
@@ -32,7 +32,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from edgequant.layers import QuantizedEmbedding, QuantizedLinear
@@ -52,39 +51,38 @@ class LiteRTDecoder(nn.Module):
         setup_decoder(self, model, max_seq_len)
 
     def cache_shape(self) -> tuple[int, int, int, int]:
-        return (1, self.n_kv_heads, self.max_seq_len, self.head_dim)
+        return (1, self.max_seq_len, self.n_kv_heads, self.head_dim)
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor, *kv: torch.Tensor):
+        from litert_torch.generative.custom_ops.dynamic_update_slice import dynamic_update_slice
+        from litert_torch.generative.layers.scaled_dot_product_attention import (
+            scaled_dot_product_attention_with_hlfb as sdpa,
+        )
+
         T = tokens.shape[1]
-        cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]  # [T, D]
+        cos, sin = self.rope_cos[input_pos][:, None], self.rope_sin[input_pos][:, None]  # [T, 1, D]
         # query i (at position input_pos[i]) sees cache slots 0 .. input_pos[i]
         visible = torch.arange(self.max_seq_len)[None, :] <= input_pos[:, None]  # [T, S]
-        bias = torch.where(visible, 0.0, float("-inf"))
-        import litert_torch.generative.custom_ops.dynamic_update_slice as dus
-
+        bias = torch.where(visible, 0.0, float("-inf"))[None, None]  # [1, 1, T, S]
         zero = torch.zeros([], dtype=torch.int32)
-        slot = [zero, zero, input_pos.int()[0].reshape([]), zero]  # positions are consecutive
+        slot = [zero, input_pos.int()[0].reshape([]), zero, zero]  # positions are consecutive
         h = self.model.tok_embeddings(tokens)  # [1, T, dim]
         caches = []
-        n_rep = self.n_heads // self.n_kv_heads
         for i, block in enumerate(self.model.layers):
             x = block.attention_norm(h)
             attn = block.attention
-            q = attn.wq(x).view(1, T, self.n_heads, self.head_dim).transpose(1, 2)
-            k = attn.wk(x).view(1, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-            v = attn.wv(x).view(1, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+            q = attn.wq(x).view(1, T, self.n_heads, self.head_dim)
+            k = attn.wk(x).view(1, T, self.n_kv_heads, self.head_dim)
+            v = attn.wv(x).view(1, T, self.n_kv_heads, self.head_dim)
             q, k = llama2c.apply_rope(q, cos, sin), llama2c.apply_rope(k, cos, sin)
             # LiteRT's DYNAMIC_UPDATE_SLICE (an index_copy becomes a slow STABLEHLO_SCATTER)
-            k_cache = dus.dynamic_update_slice(kv[2 * i], k, slot)  # [1, KV, S, D]
-            v_cache = dus.dynamic_update_slice(kv[2 * i + 1], v, slot)
+            k_cache = dynamic_update_slice(kv[2 * i], k, slot)  # [1, S, KV, D]
+            v_cache = dynamic_update_slice(kv[2 * i + 1], v, slot)
             caches += [k_cache, v_cache]
-            y = F.scaled_dot_product_attention(
-                q,
-                k_cache.repeat_interleave(n_rep, dim=1),
-                v_cache.repeat_interleave(n_rep, dim=1),
-                attn_mask=bias,
-            )  # [1, H, T, D]
-            h = h + attn.wo(y.transpose(1, 2).reshape(1, T, self.n_heads * self.head_dim))
+            # litert-torch's attention composite: LiteRT runs it as one fused op (a plain
+            # F.scaled_dot_product_attention decomposes into ops 15x slower at decode)
+            y = sdpa(q, k_cache, v_cache, self.head_dim, mask=bias)  # [1, T, H, D]
+            h = h + attn.wo(y.reshape(1, T, self.n_heads * self.head_dim))
             h = h + block.feed_forward(block.ffn_norm(h))
         return (self.model.output(self.model.norm(h)), *caches)
 
