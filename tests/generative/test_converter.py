@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import edgequant
 from edgequant.export import litert
 from edgequant.export.litert_runtime import TfliteModel
 from edgequant.generative import GenerativeQuantRecipe, QuantConfig, convert, quant_recipes
@@ -45,6 +46,39 @@ def test_a_selective_recipe_converts_and_each_layer_holds_its_scheme(stories260k
     assert sqnr(float_logits, program(ids)) > 25.0  # measured 32.0 dB against float
     with pytest.raises(FileExistsError, match="exists; pass overwrite=True"):
         convert(model, sample, quant_config=config, max_seq_len=64).export(path)
+
+
+def test_the_readme_selective_recipe_writes_each_role_as_asked(
+    stories260k, tmp_path, monkeypatch, readme_python_blocks
+):
+    """The README's AI Edge example (fp16 default, int8 dynamic embedding and feedforward, int8
+    weight-only attention) runs as written; the ops of the file compute with those schemes."""
+    (block,) = [b for b in readme_python_blocks if "convert(" in b]
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(block, "README.md", "exec"), namespace)
+    path = tmp_path / "stories260k.tflite"
+    model, _ = stories260k
+    quantized, _ = edgequant.quantize(model, namespace["custom_selective_quantization_recipe"]())
+    ops = list(litert.weight_ops(path.read_bytes()))
+    for fqn, module in quantized.named_modules():
+        if not hasattr(module, "int_weight") or not module.scheme.is_integer:
+            continue
+        schemes = {o.scheme for o in ops if np.array_equal(o.weight.values, module.int_weight())}
+        if fqn == "tok_embeddings":
+            asked = "int8 per-channel"  # the lookup table: no activations to quantize
+        elif ".attention." in fqn:
+            asked = "int8 per-channel weight-only"
+        else:
+            asked = "int8 per-channel dynamic"
+        assert schemes == {asked}, fqn
+    output = [o for o in ops if o.op == "FULLY_CONNECTED" and o.weight.values.shape == (512, 64)]
+    assert {o.scheme for o in output} == {"fp16"}  # lm_head: the default
+    assert len(ops) == 2 * (1 + 7 * len(model.layers) + 1)  # both signatures
+    ids = torch.tensor([[1, 400, 30, 8, 200]])
+    with torch.no_grad():
+        float_logits = model(ids)
+    assert sqnr(float_logits, TfliteModel(path)(ids)) > 25.0
 
 
 def test_a_layer_recipe_litert_does_not_run_is_refused_listing_the_supported(stories260k):
