@@ -102,3 +102,19 @@ def readme_python_blocks() -> list[str]:
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     return [textwrap.dedent(b) for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S)]
+
+
+@pytest.fixture(scope="session")
+def equal_but_rounding_ties():
+    """`assert_equal_but_rounding_ties`, for tests comparing two int8 kernels."""
+    return assert_equal_but_rounding_ties
+
+
+def assert_equal_but_rounding_ties(got, want, *, tol: float = 1e-4, ties: int = 1) -> None:
+    """``got`` equals ``want`` ([1, T, vocab] logits) within ``tol`` at every position but at
+    most ``ties``: where an int8 activation lands on a rounding tie, two correct int8 kernels
+    may round it apart, and that position's logits move by about 0.1."""
+    per_position = (got - want).abs().amax(dim=-1).reshape(-1)
+    off = [(i, round(float(d), 4)) for i, d in enumerate(per_position) if d >= tol]
+    assert len(off) <= ties, f"positions beyond {tol}: {off}"
+    assert float(per_position.amax()) < 0.5

@@ -58,13 +58,16 @@ def prompt_ids(stories260k):
 
 
 @pytest.mark.parametrize(("name", "max_abs"), [("fp32", 1e-4), ("int8-dynamic", 1e-4)])
-def test_pte_logits_equal_the_eager_model(programs, prompt_ids, name, max_abs):
+def test_pte_logits_equal_the_eager_model(
+    programs, prompt_ids, name, max_abs, equal_but_rounding_ties
+):
     model, path = programs[name]
     with torch.no_grad():
         eager = model(prompt_ids)
     got = PteModel(path)(prompt_ids)
-    # measured here: fp32 9.5e-6, int8-dynamic 5.7e-6 (logits up to about 19)
-    assert (got - eager).abs().max().item() < max_abs
+    # measured here: fp32 9.5e-6, int8-dynamic 1.9e-6 but at one position of 16 whose
+    # activations hit a rounding tie (0.107; logits up to about 19)
+    equal_but_rounding_ties(got, eager, tol=max_abs, ties=0 if name == "fp32" else 1)
 
 
 def test_fp16_pte_holds_our_half_weights_and_computes_in_half(programs, prompt_ids):
@@ -219,7 +222,9 @@ def test_a_fresh_process_can_run_the_program(programs):
 @pytest.mark.parametrize(
     "scheme", [Scheme("int4", "per_group", 32, scale_dtype="fp16"), Scheme("int8")]
 )
-def test_quantized_embedding_lookups_export(stories260k, prompt_ids, tmp_path, scheme):
+def test_quantized_embedding_lookups_export(
+    stories260k, prompt_ids, tmp_path, scheme, equal_but_rounding_ties
+):
     recipe = Recipe(
         (
             Rule(Scheme("int8", activation="int8_dynamic"), role="default"),
@@ -240,4 +245,5 @@ def test_quantized_embedding_lookups_export(stories260k, prompt_ids, tmp_path, s
     path = to_pte(model, tmp_path / "emb.pte", max_seq_len=64)
     with torch.no_grad():
         eager = model(prompt_ids)
-    assert (PteModel(path)(prompt_ids) - eager).abs().max().item() < 1e-4  # measured 3.8e-6
+    # measured 3.8e-6, but at a rounding tie of the int8 activations (see above)
+    equal_but_rounding_ties(PteModel(path)(prompt_ids), eager)

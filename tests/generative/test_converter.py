@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import re
 
 import numpy as np
@@ -59,7 +60,8 @@ def test_the_readme_selective_recipe_writes_each_role_as_asked(
     exec(compile(block, "README.md", "exec"), namespace)
     path = tmp_path / "stories260k.tflite"
     model, _ = stories260k
-    quantized, _ = edgequant.quantize(model, namespace["custom_selective_quantization_recipe"]())
+    recipe = namespace["custom_selective_quantization_recipe"]()
+    quantized, _ = edgequant.quantize(copy.deepcopy(model), recipe)
     ops = list(litert.weight_ops(path.read_bytes()))
     for fqn, module in quantized.named_modules():
         if not hasattr(module, "int_weight") or not module.scheme.is_integer:
