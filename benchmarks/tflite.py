@@ -125,14 +125,18 @@ def convert_all(model, folder: Path) -> dict[str, Path]:
         path = folder / f"smol_{name}.tflite"
         sidecar = path.with_suffix(".json")
         made = {"variant": name, "how": how, "max_seq_len": MAX_SEQ_LEN, "prefill": PREFILL}
-        if not (path.is_file() and sidecar.is_file() and json.loads(sidecar.read_text()) == made):
+        recorded = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
+        recorded.pop("convert_s", None)
+        if not (path.is_file() and recorded == made):
             print(f"converting {path} ({how}) ...", flush=True)
             start = time.perf_counter()
             if name.startswith("litert-torch"):
                 litert_torch_route(model, source, folder).replace(path)
             else:
                 recipe = recipe_of(name)
-                quantized = model if recipe is None else edgequant.quantize(model, recipe)[0]
+                quantized = (
+                    model if recipe is None else edgequant.quantize(copy.deepcopy(model), recipe)[0]
+                )
                 litert.to_tflite(
                     quantized, path, max_seq_len=MAX_SEQ_LEN, prefill_len=PREFILL, overwrite=True
                 )

@@ -293,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--format",
         choices=("pte", "tflite"),
         required=True,
-        help="pte: ExecuTorch, XNNPACK; tflite: LiteRT (in progress: fp32, fp16, int4 blocks)",
+        help="pte: ExecuTorch, XNNPACK; tflite: LiteRT (fp32, fp16, int8 per-channel, int4 blocks)",
     )
     p.add_argument("--artifact", required=True, help="the bundle folder to export")
     p.add_argument("--out", required=True, help="the file to write")

@@ -1,0 +1,321 @@
+"""Post-training algorithms that choose a packed weight's integers and scales.
+
+Each takes a float weight ``[rows, cols]`` and its `Scheme` and returns `Quantized` on edgequant's
+grid (`edgequant.primitives`: the same integer ranges, scale dtypes and layouts), so every
+exporter writes an algorithm's result unchanged:
+
+- ``minmax``: each group's scale from its range (`primitives.choose_qparams`).
+- ``mse``: per group, the scale (and, for narrow grids, the sign that puts the largest-magnitude
+  weight on the grid's longer side, as GGUF's Q4_0 does) minimising the reconstruction error,
+  optionally weighted per input column by activation statistics.
+- ``hqq``: half-quadratic optimisation of the scales (symmetric) or zero points (asymmetric)
+  against an l_p (p < 1) error that tolerates outliers; calibration-free.
+- ``gptq``: column by column rounding with Hessian-based compensation of the error in the
+  columns not yet quantized (needs the layer's input Hessian ``X^T X`` from calibration data).
+
+``awq`` and ``smoothquant`` rescale weights and fold the inverse scales into the preceding op
+(`edgequant.smoothing`), then quantize with one of the above.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from edgequant.primitives import FLOAT_DTYPES, choose_qparams, qrange, quantize
+from edgequant.schemes import Scheme
+
+
+@dataclass(frozen=True)
+class Quantized:
+    """A weight's integers ``q`` (int8, ``[rows, cols]``), ``scale`` (``[rows, n_groups]`` in the
+    scheme's scale dtype) and ``zero_point`` (int8 like ``scale``; None when symmetric)."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
+    zero_point: torch.Tensor | None
+
+    def dequantize(self, group_size: int) -> torch.Tensor:
+        s = self.scale.float().repeat_interleave(group_size, dim=1)
+        z = (
+            0
+            if self.zero_point is None
+            else self.zero_point.float().repeat_interleave(group_size, dim=1)
+        )
+        return (self.q.float() - z) * s
+
+
+def group_size_of(scheme: Scheme, cols: int) -> int:
+    """Columns per scale: the group, or the whole row (per channel)."""
+    if scheme.granularity == "per_group":
+        return int(scheme.group_size)
+    if scheme.granularity == "per_channel":
+        return cols
+    raise ValueError(f"algorithms work per channel or per group, not {scheme.granularity!r}")
+
+
+def grid(scheme: Scheme) -> tuple[int, int]:
+    """The integers a scheme stores: int8 symmetric is narrow-range [-127, 127]."""
+    qmin, qmax = qrange(scheme.bits)
+    if scheme.symmetric and scheme.bits == 8:
+        qmin = -qmax
+    return qmin, qmax
+
+
+def _groups(x: torch.Tensor, g: int) -> torch.Tensor:
+    rows, cols = x.shape
+    return x.reshape(rows, cols // g, g)
+
+
+def _store(scale: torch.Tensor, scheme: Scheme) -> torch.Tensor:
+    """fp32 scales (any sign, never 0) in the scheme's scale dtype."""
+    tiny = torch.finfo(torch.float32).eps
+    scale = torch.where(scale.abs() < tiny, torch.full_like(scale, tiny), scale)
+    return scale.to(FLOAT_DTYPES[scheme.scale_dtype])
+
+
+def _round(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, scheme: Scheme):
+    """Integers of ``w`` ``[rows, n, g]`` on the stored ``scale`` (and ``zero``) ``[rows, n]``."""
+    qmin, qmax = grid(scheme)
+    z = 0.0 if zero is None else zero.float()[..., None]
+    return (torch.round(w / scale.float()[..., None]) + z).clamp(qmin, qmax)
+
+
+def _result(q: torch.Tensor, scale, zero, shape) -> Quantized:
+    return Quantized(q.reshape(shape).to(torch.int8), scale, zero)
+
+
+def minmax(weight: torch.Tensor, scheme: Scheme) -> Quantized:
+    """edgequant's default: each group's range onto the grid (`primitives.choose_qparams`)."""
+    kw = {"granularity": scheme.granularity, "group_size": scheme.group_size}
+    scale, zero = choose_qparams(
+        weight, bits=scheme.bits, symmetric=scheme.symmetric,
+        scale_dtype=scheme.torch_scale_dtype, **kw,
+    )  # fmt: skip
+    q = quantize(weight, scale, zero, bits=scheme.bits, **kw)
+    return Quantized(q, scale, None if scheme.symmetric else zero)
+
+
+def mse(
+    weight: torch.Tensor,
+    scheme: Scheme,
+    *,
+    importance: torch.Tensor | None = None,
+    steps: int = 64,
+    min_ratio: float = 0.5,
+) -> Quantized:
+    """Per group, the scale among ``steps`` candidates that minimises ``sum_j importance_j *
+    (w_j - dequantized_j)^2``; ``importance`` (``[cols]``, e.g. the mean squared activation of
+    each input feature) defaults to 1.
+
+    Symmetric candidates are ``(m / qmin) * r`` for ratios ``r`` from ``min_ratio`` (clipping)
+    to 1, ``m`` the group's weight of largest magnitude, sign kept: ``m`` lands exactly on the
+    grid's longer side (-8 of [-8, 7]), Q4_0's choice, so the scale may be negative. min-max's
+    own scale is a candidate too, so the result is never worse than min-max on this error.
+    Asymmetric candidates shrink the group's range ``[lo, hi]`` by ``r``."""
+    w = weight.detach().float()
+    rows, cols = w.shape
+    g = group_size_of(scheme, cols)
+    wg = _groups(w, g)
+    imp = torch.ones(cols) if importance is None else importance.detach().float().clamp(min=0)
+    if imp.shape != (cols,):
+        raise ValueError(f"importance must have shape ({cols},), got {tuple(imp.shape)}")
+    imp = _groups(imp[None].expand(rows, cols), g)
+    qmin, qmax = grid(scheme)
+    best = minmax(weight, scheme)
+    best_scale = best.scale.clone()
+    best_zero = None if best.zero_point is None else best.zero_point.clone()
+    err = _error(wg, best_scale, best_zero, imp, scheme)
+    ratios = torch.linspace(min_ratio, 1.0, steps)
+    if scheme.symmetric:
+        idx = wg.abs().argmax(dim=-1, keepdim=True)
+        m = torch.gather(wg, -1, idx)[..., 0]  # signed, largest magnitude
+        base = m / qmin if qmin != -qmax else m.abs() / qmax
+    else:
+        lo, hi = wg.amin(-1).clamp(max=0), wg.amax(-1).clamp(min=0)
+    for r in ratios:
+        if scheme.symmetric:
+            scale, zero = _store(base * r, scheme), None
+        else:
+            scale = _store(((hi - lo) * r / (qmax - qmin)).clamp(min=1e-12), scheme)
+            zero = (qmin - torch.round(lo * r / scale.float())).clamp(qmin, qmax)
+        e = _error(wg, scale, zero, imp, scheme)
+        better = e < err
+        err = torch.where(better, e, err)
+        best_scale = torch.where(better, scale, best_scale)
+        if zero is not None:
+            best_zero = torch.where(better, zero.to(torch.int8), best_zero)
+    q = _round(wg, best_scale, best_zero, scheme)
+    return _result(q, best_scale, best_zero, w.shape)
+
+
+def _error(wg, scale, zero, imp, scheme) -> torch.Tensor:
+    q = _round(wg, scale, zero, scheme)
+    z = 0.0 if zero is None else zero.float()[..., None]
+    return (imp * (wg - (q - z) * scale.float()[..., None]) ** 2).sum(-1)
+
+
+def hqq(
+    weight: torch.Tensor,
+    scheme: Scheme,
+    *,
+    iters: int = 20,
+    p: float = 0.7,
+    beta: float = 10.0,
+    kappa: float = 1.01,
+) -> Quantized:
+    """Half-quadratic quantization (Badri & Shaji, 2023), calibration-free: alternate rounding,
+    an l_p shrinkage of the residual (which lets outliers go) and a closed-form update of the
+    scale (symmetric: least squares of the kept part on the integers) or zero point
+    (asymmetric). Starts from `mse`'s scales; keeps the iterate with the lowest squared error."""
+    w = weight.detach().float()
+    rows, cols = w.shape
+    g = group_size_of(scheme, cols)
+    wg = _groups(w, g)
+    start = mse(weight, scheme)
+    scale = start.scale.float()
+    zero = None if start.zero_point is None else start.zero_point.float()
+    ones = torch.ones_like(wg)
+    best_scale, best_zero = start.scale, start.zero_point
+    best_err = _error(wg, best_scale, best_zero, ones, scheme)
+    qmin, qmax = grid(scheme)
+    for _ in range(iters):
+        z = 0.0 if zero is None else zero[..., None]
+        q = (torch.round(wg / scale[..., None]) + z).clamp(qmin, qmax)
+        residual = wg - (q - z) * scale[..., None]
+        kept = wg - _shrink(residual, beta, p)
+        if zero is None:
+            num, den = (kept * q).sum(-1), (q * q).sum(-1)
+            scale = torch.where(den > 0, num / den.clamp(min=1e-12), scale)
+        else:
+            zero = (q - kept / scale[..., None]).mean(-1).round().clamp(qmin, qmax)
+        beta *= kappa
+        stored = _store(scale, scheme)
+        zq = None if zero is None else zero.to(torch.int8)
+        e = _error(wg, stored, zq, ones, scheme)
+        better = e < best_err
+        best_err = torch.where(better, e, best_err)
+        best_scale = torch.where(better, stored, best_scale)
+        if zq is not None:
+            best_zero = torch.where(better, zq, best_zero)
+    return _result(_round(wg, best_scale, best_zero, scheme), best_scale, best_zero, w.shape)
+
+
+def _shrink(x: torch.Tensor, beta: float, p: float) -> torch.Tensor:
+    """The proximal step of the l_p (p < 1) norm: small residuals go to 0, large ones stay."""
+    return torch.sign(x) * torch.relu(x.abs() - x.abs().clamp(min=1e-12).pow(p - 1) / beta)
+
+
+def gptq(
+    weight: torch.Tensor,
+    scheme: Scheme,
+    hessian: torch.Tensor,
+    *,
+    damp: float = 0.01,
+    act_order: bool = False,
+    block: int = 128,
+    scales: str = "mse",
+) -> Quantized:
+    """GPTQ (Frantar et al., 2022): quantize columns in order (by decreasing Hessian diagonal
+    with ``act_order``), pushing each column's rounding error onto the columns not yet quantized
+    through the inverse Hessian ``(2 X^T X + damp * mean(diag) * I)^-1``. Each group's scale is
+    chosen (``scales``: ``mse`` weighted by the Hessian's diagonal, or ``minmax``) from the
+    updated weights when the group is reached,
+    or from the original weights up front with ``act_order`` (groups keep their columns either
+    way, so the layout is the scheme's). With an identity Hessian nothing propagates: the result
+    is round-to-nearest on the chosen scales."""
+    w = weight.detach().float().clone()
+    rows, cols = w.shape
+    g = group_size_of(scheme, cols)
+    if hessian.shape != (cols, cols):
+        raise ValueError(f"hessian must be [{cols}, {cols}], got {tuple(hessian.shape)}")
+    if scales not in ("mse", "minmax"):
+        raise ValueError(f"scales must be 'mse' or 'minmax', got {scales!r}")
+    H = hessian.detach().double().clone()
+    importance = torch.diag(H).float().clamp(min=0)
+
+    def choose(part: torch.Tensor, sub: Scheme, cols: torch.Tensor) -> Quantized:
+        if scales == "minmax":
+            return minmax(part, sub)
+        return mse(part, sub, importance=importance[cols])  # weighted by each input's energy
+
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    H += damp * torch.diag(H).mean() * torch.eye(cols, dtype=H.dtype)
+    order = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(cols)
+    H = H[order][:, order]
+    try:
+        L = torch.linalg.cholesky(H)
+        Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True).float()
+    except torch.linalg.LinAlgError as e:
+        raise ValueError(
+            f"GPTQ: the Hessian is not positive definite even with damp={damp}; raise damp "
+            "(e.g. 0.1) or give more calibration data"
+        ) from e
+    n_groups = cols // g
+    scale = torch.zeros(rows, n_groups, dtype=FLOAT_DTYPES[scheme.scale_dtype])
+    zero = None if scheme.symmetric else torch.zeros(rows, n_groups, dtype=torch.int8)
+    if act_order:  # static groups: scales from the original weights
+        start = choose(w, scheme, torch.arange(cols))
+        scale, zero = start.scale, start.zero_point
+    wp = w[:, order]
+    q_out = torch.zeros(rows, cols)
+    qmin, qmax = grid(scheme)
+    for i1 in range(0, cols, block):
+        i2 = min(i1 + block, cols)
+        W1 = wp[:, i1:i2].clone()
+        Err = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = int(order[i1 + i])
+            grp = col // g
+            if not act_order and col % g == 0:  # entering a group: its scale from W now
+                part = torch.cat([W1[:, i:], wp[:, i2:]], dim=1)[:, :g]
+                chosen = choose(part, _per_channel(scheme), torch.arange(col, col + g))
+                scale[:, grp] = chosen.scale[:, 0]
+                if zero is not None:
+                    zero[:, grp] = chosen.zero_point[:, 0]
+            s = scale[:, grp].float()
+            z = 0.0 if zero is None else zero[:, grp].float()
+            x = W1[:, i]
+            q = (torch.round(x / s) + z).clamp(qmin, qmax)
+            q_out[:, col] = q
+            e = (x - (q - z) * s) / Hinv1[i, i]
+            W1[:, i:] -= e[:, None] * Hinv1[i, i:][None, :]
+            Err[:, i] = e
+        wp[:, i2:] -= Err @ Hinv[i1:i2, i2:]
+    return Quantized(q_out.to(torch.int8), scale, zero)
+
+
+def _per_channel(scheme: Scheme) -> Scheme:
+    import dataclasses
+
+    return dataclasses.replace(scheme, granularity="per_channel", group_size=None)
+
+
+def output_error(weight: torch.Tensor, result: Quantized, scheme: Scheme, x: torch.Tensor):
+    """``||x W^T - x W_q^T||^2 / ||x W^T||^2`` of a layer's outputs on inputs ``x [n, cols]``."""
+    deq = result.dequantize(group_size_of(scheme, weight.shape[1]))
+    ref = x.float() @ weight.float().T
+    return float(((ref - x.float() @ deq.T) ** 2).sum() / (ref**2).sum().clamp(min=1e-30))
+
+
+def hessian(x: torch.Tensor) -> torch.Tensor:
+    """``2 X^T X / n`` of inputs ``x [n, cols]`` (GPTQ's Hessian of the squared output error)."""
+    x = x.reshape(-1, x.shape[-1]).double()
+    return (2.0 / max(x.shape[0], 1)) * (x.T @ x)
+
+
+__all__ = [
+    "Quantized",
+    "gptq",
+    "grid",
+    "group_size_of",
+    "hessian",
+    "hqq",
+    "minmax",
+    "mse",
+    "output_error",
+]
