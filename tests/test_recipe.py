@@ -211,7 +211,7 @@ BAD_YAML = [
         "    scheme: {weight: int4, granularity: per_group, groupsize: 32}\n",
         "{p}: rules[0].scheme: unknown key(s) ['groupsize']; allowed: ['weight', 'granularity', "
         "'group_size', 'symmetric', 'scale_dtype', 'activation', 'activation_symmetric', "
-        "'algorithm']",
+        "'algorithm', 'algorithm_params']",
     ),
     (
         "unknown-weight-dtype",

@@ -11,7 +11,7 @@ from edgequant.schemes import Scheme
 NAMES = ["fp16", "int8-weight-only", "int8-dynamic", "8da4w", "int4-weight-only", "int8-static"]
 ALLOWED = (
     "['weight', 'granularity', 'group_size', 'symmetric', 'scale_dtype', 'activation', "
-    "'activation_symmetric', 'algorithm']"
+    "'activation_symmetric', 'algorithm', 'algorithm_params']"
 )
 
 # name -> every scheme field, spelled out
@@ -25,6 +25,7 @@ EXPECTED = {
         activation="none",
         activation_symmetric=False,
         algorithm="minmax",
+        algorithm_params={},
     ),
     "int8-weight-only": dict(
         weight="int8",
@@ -35,6 +36,7 @@ EXPECTED = {
         activation="none",
         activation_symmetric=False,
         algorithm="minmax",
+        algorithm_params={},
     ),
     "int8-dynamic": dict(
         weight="int8",
@@ -45,6 +47,7 @@ EXPECTED = {
         activation="int8_dynamic",
         activation_symmetric=False,
         algorithm="minmax",
+        algorithm_params={},
     ),
     "8da4w": dict(
         weight="int4",
@@ -55,6 +58,7 @@ EXPECTED = {
         activation="int8_dynamic",
         activation_symmetric=False,
         algorithm="minmax",
+        algorithm_params={},
     ),
     "int4-weight-only": dict(
         weight="int4",
@@ -65,6 +69,7 @@ EXPECTED = {
         activation="none",
         activation_symmetric=False,
         algorithm="minmax",
+        algorithm_params={},
     ),
     "int8-static": dict(
         weight="int8",
@@ -75,6 +80,7 @@ EXPECTED = {
         activation="int8_static",
         activation_symmetric=False,
         algorithm="minmax",
+        algorithm_params={},
     ),
 }
 
@@ -166,13 +172,27 @@ def test_unknown_override():
         recipes.get("8da4w", groupsize=64)
     assert (
         str(info.value) == f"preset '8da4w': unknown override(s) ['groupsize']; allowed: {ALLOWED}"
+        " and the parameters of algorithm 'minmax': none"
     )
     with pytest.raises(ValueError) as info:
         recipes.get("fp16", zeta=1, bits=4)
     assert (
         str(info.value)
         == f"preset 'fp16': unknown override(s) ['bits', 'zeta']; allowed: {ALLOWED}"
+        " and the parameters of algorithm 'minmax': none"
     )
+    with pytest.raises(ValueError, match=r"parameters of algorithm 'gptq': \['act_order', 'block'"):
+        recipes.get("8da4w", algorithm="gptq", dampening=0.1)
+
+
+def test_algorithm_and_its_parameters_as_overrides():
+    recipe = recipes.get("8da4w", algorithm="gptq", damp=0.1, act_order=True)
+    scheme = recipe.rules[0].scheme
+    assert scheme.algorithm == "gptq" and scheme.params == {"damp": 0.1, "act_order": True}
+    assert recipe.name == "8da4w,algorithm=gptq,damp=0.1,act_order=True"
+    assert Recipe.from_json(recipe.to_json()) == recipe  # parameters round-trip
+    with pytest.raises(ValueError, match="gptq parameter damp 'high' is not allowed; allowed: a float"):
+        recipes.get("8da4w", algorithm="gptq", damp="high")
 
 
 @pytest.mark.parametrize(

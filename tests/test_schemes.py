@@ -20,6 +20,7 @@ FIELDS = [
     "activation",
     "activation_symmetric",
     "algorithm",
+    "algorithm_params",
 ]
 
 
@@ -122,8 +123,8 @@ INVALID = [
         "integer weight (e.g. weight='int8')",
     ),
     (
-        dict(weight="int8", algorithm="gptq"),
-        "Scheme: algorithm 'gptq' is not allowed; allowed: ['minmax']",
+        dict(weight="int8", algorithm="gptx"),
+        "Scheme: algorithm 'gptx' is not allowed; allowed: ['minmax', 'mse', 'hqq', 'gptq']",
     ),
     (
         dict(weight="int8", symmetric="yes"),
@@ -220,6 +221,7 @@ def test_to_dict_has_every_field():
         "activation": "int8_dynamic",
         "activation_symmetric": True,
         "algorithm": "minmax",
+        "algorithm_params": {},
     }
 
 

@@ -289,6 +289,33 @@ def gptq(
     return Quantized(q_out.to(torch.int8), scale, zero)
 
 
+def quantize_weight(
+    weight: torch.Tensor,
+    scheme: Scheme,
+    *,
+    hessian: torch.Tensor | None = None,
+    importance: torch.Tensor | None = None,
+    name: str = "weight",
+) -> Quantized:
+    """``weight`` quantized by ``scheme.algorithm`` with ``scheme.params``; ``hessian`` (GPTQ)
+    and ``importance`` (mse) come from calibration data."""
+    params = scheme.params
+    if scheme.algorithm == "minmax":
+        return minmax(weight, scheme)
+    if scheme.algorithm == "mse":
+        return mse(weight, scheme, importance=importance, **params)
+    if scheme.algorithm == "hqq":
+        return hqq(weight, scheme, **params)
+    if scheme.algorithm == "gptq":
+        if hessian is None:
+            raise ValueError(
+                f"{name}: GPTQ needs calibration data; pass calibration= to edgequant.quantize "
+                "(e.g. edgequant.calibration.wikitext(tokenizer)) or --calibration wikitext:128x512"
+            )
+        return gptq(weight, scheme, hessian, **params)
+    raise ValueError(f"{name}: no algorithm {scheme.algorithm!r}")
+
+
 def _per_channel(scheme: Scheme) -> Scheme:
     import dataclasses
 
@@ -318,4 +345,5 @@ __all__ = [
     "minmax",
     "mse",
     "output_error",
+    "quantize_weight",
 ]

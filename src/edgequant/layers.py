@@ -23,11 +23,9 @@ from edgequant import kernels
 from edgequant.primitives import (
     PACKABLE_BITS,
     cast_float,
-    choose_qparams,
     dequantize,
     fitting_group_sizes,
     pack,
-    quantize,
     unpack,
 )
 from edgequant.schemes import Scheme
@@ -92,9 +90,15 @@ def layout_bytes(rows: int, cols: int, scheme: Scheme) -> int:
 
 
 def pack_weight(
-    weight: torch.Tensor, scheme: Scheme, name: str, what: str = "input features"
+    weight: torch.Tensor,
+    scheme: Scheme,
+    name: str,
+    what: str = "input features",
+    result=None,
 ) -> dict[str, torch.Tensor]:
-    """Quantize a float ``[rows, cols]`` weight into the buffers a packed module stores."""
+    """Quantize a float ``[rows, cols]`` weight into the buffers a packed module stores, with
+    the scheme's algorithm (`edgequant.algorithms`), or store ``result`` (an
+    `algorithms.Quantized` computed elsewhere, e.g. by GPTQ with calibration data)."""
     weight = weight.detach().contiguous()
     bad = int((~torch.isfinite(weight)).sum())
     if bad:
@@ -105,18 +109,15 @@ def pack_weight(
     check_shape(scheme, weight.shape[1], name, what)
     if not scheme.is_integer:
         return {"weight": cast_float(weight.float(), _FLOAT[scheme.weight], name=name).contiguous()}
-    kw = dict(granularity=scheme.granularity, group_size=scheme.group_size)
-    scale, zero_point = choose_qparams(
-        weight,
-        bits=scheme.bits,
-        symmetric=scheme.symmetric,
-        scale_dtype=scheme.torch_scale_dtype,
-        **kw,
-    )
-    q = quantize(weight, scale, zero_point, bits=scheme.bits, **kw)
-    out = {"qweight": pack(q, scheme.bits) if scheme.bits in PACKABLE_BITS else q, "scale": scale}
+    if result is None:
+        from edgequant import algorithms
+
+        result = algorithms.quantize_weight(weight, scheme, name=name)
+    q = result.q
+    out = {"qweight": pack(q, scheme.bits) if scheme.bits in PACKABLE_BITS else q}
+    out["scale"] = result.scale
     if not scheme.symmetric:
-        out["zero_point"] = zero_point
+        out["zero_point"] = result.zero_point
     return out
 
 
@@ -197,10 +198,13 @@ class QuantizedLinear(_Packed):
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
 
     @classmethod
-    def from_float(cls, module: nn.Module, scheme: Scheme, name: str = "linear") -> QuantizedLinear:
-        """Quantize an ``nn.Linear`` (or Hugging Face's transposed ``Conv1D``)."""
+    def from_float(
+        cls, module: nn.Module, scheme: Scheme, name: str = "linear", result=None
+    ) -> QuantizedLinear:
+        """Quantize an ``nn.Linear`` (or Hugging Face's transposed ``Conv1D``); ``result``: an
+        `algorithms.Quantized` to store instead of running the scheme's algorithm."""
         weight = linear_weight(module)
-        packed = pack_weight(weight, scheme, name)  # checks the shape, naming the layer
+        packed = pack_weight(weight, scheme, name, result=result)  # checks the shape, names it
         out = cls(weight.shape[1], weight.shape[0], scheme, bias=module.bias is not None)
         out.set_packed(packed)
         if module.bias is not None:
@@ -243,9 +247,9 @@ class QuantizedEmbedding(_Packed):
 
     @classmethod
     def from_float(
-        cls, module: nn.Embedding, scheme: Scheme, name: str = "embedding"
+        cls, module: nn.Embedding, scheme: Scheme, name: str = "embedding", result=None
     ) -> QuantizedEmbedding:
-        packed = pack_weight(module.weight, scheme, name, "embedding dims")
+        packed = pack_weight(module.weight, scheme, name, "embedding dims", result=result)
         out = cls(module.num_embeddings, module.embedding_dim, scheme, embed_scale_of(module))
         out.set_packed(packed)
         return out

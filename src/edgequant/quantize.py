@@ -19,6 +19,7 @@ from typing import Any
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from edgequant import algorithms
 from edgequant.layers import (
     QuantizedEmbedding,
     QuantizedLinear,
@@ -30,7 +31,7 @@ from edgequant.layers import (
 )
 from edgequant.recipe import Recipe
 from edgequant.roles import infer_roles, is_quantizable, is_quantized
-from edgequant.schemes import Scheme
+from edgequant.schemes import NEEDS_CALIBRATION, Scheme
 
 log = logging.getLogger(__name__)
 
@@ -316,11 +317,14 @@ def _set_module(model: nn.Module, fqn: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def quantize(model: nn.Module, recipe: Any) -> tuple[nn.Module, Plan]:
+def quantize(model: nn.Module, recipe: Any, calibration=None) -> tuple[nn.Module, Plan]:
     """Swap every module the recipe quantizes for its packed twin, in place.
 
     Returns ``(model, plan)``; the recipe is kept as ``model.edgequant_recipe`` so that
-    `edgequant.save` stores it in the artifact.
+    `edgequant.save` stores it in the artifact. ``calibration`` (token batches: an
+    `edgequant.calibration.Calibration` or any iterable of ``[1, L]`` tensors) feeds the
+    algorithms that need activations (GPTQ), run layer by layer (`edgequant.layerwise`); its
+    source is kept as ``model.edgequant_calibration``.
 
     >>> import torch
     >>> model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8))
@@ -331,11 +335,17 @@ def quantize(model: nn.Module, recipe: Any) -> tuple[nn.Module, Plan]:
     p = plan(model, recipe)
     packed: dict[str, nn.Module] = {}
     todo = [lp for lp in p if lp.scheme is not None and lp.scheme.weight != "fp32"]
+    results = _calibrated(model, todo, calibration)
     for lp in tqdm(todo, desc="quantize", unit="layer", disable=len(todo) < 50 or None):
         module = model.get_submodule(lp.fqn)
         cls = QuantizedEmbedding if lp.kind == "embedding" else QuantizedLinear
         if lp.tied_to is None:
-            new = cls.from_float(module, lp.scheme, name=lp.fqn)
+            result = results.get(lp.fqn)
+            if result is None and lp.scheme.algorithm in NEEDS_CALIBRATION:
+                # a lookup table (or a linear tied to one) has no input Hessian: mse instead
+                weight = module.weight if lp.kind == "embedding" else linear_weight(module)
+                result = algorithms.quantize_weight(weight, _as_mse(lp.scheme), name=lp.fqn)
+            new = cls.from_float(module, lp.scheme, name=lp.fqn, result=result)
         else:
             owner = packed[lp.tied_to]
             if cls is QuantizedEmbedding:
@@ -351,4 +361,38 @@ def quantize(model: nn.Module, recipe: Any) -> tuple[nn.Module, Plan]:
     for fqn, new in packed.items():
         _set_module(model, fqn, new)
     model.edgequant_recipe = p.recipe
+    if calibration is not None:
+        model.edgequant_calibration = getattr(calibration, "source", "token batches given")
     return model, p
+
+
+def _as_mse(scheme):
+    import dataclasses
+
+    return dataclasses.replace(scheme, algorithm="mse", algorithm_params=())
+
+
+def _calibrated(model: nn.Module, todo: list, calibration) -> dict:
+    """GPTQ results (fqn -> `algorithms.Quantized`) for the linears whose rule asks for it."""
+    tied = {lp.tied_to for lp in todo if lp.tied_to is not None}
+    wanted = [lp for lp in todo if lp.scheme.algorithm in NEEDS_CALIBRATION]
+    if not wanted:
+        return {}
+    if calibration is None:
+        names = ", ".join(lp.fqn for lp in wanted[:3]) + (" and more" if len(wanted) > 3 else "")
+        raise ValueError(
+            f"{wanted[0].scheme.algorithm} ({names}) needs calibration data: pass calibration= "
+            "to edgequant.quantize, e.g. edgequant.calibration.wikitext(tokenizer) (WikiText-2 "
+            "past the evaluation windows) or calibration.from_model(model, tokenizer) (no data "
+            "needed); on the command line --calibration wikitext:128x512"
+        )
+    schemes = {
+        lp.fqn: lp.scheme
+        for lp in wanted
+        if lp.kind != "embedding" and lp.tied_to is None and lp.fqn not in tied
+    }
+    if not schemes:
+        return {}
+    from edgequant.layerwise import run_gptq
+
+    return run_gptq(model, schemes, calibration)

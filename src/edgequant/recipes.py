@@ -73,25 +73,39 @@ def _check(name: str) -> str:
 
 
 def get(name: str, **overrides) -> Recipe:
-    """The preset ``name`` as a `Recipe`, with scheme fields replaced by ``overrides``.
+    """The preset ``name`` as a `Recipe`, with scheme fields replaced by ``overrides``; the
+    parameters of its ``algorithm`` may be given as keywords too.
 
     >>> get("8da4w", group_size=64).rules[0].scheme.group_size
     64
+    >>> get("8da4w", algorithm="gptq", damp=0.1).rules[0].scheme.describe()
+    'int4 g32 sym fp16-scales, act int8 dynamic asym, gptq(damp=0.1)'
     >>> get("8da4w", groupsize=64)
     Traceback (most recent call last):
     ...
     ValueError: preset '8da4w': unknown override(s) ['groupsize']; allowed: ['weight', \
 'granularity', 'group_size', 'symmetric', 'scale_dtype', 'activation', 'activation_symmetric', \
-'algorithm']
+'algorithm', 'algorithm_params'] and the parameters of algorithm 'minmax': none
     """
+    from edgequant.schemes import ALGORITHMS
+
     scheme, _ = _PRESETS[_check(name)]
     allowed = [f.name for f in dataclasses.fields(Scheme)]
+    algorithm = overrides.get("algorithm", scheme.algorithm)
+    takes = ALGORITHMS.get(algorithm, {})
+    params = {k: overrides.pop(k) for k in list(overrides) if k in takes and k not in allowed}
     unknown = sorted(set(overrides) - set(allowed))
     if unknown:
-        raise ValueError(f"preset {name!r}: unknown override(s) {unknown}; allowed: {allowed}")
+        raise ValueError(
+            f"preset {name!r}: unknown override(s) {unknown}; allowed: {allowed} and the "
+            f"parameters of algorithm {algorithm!r}: {sorted(takes) or 'none'}"
+        )
+    if params:
+        overrides["algorithm_params"] = {**dict(overrides.get("algorithm_params", {})), **params}
     try:
         scheme = replace(scheme, **overrides)
     except ValueError as e:
         raise ValueError(f"preset {name!r}: {e}") from None
-    suffix = "".join(f",{k}={v}" for k, v in overrides.items())
+    suffix = "".join(f",{k}={v}" for k, v in overrides.items() if k != "algorithm_params")
+    suffix += "".join(f",{k}={v}" for k, v in params.items())
     return Recipe(rules=(Rule(scheme, role="default"),), name=name + suffix)

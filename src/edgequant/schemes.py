@@ -21,8 +21,15 @@ from edgequant.primitives import FLOAT_DTYPES, GRANULARITIES
 INT_DTYPES = tuple(f"int{b}" for b in range(2, 9))
 WEIGHT_DTYPES = INT_DTYPES + ("fp16", "bf16", "fp32")
 ACTIVATIONS = ("none", "int8_dynamic", "int8_static")
-# Algorithms edgequant implements today; the recipe refuses others by name.
-ALGORITHMS = ("minmax",)
+# Algorithms (edgequant.algorithms) and the parameters each takes, with their types.
+ALGORITHMS: dict[str, dict[str, type]] = {
+    "minmax": {},
+    "mse": {"steps": int, "min_ratio": float},
+    "hqq": {"iters": int, "p": float, "beta": float, "kappa": float},
+    "gptq": {"damp": float, "act_order": bool, "block": int, "scales": str},
+}
+# Algorithms that need calibration data (`edgequant.calibration`).
+NEEDS_CALIBRATION = ("gptq",)
 
 
 @dataclass(frozen=True)
@@ -31,7 +38,8 @@ class Scheme:
 
     >>> Scheme(weight="int4", granularity="per_group", group_size=32, activation="int8_dynamic")
     Scheme(weight='int4', granularity='per_group', group_size=32, symmetric=True, \
-scale_dtype='fp32', activation='int8_dynamic', activation_symmetric=False, algorithm='minmax')
+scale_dtype='fp32', activation='int8_dynamic', activation_symmetric=False, algorithm='minmax', \
+algorithm_params=())
     >>> Scheme(weight="int4", granularity="per_group")
     Traceback (most recent call last):
     ...
@@ -49,10 +57,21 @@ scale_dtype='fp32', activation='int8_dynamic', activation_symmetric=False, algor
     # in ExecuTorch's 8da4w and XNNPACK's dynamically quantized linear.
     activation_symmetric: bool = False
     algorithm: str = "minmax"
+    # the algorithm's parameters: a mapping, held as sorted (name, value) pairs (hashable)
+    algorithm_params: Any = ()
 
     def __post_init__(self) -> None:
         def bad(field: str, value: Any, allowed: Any) -> ValueError:
             return ValueError(f"Scheme: {field} {value!r} is not allowed; allowed: {allowed}")
+
+        params = self.algorithm_params
+        if isinstance(params, dict):
+            params = tuple(sorted(params.items()))
+        elif isinstance(params, (tuple, list)):
+            params = tuple(sorted(tuple(pair) for pair in params))
+        else:
+            raise bad("algorithm_params", params, "a mapping of parameter names to values")
+        object.__setattr__(self, "algorithm_params", params)
 
         if self.weight not in WEIGHT_DTYPES:
             raise bad("weight", self.weight, list(WEIGHT_DTYPES))
@@ -60,6 +79,24 @@ scale_dtype='fp32', activation='int8_dynamic', activation_symmetric=False, algor
             raise bad("activation", self.activation, list(ACTIVATIONS))
         if self.algorithm not in ALGORITHMS:
             raise bad("algorithm", self.algorithm, list(ALGORITHMS))
+        allowed_params = ALGORITHMS[self.algorithm]
+        for name, value in params:
+            if name not in allowed_params:
+                raise ValueError(
+                    f"Scheme: algorithm {self.algorithm!r} takes no parameter {name!r}; it takes "
+                    f"{sorted(allowed_params) or 'none'}"
+                )
+            kind = allowed_params[name]
+            ok = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
+            if kind is float and isinstance(value, int) and not isinstance(value, bool):
+                ok = True
+            if not ok:
+                raise bad(f"{self.algorithm} parameter {name}", value, f"a {kind.__name__}")
+        if self.algorithm != "minmax" and not self.is_integer:
+            raise ValueError(
+                f"Scheme: algorithm {self.algorithm!r} chooses integers and scales; a "
+                f"{self.weight} weight is a plain cast (leave algorithm at 'minmax')"
+            )
         if not isinstance(self.symmetric, bool):
             raise bad("symmetric", self.symmetric, [True, False])
         if not isinstance(self.activation_symmetric, bool):
@@ -159,13 +196,21 @@ scale_dtype='fp32', activation='int8_dynamic', activation_symmetric=False, algor
             kind = "sym" if self.activation_symmetric else "asym"
             text += f", act {self.activation.replace('_', ' ')} {kind}"
         if self.algorithm != "minmax":
-            text += f", {self.algorithm}"
+            args = ", ".join(f"{k}={v}" for k, v in self.algorithm_params)
+            text += f", {self.algorithm}" + (f"({args})" if args else "")
         return text
 
     # ---- file form ---------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         """Plain dict of every field (JSON/YAML ready)."""
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        out["algorithm_params"] = dict(self.algorithm_params)
+        return out
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """``algorithm_params`` as a dict."""
+        return dict(self.algorithm_params)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "scheme") -> Scheme:
