@@ -310,3 +310,22 @@ def test_export_tflite_then_eval_and_generate_on_the_file(stories260k, tmp_path,
 
     assert main([*gen, "--tflite", str(out), "--pte", str(tmp_path / "m.pte")]) == 2
     assert "pass --pte or --tflite, not both" in capsys.readouterr().err
+
+
+def test_quantize_with_an_algorithm_and_calibration(stories260k, tmp_path, capsys):
+    out = tmp_path / "g"
+    base = ["quantize", "--model", "stories260k", "--recipe", "examples/stories260k-8da4w.yaml"]
+    assert main([*base, "--algorithm", "gptx", "--out", str(out)]) == 2
+    assert "algorithm 'gptx' does not exist; choose from ['minmax', 'mse', 'hqq', 'gptq']" in (
+        capsys.readouterr().err
+    )
+    assert main([*base, "--algorithm", "gptq", "--out", str(out)]) == 2
+    assert "needs calibration data: pass --calibration wikitext:128x512" in capsys.readouterr().err
+    assert not out.exists()  # refused before any work
+    args = [*base, "--algorithm", "gptq", "--calibration", "wikitext:8x128", "--out", str(out)]
+    assert main([*args, "--eval-windows", "2", "--seq-len", "128"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["calibration"] == "wikitext-2 test, after token 32768: 8 x 128 tokens, seed 0"
+    assert report["recipe"]["rules"][0]["scheme"]["algorithm"] == "gptq"
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["calibration"] == report["calibration"]

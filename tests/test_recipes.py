@@ -191,7 +191,8 @@ def test_algorithm_and_its_parameters_as_overrides():
     assert scheme.algorithm == "gptq" and scheme.params == {"damp": 0.1, "act_order": True}
     assert recipe.name == "8da4w,algorithm=gptq,damp=0.1,act_order=True"
     assert Recipe.from_json(recipe.to_json()) == recipe  # parameters round-trip
-    with pytest.raises(ValueError, match="gptq parameter damp 'high' is not allowed; allowed: a float"):
+    message = "gptq parameter damp 'high' is not allowed; allowed: a float"
+    with pytest.raises(ValueError, match=message):
         recipes.get("8da4w", algorithm="gptq", damp="high")
 
 

@@ -147,6 +147,7 @@ def save(model: nn.Module, path: str | Path, *, tokenizer=None, overwrite: bool 
             "model": _model_record(model),
             "tokenizer": tokenizer_record,
             "recipe": recipe.to_dict() if isinstance(recipe, Recipe) else None,
+            "calibration": getattr(model, "edgequant_calibration", None),
             "layers": layers,
             "aliases": aliases,
             "files": {

@@ -59,6 +59,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         text=args.text,
         overwrite=args.overwrite,
         compare_presets=args.compare,
+        algorithm=args.algorithm,
+        calibration=args.calibration,
     )
     print(f"model: {report['model_source']}")
     print(f"bundle: {args.out}  (report.json, report.md, report.png)")
@@ -261,6 +263,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="bundle folder to write (reports go inside)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
     p.add_argument("--compare", action="store_true", help="also run every preset; one table")
+    p.add_argument(
+        "--algorithm",
+        help="minmax, mse, hqq or gptq for every rule of the recipe (default: the recipe's own)",
+    )
+    p.add_argument(
+        "--calibration",
+        help="calibration data for gptq: wikitext[:NxL] (default 128x512, WikiText-2 past the "
+        "evaluation windows), file:PATH[:NxL], model[:NxL] (the float model's own samples)",
+    )
     add_eval_options(p)
     p.set_defaults(func=cmd_quantize)
 

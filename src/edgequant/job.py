@@ -117,8 +117,14 @@ def run(
     text: str | Path | None = None,
     overwrite: bool = False,
     compare_presets: bool = False,
+    algorithm: str | None = None,
+    calibration: str | None = None,
 ) -> dict[str, Any]:
-    """Quantize ``model_name`` with ``recipe``, save to ``out``, evaluate, write the reports."""
+    """Quantize ``model_name`` with ``recipe``, save to ``out``, evaluate, write the reports.
+
+    ``algorithm`` replaces every rule's algorithm (`edgequant.algorithms`); ``calibration`` is a
+    source spec for `edgequant.calibration.parse` (``wikitext:128x512``, ``file:PATH:NxL``,
+    ``model:NxL``)."""
     from edgequant.artifact import check_writable
     from edgequant.models import load
     from edgequant.report import write_compare, write_report
@@ -126,13 +132,23 @@ def run(
     out = Path(out)
     check_writable(out, overwrite)
     recipe = as_recipe(recipe)
+    if algorithm is not None:
+        recipe = with_algorithm(recipe, algorithm)
+    _check_calibration(recipe, calibration)  # before any work
     float_model, tokenizer, info = load(model_name)
+    calibration_data = None
+    if calibration is not None:
+        from edgequant.calibration import parse
+
+        calibration_data = parse(calibration, tokenizer, model=float_model)
     speed_ids, float_pass, float_speed = _float_side(
         float_model, tokenizer, info, eval_windows, seq_len, text
     )
 
     started = time.perf_counter()
-    model, plan = edgequant.quantize(copy.deepcopy(float_model), recipe)
+    model, plan = edgequant.quantize(
+        copy.deepcopy(float_model), recipe, calibration=calibration_data
+    )
     quantize_seconds = time.perf_counter() - started
     edgequant.save(model, out, tokenizer=tokenizer, overwrite=overwrite)
     report = {
@@ -140,6 +156,7 @@ def run(
         "model_source": info["source"],
         "model_family": info["family"],
         "recipe": recipe.to_dict(),
+        "calibration": None if calibration_data is None else calibration_data.source,
         "bundle": str(out),
         "quantize_seconds": quantize_seconds,
         **measure(float_model, model, plan, float_pass, speed_ids),
@@ -160,6 +177,39 @@ def run(
         rows = compare(float_model, tokenizer, info, float_pass, speed_ids, float_speed)
         write_compare(rows, out, model_name, highlight=recipe.name)
     return report
+
+
+def _check_calibration(recipe, calibration: str | None) -> None:
+    from edgequant.schemes import NEEDS_CALIBRATION
+
+    needs = sorted(
+        {r.scheme.algorithm for r in recipe.rules if r.scheme is not None} & set(NEEDS_CALIBRATION)
+    )
+    if needs and calibration is None:
+        raise ValueError(
+            f"the recipe's {', '.join(needs)} needs calibration data: pass --calibration "
+            "wikitext:128x512 (WikiText-2 past the evaluation windows), file:PATH:NxL or "
+            "model:NxL (the float model's own samples)"
+        )
+
+
+def with_algorithm(recipe, algorithm: str):
+    """``recipe`` with ``algorithm`` on every integer rule (float rules stay as they are)."""
+    import dataclasses
+
+    from edgequant.recipe import Recipe
+    from edgequant.schemes import ALGORITHMS
+
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"algorithm {algorithm!r} does not exist; choose from {list(ALGORITHMS)}")
+
+    def change(scheme):
+        if not scheme.is_integer:
+            return scheme
+        return dataclasses.replace(scheme, algorithm=algorithm, algorithm_params=())
+
+    changed = recipe.map_schemes(change)
+    return Recipe(changed.rules, name=f"{recipe.name or 'recipe'}+{algorithm}")
 
 
 def _reloads_identically(out: Path, model, float_model, ids: list[int]) -> bool:
