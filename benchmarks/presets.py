@@ -47,7 +47,7 @@ def main() -> None:
             "perplexity": ev.perplexity_from_logits(reference, windows),
         }
     ]
-    for name in edgequant.recipes.names():
+    for name in edgequant.recipes.names("source"):
         preset = edgequant.recipes.get(name)
         for scope, recipe in (
             ("decoder linears", decoder_linears_only(preset)),

@@ -52,8 +52,8 @@ VARIANTS = {
         quant_recipes.full_int8_dynamic_recipe,
     ),
     "int4-block32": (
-        "edgequant full_int4_dynamic_block_recipe(32), embedding int8 (LiteRT has no int4 lookup)",
-        "int4-block32",
+        "edgequant full_int4_dynamic_block_recipe(32)",
+        quant_recipes.full_int4_dynamic_block_recipe,
     ),
     "litert-torch-fp32": ("litert-torch SmolLM2 example, quantize=none", "none"),
     "litert-torch-int8-dynamic": ("litert-torch, quantize=dynamic_int8", "dynamic_int8"),
@@ -64,23 +64,8 @@ VARIANTS = {
 }
 
 
-def int4_block32():
-    """AI Edge's int4 block-32 recipe with the embedding in int8 (see VARIANTS)."""
-    from edgequant.generative import GenerativeQuantRecipe, QuantConfig
-    from edgequant.generative import quant_recipe_utils as utils
-
-    return QuantConfig(
-        GenerativeQuantRecipe(
-            default=utils.create_layer_quant_int4_dynamic_block(32),
-            embedding=utils.create_layer_quant_int8_dynamic(),
-        )
-    )
-
-
 def recipe_of(name: str):
     source = VARIANTS[name][1]
-    if source == "int4-block32":
-        return int4_block32()
     return None if source is None else source()
 
 

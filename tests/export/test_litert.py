@@ -4,6 +4,7 @@ computes, and holds edgequant's values (fp32, fp16, int8 per-channel, int4 block
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -122,15 +123,17 @@ def test_int8_tensors_hold_edgequants_integers_and_scales(files):
 
 def test_schemes_litert_cannot_hold_are_refused_naming_layers(stories260k, tmp_path):
     g32 = Scheme("int4", "per_group", 32, scale_dtype="fp16")
-    int4_embedding = _model(Recipe((Rule(g32, role="embedding"),)))
+    asym = _model(Recipe((Rule(replace(g32, symmetric=False), module="re:.*wq"),)))
     with pytest.raises(
         ValueError,
         match=re.escape(
-            "LiteRT cannot run 1 module(s) as the recipe stores them (tok_embeddings): LiteRT "
-            "has no int4 embedding lookup"
+            "LiteRT cannot run 5 module(s) as the recipe stores them (layers.0.attention.wq, "
+            "layers.1.attention.wq, layers.2.attention.wq, layers.3.attention.wq and 1 more): "
+            "int4 g32 asym fp16-scales has no LiteRT kernel; nearest supported: int4 symmetric "
+            "group-wise or fp16"
         ),
     ):
-        litert.convert(int4_embedding)
+        litert.convert(asym)
     odd = _model(Recipe((Rule(Scheme("int4", "per_group", 86), module="re:.*w2"),)))
     with pytest.raises(ValueError, match="LiteRT's int4 blocks are 32, 64, 128 or 256 wide"):
         litert.convert(odd)
@@ -139,6 +142,17 @@ def test_schemes_litert_cannot_hold_are_refused_naming_layers(stories260k, tmp_p
     weight_only = _model(Recipe((Rule(g32, module="re:.*wq"),)))
     with pytest.raises(ValueError, match="int4 block-wise weights for LiteRT's dynamic-range"):
         litert.convert(weight_only)
+
+
+def test_an_int4_embedding_lookup_holds_edgequants_values(story_ids, equal_but_rounding_ties):
+    g32 = Scheme("int4", "per_group", 32, scale_dtype="bf16")
+    model = _model(Recipe((Rule(g32, role="embedding"),)))  # the lm_head stays float
+    ops = list(litert.weight_ops(litert.convert(model, max_seq_len=64, prefill_len=32)))
+    (lookup,) = [op for op in ops if op.op == "EMBEDDING_LOOKUP" and op.subgraph == 0]
+    emb = model.tok_embeddings
+    assert lookup.scheme == "int4 g32"
+    assert np.array_equal(lookup.weight.values, emb.int_weight().numpy())
+    assert np.array_equal(lookup.weight.scales, emb.scale.float().numpy().astype(np.float16))
 
 
 def test_output_and_file_errors(files, tmp_path):

@@ -16,9 +16,9 @@ packed module must come out with its values, or the export fails.
 Supported: fp16 weights (weight-only); int8 symmetric per-channel weights (weight-only or with
 int8 dynamic activations); int4 symmetric group-wise weights with groups of 32, 64, 128 or 256
 and int8 dynamic activations (ai-edge-quantizer has no int4 weight-only layout for
-FULLY_CONNECTED). int8 integers and fp32 scales are kept exactly; LiteRT's int4 block
-scales are fp16 numbers rounded to bf16 precision (see `block_scales`), so only ``scale_dtype:
-bf16`` int4 scales are kept bit for bit.
+FULLY_CONNECTED), and int4 group-wise embedding tables. int8 integers and fp32 scales are kept
+exactly; LiteRT's int4 block scales are fp16 numbers rounded to bf16 precision (see
+`block_scales`), so only ``scale_dtype: bf16`` int4 scales are kept bit for bit.
 """
 
 from __future__ import annotations
@@ -108,9 +108,7 @@ def litert_problem(module: nn.Module) -> tuple[str, str] | None:
             f"LiteRT's int4 blocks are 32, 64, 128 or 256 wide, not {s.group_size}",
             "a group of 32, 64, 128 or 256 that divides the layer's inputs",
         )
-    if isinstance(module, QuantizedEmbedding):
-        return ("LiteRT has no int4 embedding lookup", "int8 per-channel or fp16")
-    if s.activation != "int8_dynamic":
+    if s.activation != "int8_dynamic" and not isinstance(module, QuantizedEmbedding):
         return (
             "ai-edge-quantizer writes int4 block-wise weights for LiteRT's dynamic-range kernels "
             f"only, not with activation {s.activation!r}",
@@ -158,7 +156,7 @@ def _dequantized_copy(model: nn.Module) -> tuple[nn.Module, dict[str, _Stored]]:
     return model, packed
 
 
-def _op_config(scheme: Scheme):
+def _op_config(scheme: Scheme, lookup: bool = False):
     """``(algorithm, OpQuantizationConfig)`` holding ``scheme`` in ai-edge-quantizer's terms."""
     from ai_edge_quantizer import qtyping
     from ai_edge_quantizer.algorithm_manager import AlgorithmName
@@ -179,7 +177,9 @@ def _op_config(scheme: Scheme):
     weight = qtyping.TensorQuantizationConfig(
         num_bits=scheme.bits, symmetric=True, granularity=granularity
     )
-    dynamic = scheme.activation == "int8_dynamic"
+    # a lookup has no activations; its int4 table takes the dynamic-range layout, which
+    # ai-edge-quantizer writes for EMBEDDING_LOOKUP (it has no weight-only one for int4)
+    dynamic = scheme.activation == "int8_dynamic" or (lookup and scheme.bits == 4)
     config = qtyping.OpQuantizationConfig(
         weight_tensor_config=weight,
         compute_precision=(
@@ -234,7 +234,7 @@ def _quantize(float_bytes: bytes, packed: dict[str, _Stored]) -> bytes:
                 "one tensor for them: give them one scheme"
             )
         found.update(fqns)
-        algorithm, config = _op_config(schemes.pop())
+        algorithm, config = _op_config(schemes.pop(), lookup=opname.value == "EMBEDDING_LOOKUP")
         scope = fb.get_op_scope(op, sg.tensors)
         qt.update_quantization_recipe(
             regex=f"^{re.escape(scope)}$",
