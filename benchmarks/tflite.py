@@ -34,6 +34,7 @@ from edgequant import eval as ev
 from edgequant.export import litert
 from edgequant.export.litert_runtime import TfliteModel
 from edgequant.generative import quant_recipes
+from edgequant.job import as_recipe, with_algorithm
 from edgequant.models import load
 from edgequant.models.base import logits as eager_logits
 
@@ -54,6 +55,10 @@ VARIANTS = {
     "int4-block32": (
         "edgequant full_int4_dynamic_block_recipe(32)",
         quant_recipes.full_int4_dynamic_block_recipe,
+    ),
+    "int4-block32-mse": (
+        "edgequant full_int4_dynamic_block_recipe(32), algorithm mse",
+        lambda: with_algorithm(as_recipe(quant_recipes.full_int4_dynamic_block_recipe()), "mse"),
     ),
     "litert-torch-fp32": ("litert-torch SmolLM2 example, quantize=none", "none"),
     "litert-torch-int8-dynamic": ("litert-torch, quantize=dynamic_int8", "dynamic_int8"),
@@ -220,6 +225,7 @@ def main() -> None:
     for ours, theirs in (
         ("int8-dynamic", "litert-torch-int8-dynamic"),
         ("int4-block32", "litert-torch-int4-block32"),
+        ("int4-block32-mse", "litert-torch-int4-block32"),
     ):
         a, b = rows[ours], rows[theirs]
         print(

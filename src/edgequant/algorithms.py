@@ -104,16 +104,19 @@ def mse(
     importance: torch.Tensor | None = None,
     steps: int = 64,
     min_ratio: float = 0.5,
+    signed_scales: bool = False,
 ) -> Quantized:
     """Per group, the scale among ``steps`` candidates that minimises ``sum_j importance_j *
     (w_j - dequantized_j)^2``; ``importance`` (``[cols]``, e.g. the mean squared activation of
     each input feature) defaults to 1.
 
-    Symmetric candidates are ``(m / qmin) * r`` for ratios ``r`` from ``min_ratio`` (clipping)
-    to 1, ``m`` the group's weight of largest magnitude, sign kept: ``m`` lands exactly on the
-    grid's longer side (-8 of [-8, 7]), Q4_0's choice, so the scale may be negative. min-max's
-    own scale is a candidate too, so the result is never worse than min-max on this error.
-    Asymmetric candidates shrink the group's range ``[lo, hi]`` by ``r``."""
+    Symmetric candidates are ``base * r`` for ratios ``r`` from ``min_ratio`` (clipping) to 1,
+    where ``base`` puts ``m``, the group's weight of largest magnitude, exactly on the grid's end:
+    on -8 of [-8, 7] when ``m`` is negative, on 7 when it is positive. With ``signed_scales``,
+    ``m`` always lands on -8 (GGUF Q4_0's choice, a negative scale when ``m`` is positive): a
+    finer grid, but XNNPACK (ExecuTorch, LiteRT) refuses negative scales, so only GGUF can run
+    it. min-max's own scale is a candidate too, so the result is never worse than min-max on
+    this error. Asymmetric candidates shrink the group's range ``[lo, hi]`` by ``r``."""
     w = weight.detach().float()
     rows, cols = w.shape
     g = group_size_of(scheme, cols)
@@ -131,7 +134,12 @@ def mse(
     if scheme.symmetric:
         idx = wg.abs().argmax(dim=-1, keepdim=True)
         m = torch.gather(wg, -1, idx)[..., 0]  # signed, largest magnitude
-        base = m / qmin if qmin != -qmax else m.abs() / qmax
+        if qmin == -qmax:  # narrow int8: both ends alike
+            base = m.abs() / qmax
+        elif signed_scales:
+            base = m / qmin
+        else:
+            base = m.abs() / torch.where(m < 0, float(-qmin), float(qmax))
     else:
         lo, hi = wg.amin(-1).clamp(max=0), wg.amax(-1).clamp(min=0)
     for r in ratios:

@@ -24,7 +24,7 @@ ACTIVATIONS = ("none", "int8_dynamic", "int8_static")
 # Algorithms (edgequant.algorithms) and the parameters each takes, with their types.
 ALGORITHMS: dict[str, dict[str, type]] = {
     "minmax": {},
-    "mse": {"steps": int, "min_ratio": float},
+    "mse": {"steps": int, "min_ratio": float, "signed_scales": bool},
     "hqq": {"iters": int, "p": float, "beta": float, "kappa": float},
     "gptq": {"damp": float, "act_order": bool, "block": int, "scales": str},
 }

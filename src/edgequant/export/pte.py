@@ -52,6 +52,9 @@ def xnnpack_problem(module: nn.Module) -> tuple[str, str] | None:
         return ("XNNPACK has no bf16 kernels here", "fp16")
     if s.weight == "fp16" and s.activation == "none":
         return None
+    negative = negative_scales(module)
+    if negative:
+        return negative
     if isinstance(module, QuantizedEmbedding):  # ExecuTorch's quantized lookup kernels
         if (
             s.is_integer
@@ -98,6 +101,19 @@ def unsupported(model: nn.Module, problem_of) -> list[Unsupported]:
             if problem:
                 out.append(Unsupported(fqn, module.scheme, *problem))
     return out
+
+
+def negative_scales(module: nn.Module) -> tuple[str, str] | None:
+    """XNNPACK (ExecuTorch's and LiteRT's CPU kernels) refuses negative scales, which ``mse``
+    with ``signed_scales`` chooses (GGUF's Q4_0 convention)."""
+    scale = getattr(module, "scale", None)
+    if scale is None or not module.scheme.is_integer or float(scale.min()) >= 0:
+        return None
+    return (
+        f"XNNPACK needs positive scales; {int((scale < 0).sum())} of its scales are negative "
+        "(mse with signed_scales)",
+        "the same algorithm without signed_scales",
+    )
 
 
 def check_xnnpack(model: nn.Module) -> list[Unsupported]:
