@@ -97,12 +97,7 @@ def test_int8_dynamic_tflite_computes_what_the_reference_kernels_compute(
 ):
     model, path = files["int8-dynamic"]
     ids = story_ids[:, :40]  # a prefill chunk of 32, then 8 decode steps
-    kernels.use_reference(True)
-    try:
-        with torch.no_grad():
-            reference = model(ids)
-    finally:
-        kernels.use_reference(False)
+    reference = kernels.reference_logits(model, ids)
     got = TfliteModel(path)(ids)
     # XNNPACK quantizes activations per token, asymmetric, as edgequant's int8_dynamic scheme
     # does: 39 of 40 positions agree within 1e-5; at one an activation lands on a rounding tie
@@ -196,12 +191,7 @@ def test_an_mse_recipe_survives_conversion_and_signed_scales_are_refused(story_i
     fp16_w2 = Rule(Scheme("fp16"), module=r"re:.*w2")
     model = _model(Recipe((Rule(mse, role="default"), fp16_w2)))
     ids = story_ids[:, :40]
-    kernels.use_reference(True)
-    try:
-        with torch.no_grad():
-            reference = model(ids)
-    finally:
-        kernels.use_reference(False)
+    reference = kernels.reference_logits(model, ids)
     data = litert.convert(model, max_seq_len=64, prefill_len=32)
     wq = model.layers[0].attention.wq
     assert any(

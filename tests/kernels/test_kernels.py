@@ -130,3 +130,10 @@ def test_embedding_gathers_the_dequantized_rows(scheme):
     out = emb(ids)
     assert out.shape == (2, 3, 32) and out.dtype == torch.float32
     assert torch.equal(out, emb.dequantized_weight()[ids])
+
+
+def test_reference_logits_forces_the_reference_kernels_and_restores():
+    layer = _layer(W8DA4)
+    x = torch.randn(3, 256)
+    assert torch.equal(kernels.reference_logits(layer, x), reference.linear(x, layer))
+    assert kernels.kernel_name(layer) == "int4_dynamic"  # fast path again afterwards

@@ -21,6 +21,19 @@ def use_reference(flag: bool) -> None:
     _force_reference = bool(flag)
 
 
+@torch.no_grad()
+def reference_logits(model, ids: torch.Tensor) -> torch.Tensor:
+    """``model(ids)`` with the reference kernels forced (restored afterwards): what every
+    scheme computes by definition, to compare an exported program against."""
+    global _force_reference
+    before = _force_reference
+    _force_reference = True
+    try:
+        return model(ids)
+    finally:
+        _force_reference = before
+
+
 def kernel_name(layer) -> str:
     """The kernel a layer runs: a name from `cpu.KERNELS`, or ``reference``."""
     if _force_reference:
