@@ -69,3 +69,9 @@ def test_text_shorter_than_one_batch_is_refused(stories260k):
         calibration.from_text("a short story about a cat.", tok, n=2, seq_len=512)
     with pytest.raises(ValueError, match="calibration n must be a positive integer, got 0"):
         calibration.from_text("text", tok, n=0)
+
+
+def test_inline_text_is_not_mistaken_for_a_path(stories260k):
+    _, tok = stories260k
+    text = "the little dog ran to the park " * 40  # 1200 characters, no slash
+    assert len(calibration.from_text(text, tok, n=2, seq_len=16)) == 2

@@ -127,6 +127,15 @@ INVALID = [
         "Scheme: algorithm 'gptx' is not allowed; allowed: ['minmax', 'mse', 'hqq', 'gptq']",
     ),
     (
+        dict(weight="int8", granularity="per_tensor", algorithm="mse"),
+        "Scheme: algorithm 'mse' works per channel or per group, not per_tensor",
+    ),
+    (
+        dict(weight="int8", algorithm="gptq", algorithm_params={"dampen": 0.1}),
+        "Scheme: algorithm 'gptq' takes no parameter 'dampen'; it takes ['act_order', 'block', "
+        "'damp', 'scales']",
+    ),
+    (
         dict(weight="int8", symmetric="yes"),
         "Scheme: symmetric 'yes' is not allowed; allowed: [True, False]",
     ),

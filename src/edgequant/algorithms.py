@@ -13,8 +13,8 @@ exporter writes an algorithm's result unchanged:
 - ``gptq``: column by column rounding with Hessian-based compensation of the error in the
   columns not yet quantized (needs the layer's input Hessian ``X^T X`` from calibration data).
 
-``awq`` and ``smoothquant`` rescale weights and fold the inverse scales into the preceding op
-(`edgequant.smoothing`), then quantize with one of the above.
+(AWQ and SmoothQuant, which rescale weights and fold the inverse into the preceding op, are
+not implemented yet.)
 """
 
 from __future__ import annotations
@@ -268,6 +268,8 @@ def gptq(
     if act_order:  # static groups: scales from the original weights
         start = choose(w, scheme, torch.arange(cols))
         scale, zero = start.scale, start.zero_point
+    if g < cols:  # whole groups per block, so a group's scale sees all its updates
+        block = g * max(1, block // g)
     wp = w[:, order]
     q_out = torch.zeros(rows, cols)
     qmin, qmax = grid(scheme)

@@ -17,6 +17,7 @@ token tensors that also says where it came from, for the report):
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -65,11 +66,7 @@ def from_text(
     """``n`` windows of ``seq_len`` tokens at seeded random offsets of ``text`` (a path or the
     text itself), after its first ``skip_tokens`` tokens."""
     _check_counts(n, seq_len)
-    path = (
-        Path(text)
-        if isinstance(text, Path) or (len(str(text)) < 4096 and Path(text).is_file())
-        else None
-    )
+    path = Path(text) if isinstance(text, Path) or _is_file(str(text)) else None
     body = path.read_text(encoding="utf-8") if path is not None else str(text)
     ids = tokenizer.encode(body, bos=False)[skip_tokens:]
     label = name or (str(path) if path is not None else f"{len(body)} characters of text")
@@ -87,12 +84,22 @@ def from_text(
     return Calibration(batches, f"{label}{where}: {n} x {seq_len} tokens, seed {seed}")
 
 
-def wikitext(tokenizer: Any, n: int = 128, seq_len: int = 512, seed: int = 0) -> Calibration:
-    """WikiText-2 raw test past its first `EVAL_TOKENS` tokens (disjoint from evaluation)."""
+def _is_file(text: str) -> bool:
+    try:
+        return len(text) < 4096 and os.path.isfile(text)
+    except (OSError, ValueError):  # a name too long, a NUL: text, not a path
+        return False
+
+
+def wikitext(
+    tokenizer: Any, n: int = 128, seq_len: int = 512, seed: int = 0, *, skip: int = EVAL_TOKENS
+) -> Calibration:
+    """WikiText-2 raw test past its first ``skip`` tokens (`EVAL_TOKENS`: disjoint from the
+    evaluation windows, which are the file's first ``n_windows x seq_len`` tokens)."""
     from edgequant.eval import default_text
 
     return from_text(
-        default_text(), tokenizer, n, seq_len, seed, skip_tokens=EVAL_TOKENS,
+        default_text(), tokenizer, n, seq_len, seed, skip_tokens=max(skip, EVAL_TOKENS),
         name="wikitext-2 test",
     )  # fmt: skip
 
@@ -130,8 +137,11 @@ def from_model(
 _SPEC = re.compile(r"^(?P<kind>wikitext|model|file:(?P<path>.+?))(?::(?P<n>\d+)x(?P<len>\d+))?$")
 
 
-def parse(spec: str, tokenizer: Any, model: Any = None, seed: int = 0) -> Calibration:
-    """A `Calibration` from ``wikitext[:NxL]``, ``file:PATH[:NxL]`` or ``model[:NxL]``."""
+def parse(
+    spec: str, tokenizer: Any, model: Any = None, seed: int = 0, *, eval_tokens: int = 0
+) -> Calibration:
+    """A `Calibration` from ``wikitext[:NxL]``, ``file:PATH[:NxL]`` or ``model[:NxL]``;
+    ``eval_tokens``: how many leading WikiText-2 tokens the evaluation uses (skipped)."""
     m = _SPEC.match(spec.strip())
     if m is None:
         raise ValueError(
@@ -143,7 +153,7 @@ def parse(spec: str, tokenizer: Any, model: Any = None, seed: int = 0) -> Calibr
         (int(m["n"]), int(m["len"])) if m["n"] else ((32, 128) if kind == "model" else (128, 512))
     )
     if kind == "wikitext":
-        return wikitext(tokenizer, n, seq_len, seed)
+        return wikitext(tokenizer, n, seq_len, seed, skip=eval_tokens)
     if kind == "file":
         if not Path(m["path"]).is_file():
             raise FileNotFoundError(f"calibration file {m['path']!r} does not exist")

@@ -140,7 +140,9 @@ def run(
     if calibration is not None:
         from edgequant.calibration import parse
 
-        calibration_data = parse(calibration, tokenizer, model=float_model)
+        calibration_data = parse(
+            calibration, tokenizer, model=float_model, eval_tokens=eval_windows * seq_len
+        )
     speed_ids, float_pass, float_speed = _float_side(
         float_model, tokenizer, info, eval_windows, seq_len, text
     )

@@ -17,7 +17,7 @@ from torch import nn
 
 from edgequant import algorithms
 from edgequant.eval import progress_bar
-from edgequant.layers import linear_weight
+from edgequant.layers import is_conv1d, linear_weight
 from edgequant.schemes import Scheme
 
 
@@ -72,9 +72,10 @@ def _gptq(module: nn.Module, scheme: Scheme, h: _Hessian) -> algorithms.Quantize
     result = algorithms.gptq(weight, scheme, h.value(), **scheme.params)
     g = algorithms.group_size_of(scheme, weight.shape[1])
     dequantized = result.dequantize(g)
-    if module.weight.shape != dequantized.shape:  # HF Conv1D keeps [in, out]
+    if is_conv1d(module):  # HF Conv1D keeps [in, out]
         dequantized = dequantized.T
-    module.weight.data.copy_(dequantized.to(module.weight.dtype))
+    # a new tensor: the old one may be shared (an lm_head tied to an embedding kept float)
+    module.weight = nn.Parameter(dequantized.to(module.weight.dtype), requires_grad=False)
     return result
 
 

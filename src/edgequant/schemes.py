@@ -92,6 +92,11 @@ algorithm_params=())
                 ok = True
             if not ok:
                 raise bad(f"{self.algorithm} parameter {name}", value, f"a {kind.__name__}")
+        if self.algorithm != "minmax" and self.granularity == "per_tensor":
+            raise ValueError(
+                f"Scheme: algorithm {self.algorithm!r} works per channel or per group, not "
+                "per_tensor"
+            )
         if self.algorithm != "minmax" and not self.is_integer:
             raise ValueError(
                 f"Scheme: algorithm {self.algorithm!r} chooses integers and scales; a "

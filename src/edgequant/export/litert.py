@@ -135,19 +135,16 @@ class _Stored:
     """One packed module as edgequant stores it, and its float weights in the converted file."""
 
     scheme: Scheme
-    dequantized: np.ndarray  # fp32, what the float conversion holds (see _recoverable)
+    dequantized: np.ndarray  # fp32, what the float conversion holds
     values: np.ndarray  # the integers (int8 array) or the fp16 weights
     scales: np.ndarray | None
 
 
 def _dequantized_copy(model: nn.Module) -> tuple[nn.Module, dict[str, _Stored]]:
-    """A float copy to convert, and what each packed module stores (to find its op in the
-    converted file and to write and check its values).
-
-    Each packed module becomes a float Linear/Embedding whose weights ai-edge-quantizer can
-    recover a layout from (`_recoverable`); edgequant's own integers and scales replace what it
-    recovers (`_restore`), so the converted float values only need to be recoverable and to
-    tell the modules apart."""
+    """A float copy to convert (each packed module's dequantized weights), and what each packed
+    module stores (to find its op in the converted file and to write and check its values).
+    ai-edge-quantizer's recovery only lays the quantized tensors out; edgequant's own integers
+    and scales replace what it recovers (`_restore`)."""
     from edgequant.export.pte import _float_twin
 
     model = copy.deepcopy(model)
@@ -157,8 +154,6 @@ def _dequantized_copy(model: nn.Module) -> tuple[nn.Module, dict[str, _Stored]]:
             twin = _float_twin(module)
             if module.scheme.is_integer:
                 values, scales = module.int_weight().numpy(), module.scale.float().numpy()
-                stand_in = _recoverable(values, scales, module.scheme)
-                twin.weight.data.copy_(torch.from_numpy(stand_in).to(twin.weight.dtype))
             else:
                 values, scales = module.weight.numpy(), None
             dequantized = twin.weight.detach().numpy().copy()
@@ -166,18 +161,6 @@ def _dequantized_copy(model: nn.Module) -> tuple[nn.Module, dict[str, _Stored]]:
             parent, _, child = fqn.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, twin)
     return model, packed
-
-
-def _recoverable(q: np.ndarray, scales: np.ndarray, scheme: Scheme) -> np.ndarray:
-    """``q * scale`` with every scale made positive: an algorithm may choose a negative scale
-    (``mse`` puts a group's largest weight on -8, as GGUF's Q4_0 does) and ai-edge-quantizer's
-    recovery assumes positive ones. The integers flip sign with the scale (clamped to the grid:
-    a -8 becomes 7); the true values are written back afterwards."""
-    g = q.shape[1] // scales.shape[1]
-    sign = np.repeat(np.sign(scales), g, axis=1)
-    qmin, qmax = -(2 ** (scheme.bits - 1)), 2 ** (scheme.bits - 1) - 1
-    flipped = np.clip(q.astype(np.float32) * np.where(sign < 0, -1.0, 1.0), qmin, qmax)
-    return (flipped * np.repeat(np.abs(scales), g, axis=1)).astype(np.float32)
 
 
 def _op_config(scheme: Scheme, lookup: bool = False):
