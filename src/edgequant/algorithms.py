@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from edgequant.primitives import FLOAT_DTYPES, choose_qparams, qrange, quantize
+from edgequant.primitives import FLOAT_DTYPES, choose_qparams, quantize, stored_range
 from edgequant.schemes import Scheme
 
 
@@ -57,10 +57,7 @@ def group_size_of(scheme: Scheme, cols: int) -> int:
 
 def grid(scheme: Scheme) -> tuple[int, int]:
     """The integers a scheme stores: int8 symmetric is narrow-range [-127, 127]."""
-    qmin, qmax = qrange(scheme.bits)
-    if scheme.symmetric and scheme.bits == 8:
-        qmin = -qmax
-    return qmin, qmax
+    return stored_range(scheme.bits, scheme.symmetric)
 
 
 def _groups(x: torch.Tensor, g: int) -> torch.Tensor:

@@ -49,6 +49,16 @@ def qrange(bits: int) -> tuple[int, int]:
     return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
 
 
+def stored_range(bits: int, symmetric: bool) -> tuple[int, int]:
+    """The integers a scheme stores: `qrange`, except symmetric int8, narrow-range [-127, 127].
+
+    >>> stored_range(8, symmetric=True), stored_range(4, symmetric=True)
+    ((-127, 127), (-8, 7))
+    """
+    qmin, qmax = qrange(bits)
+    return (-qmax, qmax) if symmetric and bits == 8 else (qmin, qmax)
+
+
 def _groups(x: torch.Tensor, granularity: str, group_size: int | None) -> torch.Tensor:
     """View a 2-D tensor as ``[rows, n_groups, group]`` for the given granularity."""
     if x.dim() != 2:
@@ -120,7 +130,8 @@ def choose_qparams(
     qmin, qmax = qrange(bits)
     g = _groups(x.detach().float(), granularity, group_size)
     if symmetric:
-        steps = qmax if bits == 8 else (qmax - qmin) / 2  # int8: narrow range (module doc)
+        low, high = stored_range(bits, symmetric)  # int8: narrow range (module doc)
+        steps = (high - low) / 2
         scale = _round_scale_up(g.abs().amax(dim=-1) / steps, scale_dtype)
         return scale, torch.zeros_like(scale, dtype=torch.int8)
     lo = g.amin(dim=-1).clamp(max=0.0)

@@ -24,6 +24,7 @@ exactly; LiteRT's int4 block scales are fp16 numbers rounded to bf16 precision (
 from __future__ import annotations
 
 import copy
+import functools
 import re
 import tempfile
 import warnings
@@ -419,12 +420,16 @@ def weight_ops(model_bytes: bytes):
 
 def _op_name(tfl, op) -> str:
     """The op's builtin name (``FULLY_CONNECTED``, ``DEQUANTIZE``, ...) from LiteRT's schema."""
-    from ai_edge_litert import schema_py_generated as schema
-
     code = tfl.operatorCodes[op.opcodeIndex]
     code = max(code.builtinCode, code.deprecatedBuiltinCode)
-    names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
-    return names.get(code, str(code))
+    return _builtin_names().get(code, str(code))
+
+
+@functools.cache
+def _builtin_names() -> dict[int, str]:
+    from ai_edge_litert import schema_py_generated as schema
+
+    return {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
 
 
 def _buffer(tfl, index: int) -> np.ndarray | None:
