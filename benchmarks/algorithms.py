@@ -2,7 +2,7 @@
 float for each algorithm and scheme, with the time each quantization took and its peak memory,
 beside torchao 0.18's own min-max and HQQ quantizers on the same work, in one run.
 
-    python benchmarks/algorithms.py [--schemes g32,g64,int8] [--algorithms minmax,mse,hqq,gptq]
+    python benchmarks/algorithms.py [--schemes g32,g64,int8] [--algorithms minmax,mse,hqq,awq,...]
         [--windows 8] [--calibration wikitext:128x512] [--out FILE]
 
 Schemes: ``g32`` / ``g64`` (8da4w: int4 symmetric group-wise, fp16 scales, int8 dynamic
@@ -29,6 +29,7 @@ from edgequant.job import with_algorithm
 from edgequant.models import load
 from edgequant.models.base import logits
 from edgequant.recipe import Recipe, Rule
+from edgequant.schemes import NEEDS_CALIBRATION
 
 SCHEMES = {"g32": ("8da4w", {}), "g64": ("8da4w", {"group_size": 64}), "int8": ("int8-dynamic", {})}
 
@@ -92,7 +93,9 @@ def torchao_route(model, scheme_key: str, algorithm: str):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--schemes", default="g32,g64,int8")
-    parser.add_argument("--algorithms", default="minmax,mse,hqq,gptq,torchao-minmax,torchao-hqq")
+    parser.add_argument(
+        "--algorithms", default="minmax,mse,hqq,awq,smoothquant,gptq,torchao-minmax,torchao-hqq"
+    )
     parser.add_argument("--windows", type=int, default=8)
     parser.add_argument("--calibration", default="wikitext:128x512")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "algorithms.json"))
@@ -117,7 +120,7 @@ def main() -> None:
                     quantized, plan = torchao_route(work, key, algorithm.split("-")[1]), None
                 else:
                     recipe = with_algorithm(base, algorithm)
-                    data = calibration if algorithm == "gptq" else None
+                    data = calibration if algorithm in NEEDS_CALIBRATION else None
                     quantized, plan = edgequant.quantize(work, recipe, calibration=data)
             seconds = time.perf_counter() - started
             with torch.inference_mode():
@@ -129,7 +132,7 @@ def main() -> None:
                 "bits_per_weight_decoder_linears": _decoder_bits(model, base),
                 "quantize_seconds": seconds,
                 "peak_memory_mib": memory.mib,
-                "calibration": calibration.source if algorithm == "gptq" else None,
+                "calibration": calibration.source if algorithm in NEEDS_CALIBRATION else None,
             }
             rows.append(row)
             print(

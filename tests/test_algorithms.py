@@ -4,6 +4,8 @@ results are deterministic and on edgequant's grid."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -102,3 +104,78 @@ def test_bad_input_is_named(layer):
         alg.mse(w, INT4, importance=torch.ones(3))
     with pytest.raises(ValueError, match="scales must be 'mse' or 'minmax', got 'x'"):
         alg.gptq(w, INT4, torch.eye(256), scales="x")
+
+
+INT4_8DA = Scheme("int4", "per_group", 32, scale_dtype="fp16", activation="int8_dynamic")
+INT8_DYN = Scheme("int8", activation="int8_dynamic")
+
+
+def _scaled_error(w, x, s, result, scheme) -> float:
+    """Relative squared output error of a layer whose columns were scaled by ``s`` and inputs
+    divided by it, quantized to ``result`` (activations per token when the scheme says so)."""
+    from edgequant.kernels.reference import fake_quantize_tokens
+
+    xs = x / s
+    if scheme.activation == "int8_dynamic":
+        xs = fake_quantize_tokens(xs, scheme.activation_symmetric)
+    ref = x @ w.T
+    got = xs @ result.dequantize(alg.group_size_of(scheme, w.shape[1])).T
+    return float(((ref - got) ** 2).sum() / (ref**2).sum())
+
+
+@pytest.mark.parametrize("scheme", [INT4, INT4_8DA], ids=lambda s: s.describe())
+def test_awq_beats_minmax_on_the_layer_output(layer, scheme):
+    w, x, _ = layer
+    stats = alg.InputStats.of(x)
+    ones = torch.ones(256)
+    plain = _scaled_error(w, x, ones, alg.minmax(w, scheme), scheme)
+    s = alg.awq_scales(stats, [w], [scheme])
+    assert s.shape == (256,) and bool((s > 0).all())
+    scaled_minmax = _scaled_error(w, x, s, alg.minmax(w * s, scheme), scheme)
+    # what awq stores: mse clipping weighted by the scaled inputs' energy
+    awq = _scaled_error(w, x, s, alg.mse(w * s, scheme, importance=stats.mean_sq / s**2), scheme)
+    # measured (x 1e4): int4 g32 minmax 837.2, scaled 85.2, scaled + clipping 59.6;
+    # with int8 per-token activations 841.6, 85.4, 59.8
+    assert scaled_minmax < 0.15 * plain and awq < 0.8 * scaled_minmax, (plain, scaled_minmax, awq)
+
+
+def test_smoothquant_beats_plain_int8_dynamic_on_the_layer_output(layer):
+    w, x, _ = layer
+    x = x.clone()
+    x[:, :4] *= 5.0  # activation outliers 100x the rest: what per-token int8 loses to
+    stats = alg.InputStats.of(x)
+    plain = _scaled_error(w, x, torch.ones(256), alg.minmax(w, INT8_DYN), INT8_DYN)
+    s = alg.smoothquant_scales(stats, [w], [INT8_DYN])
+    smooth = _scaled_error(w, x, s, alg.minmax(w * s, INT8_DYN), INT8_DYN)
+    fixed = alg.smoothquant_scales(stats, [w], [INT8_DYN], alpha=0.5)
+    half = _scaled_error(w, x, fixed, alg.minmax(w * fixed, INT8_DYN), INT8_DYN)
+    # measured (x 1e4): plain 8.33, alpha 0.5 0.28, searched 0.28
+    assert smooth < 0.1 * plain and smooth <= half, (plain, half, smooth)
+
+
+def test_smoothing_scales_are_tied_across_heads_sharing_a_value_head():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(512, 4 * 8, generator=g) * torch.rand(32, generator=g) * 10
+    w = torch.randn(16, 32, generator=g)
+    for s in (
+        alg.awq_scales(alg.InputStats.of(x), [w], [INT8_DYN], tie=(2, 8)),
+        alg.smoothquant_scales(alg.InputStats.of(x), [w], [INT8_DYN], tie=(2, 8)),
+    ):
+        heads = s.view(2, 2, 8)  # [kv head, head sharing it, channel]
+        assert torch.equal(heads[:, 0], heads[:, 1])
+
+
+def test_smoothing_is_deterministic_and_checks_its_arguments(layer):
+    w, x, _ = layer
+    stats = alg.InputStats.of(x)
+    assert torch.equal(alg.awq_scales(stats, [w], [INT4]), alg.awq_scales(stats, [w], [INT4]))
+    with pytest.raises(
+        ValueError, match=r"grid must be an integer >= 2 \(steps over \[0, 1\]\), got 1"
+    ):
+        alg.awq_scales(stats, [w], [INT4], grid=1)
+    with pytest.raises(ValueError, match=r"smoothquant alpha must be in \[0, 1\], got 1.5"):
+        alg.smoothquant_scales(stats, [w], [INT8_DYN], alpha=1.5)
+    with pytest.raises(ValueError, match="awq scales a layer's inputs from calibration data"):
+        alg.quantize_weight(w, dataclasses.replace(INT4, algorithm="awq"))
+    with pytest.raises(ValueError, match="smoothquant' moves activation outliers"):
+        Scheme("int8", algorithm="smoothquant")

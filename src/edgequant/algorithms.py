@@ -12,9 +12,13 @@ exporter writes an algorithm's result unchanged:
   against an l_p (p < 1) error that tolerates outliers; calibration-free.
 - ``gptq``: column by column rounding with Hessian-based compensation of the error in the
   columns not yet quantized (needs the layer's input Hessian ``X^T X`` from calibration data).
-
-(AWQ and SmoothQuant, which rescale weights and fold the inverse into the preceding op, are
-not implemented yet.)
+- ``awq`` and ``smoothquant``: a per-input-channel scale ``s`` for the linears that read one
+  input (`awq_scales`, `smoothquant_scales`), searched on calibration inputs; the weights'
+  columns are multiplied by ``s`` and the op that produces the input is divided by it
+  (`edgequant.smoothing` folds it into a norm or the preceding linear), so the float model
+  computes the same function and the exported graph is unchanged. AWQ's candidates are
+  ``mean|x|^a`` (salient inputs get finer weights), SmoothQuant's ``max|x|^a / max|w|^(1-a)``
+  (activation outliers move into the weights, for int8 activations).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
+from edgequant.kernels.reference import fake_quantize_tokens
 from edgequant.primitives import FLOAT_DTYPES, choose_qparams, quantize, stored_range
 from edgequant.schemes import Scheme
 
@@ -75,8 +80,10 @@ def _store(scale: torch.Tensor, scheme: Scheme) -> torch.Tensor:
 def _round(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, scheme: Scheme):
     """Integers of ``w`` ``[rows, n, g]`` on the stored ``scale`` (and ``zero``) ``[rows, n]``."""
     qmin, qmax = grid(scheme)
-    z = 0.0 if zero is None else zero.float()[..., None]
-    return (torch.round(w / scale.float()[..., None]) + z).clamp(qmin, qmax)
+    q = torch.div(w, scale.float()[..., None]).round_()
+    if zero is not None:
+        q.add_(zero.float()[..., None])
+    return q.clamp_(qmin, qmax)
 
 
 def _result(q: torch.Tensor, scale, zero, shape) -> Quantized:
@@ -118,10 +125,12 @@ def mse(
     rows, cols = w.shape
     g = group_size_of(scheme, cols)
     wg = _groups(w, g)
-    imp = torch.ones(cols) if importance is None else importance.detach().float().clamp(min=0)
-    if imp.shape != (cols,):
-        raise ValueError(f"importance must have shape ({cols},), got {tuple(imp.shape)}")
-    imp = _groups(imp[None].expand(rows, cols), g)
+    imp = None
+    if importance is not None:
+        imp = importance.detach().float().clamp(min=0)
+        if imp.shape != (cols,):
+            raise ValueError(f"importance must have shape ({cols},), got {tuple(imp.shape)}")
+        imp = imp.view(1, cols // g, g)  # broadcast over rows
     qmin, qmax = grid(scheme)
     best = minmax(weight, scheme)
     best_scale = best.scale.clone()
@@ -156,9 +165,15 @@ def mse(
 
 
 def _error(wg, scale, zero, imp, scheme) -> torch.Tensor:
+    """Per group ``sum imp * (w - dequantized)^2`` (``imp`` None: 1), in place on one buffer
+    (this runs once per candidate scale: allocations cost more than the arithmetic)."""
     q = _round(wg, scale, zero, scheme)
-    z = 0.0 if zero is None else zero.float()[..., None]
-    return (imp * (wg - (q - z) * scale.float()[..., None]) ** 2).sum(-1)
+    if zero is not None:
+        q.sub_(zero.float()[..., None])
+    q.mul_(scale.float()[..., None]).sub_(wg).square_()
+    if imp is not None:
+        q.mul_(imp)
+    return q.sum(-1)
 
 
 def hqq(
@@ -181,9 +196,8 @@ def hqq(
     start = mse(weight, scheme)
     scale = start.scale.float()
     zero = None if start.zero_point is None else start.zero_point.float()
-    ones = torch.ones_like(wg)
     best_scale, best_zero = start.scale, start.zero_point
-    best_err = _error(wg, best_scale, best_zero, ones, scheme)
+    best_err = _error(wg, best_scale, best_zero, None, scheme)
     qmin, qmax = grid(scheme)
     for _ in range(iters):
         z = 0.0 if zero is None else zero[..., None]
@@ -198,7 +212,7 @@ def hqq(
         beta *= kappa
         stored = _store(scale, scheme)
         zq = None if zero is None else zero.to(torch.int8)
-        e = _error(wg, stored, zq, ones, scheme)
+        e = _error(wg, stored, zq, None, scheme)
         better = e < best_err
         best_err = torch.where(better, e, best_err)
         best_scale = torch.where(better, stored, best_scale)
@@ -296,6 +310,117 @@ def gptq(
     return Quantized(q_out.to(torch.int8), scale, zero)
 
 
+@dataclass(frozen=True)
+class InputStats:
+    """A linear's inputs, per input channel: ``mean_abs``, ``max_abs`` and ``mean_sq`` over every
+    calibration row, and ``sample``, a subset of the rows ``[n, cols]`` for searching."""
+
+    sample: torch.Tensor
+    mean_abs: torch.Tensor
+    max_abs: torch.Tensor
+    mean_sq: torch.Tensor
+
+    @classmethod
+    def of(cls, x: torch.Tensor) -> InputStats:
+        """From all the rows ``x [n, cols]`` (all of them are the sample)."""
+        x = x.reshape(-1, x.shape[-1]).float()
+        a = x.abs()
+        return cls(x, a.mean(0), a.amax(0), (x * x).mean(0))
+
+
+def tie_heads(v: torch.Tensor, tie: tuple[int, int] | None) -> torch.Tensor:
+    """``v`` over ``n_heads * head_dim`` channels averaged over the ``n_rep`` heads that share
+    one key/value head (``tie = (n_rep, head_dim)``), so one scale serves them all."""
+    if tie is None:
+        return v
+    n_rep, head_dim = tie
+    return v.view(-1, n_rep, head_dim).mean(1, keepdim=True).expand(-1, n_rep, -1).reshape(-1)
+
+
+def awq_scales(
+    stats: InputStats,
+    weights: list[torch.Tensor],
+    schemes: list[Scheme],
+    *,
+    grid: int = 20,
+    tie: tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """AWQ (Lin et al., 2023): the per-input-channel scale ``s = mean|x|^a`` (normalised, ``a``
+    in ``grid`` steps over [0, 1]; ``a = 0`` is no scaling) minimising the summed squared output
+    error of the linears ``weights`` on ``stats.sample`` when each weight is quantized by
+    min-max on its scheme as ``W * s`` and its input is ``x / s`` (quantized per token too when
+    the scheme's activations are int8). ``tie`` keeps the scales of heads sharing a key/value
+    head equal."""
+    base = tie_heads(stats.mean_abs.float(), tie).clamp(min=1e-5)
+
+    def candidate(a: float) -> torch.Tensor:
+        s = base.pow(a)
+        return s / (s.amax() * s.amin()).sqrt()
+
+    return _best_scale(stats, weights, schemes, [candidate(float(a)) for a in _alphas(grid)])
+
+
+def smoothquant_scales(
+    stats: InputStats,
+    weights: list[torch.Tensor],
+    schemes: list[Scheme],
+    *,
+    alpha: float | None = None,
+    grid: int = 11,
+    tie: tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """SmoothQuant (Xiao et al., 2023): ``s = max|x|^a / max|w|^(1-a)`` per input channel, which
+    moves activation outliers into the weights so that per-token int8 activations lose less.
+    ``alpha`` fixes ``a``; otherwise ``a`` is searched in ``grid`` steps over [0, 1] (no scaling
+    is a candidate too) on the output error of the quantized linears, as in `awq_scales`."""
+    xmax = tie_heads(stats.max_abs.float(), tie).clamp(min=1e-5)
+    wmax = torch.stack([w.detach().float().abs().amax(0) for w in weights]).amax(0)
+    wmax = tie_heads(wmax, tie).clamp(min=1e-5)
+
+    def candidate(a: float) -> torch.Tensor:
+        return xmax.pow(a) / wmax.pow(1.0 - a)
+
+    if alpha is not None:
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"smoothquant alpha must be in [0, 1], got {alpha!r}")
+        return candidate(alpha)
+    candidates = [torch.ones_like(xmax)] + [candidate(float(a)) for a in _alphas(grid)]
+    return _best_scale(stats, weights, schemes, candidates)
+
+
+def _alphas(grid: int) -> torch.Tensor:
+    if isinstance(grid, bool) or not isinstance(grid, int) or grid < 2:
+        raise ValueError(f"grid must be an integer >= 2 (steps over [0, 1]), got {grid!r}")
+    return torch.linspace(0.0, 1.0, grid)
+
+
+def _best_scale(stats, weights, schemes, candidates) -> torch.Tensor:
+    x = stats.sample.float()
+    # linears with one scheme are quantized row by row alike: stack them into one matmul
+    stacks: dict[Scheme, list[torch.Tensor]] = {}
+    for w, scheme in zip(weights, schemes, strict=True):
+        stacks.setdefault(scheme, []).append(w.detach().float())
+    work = [(scheme, torch.cat(ws)) for scheme, ws in stacks.items()]
+    refs = [x @ w.T for _, w in work]
+    best, best_err = candidates[0], float("inf")
+    for s in candidates:
+        inputs: dict[tuple, torch.Tensor] = {}  # x / s as each activation mode sees it
+        err = 0.0
+        for (scheme, w), ref in zip(work, refs, strict=True):
+            mode = (scheme.activation, scheme.activation_symmetric)
+            if mode not in inputs:
+                xs = x / s
+                if scheme.activation == "int8_dynamic":
+                    xs = fake_quantize_tokens(xs, scheme.activation_symmetric)
+                inputs[mode] = xs
+            wq = minmax(w * s, scheme).dequantize(group_size_of(scheme, w.shape[1]))
+            out = inputs[mode] @ wq.T
+            err += float(out.sub_(ref).square_().sum())
+        if err < best_err:
+            best, best_err = s, err
+    return best
+
+
 def quantize_weight(
     weight: torch.Tensor,
     scheme: Scheme,
@@ -320,6 +445,12 @@ def quantize_weight(
                 "(e.g. edgequant.calibration.wikitext(tokenizer)) or --calibration wikitext:128x512"
             )
         return gptq(weight, scheme, hessian, **params)
+    if scheme.algorithm in ("awq", "smoothquant"):
+        raise ValueError(
+            f"{name}: {scheme.algorithm} scales a layer's inputs from calibration data and folds "
+            "the scales into the op before it; run it through edgequant.quantize(model, recipe, "
+            "calibration=...)"
+        )
     raise ValueError(f"{name}: no algorithm {scheme.algorithm!r}")
 
 
@@ -343,7 +474,9 @@ def hessian(x: torch.Tensor) -> torch.Tensor:
 
 
 __all__ = [
+    "InputStats",
     "Quantized",
+    "awq_scales",
     "gptq",
     "grid",
     "group_size_of",
@@ -353,4 +486,6 @@ __all__ = [
     "mse",
     "output_error",
     "quantize_weight",
+    "smoothquant_scales",
+    "tie_heads",
 ]

@@ -1,24 +1,37 @@
-"""Run calibration data through a model one decoder layer at a time (for GPTQ).
+"""Run calibration data through a model one decoder layer at a time (AWQ, SmoothQuant, GPTQ).
 
 The inputs of the first decoder layer are caught once for every calibration batch; then, layer
-by layer, the inputs of its linears are gathered into Hessians, the linears the recipe gives to
-GPTQ are quantized, their weights replaced by the dequantized result, and the layer is run again
-to give the next layer its inputs: every layer is calibrated on what the quantized layers before
-it produce, and memory holds one layer's activations for the calibration set. Linears outside
-the decoder layers (an lm_head) get their Hessians from one last full pass.
+by layer:
+
+1. AWQ / SmoothQuant: the inputs of the layer's linears are gathered (per-channel statistics and
+   a sample of rows), each group of linears reading one input (`edgequant.smoothing`) gets its
+   searched scale folded in, and those linears are quantized (AWQ: mse clipping weighted by the
+   scaled inputs' energy; SmoothQuant: min-max);
+2. GPTQ: the inputs of its linears are gathered into Hessians and those linears quantized;
+3. every quantized linear's weight is replaced by its dequantized values and the layer is run
+   again to give the next layer its inputs.
+
+So every layer is calibrated on what the quantized layers before it produce, and memory holds
+one layer's activations for the calibration set. Linears outside the decoder layers (an
+lm_head) are calibrated from one last full pass (GPTQ; AWQ there is mse weighted by its inputs'
+energy, SmoothQuant min-max: no op before them to fold into that the model does not share).
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import re
 
 import torch
 from torch import nn
 
-from edgequant import algorithms
+from edgequant import algorithms, smoothing
 from edgequant.eval import progress_bar
 from edgequant.layers import is_conv1d, linear_weight
-from edgequant.schemes import Scheme
+from edgequant.schemes import SMOOTHING, Scheme
+
+log = logging.getLogger(__name__)
 
 
 class _Caught(Exception):
@@ -67,29 +80,53 @@ class _Hessian:
         return 2.0 * self.sum / max(self.rows, 1)
 
 
-def _gptq(module: nn.Module, scheme: Scheme, h: _Hessian) -> algorithms.Quantized:
+class _Inputs:
+    """Per-channel sums of ``|x|`` and ``x^2``, the max of ``|x|``, and ``keep`` evenly spaced
+    rows of every batch, of a linear's inputs."""
+
+    def __init__(self, keep: int) -> None:
+        self.keep = keep
+        self.sum_abs = self.sum_sq = self.max_abs = None
+        self.rows = 0
+        self.sample: list[torch.Tensor] = []
+
+    def __call__(self, module, args, output) -> None:
+        x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+        a = x.abs()
+        if self.sum_abs is None:
+            self.sum_abs, self.sum_sq, self.max_abs = a.sum(0), (x * x).sum(0), a.amax(0)
+        else:
+            self.sum_abs += a.sum(0)
+            self.sum_sq += (x * x).sum(0)
+            self.max_abs = torch.maximum(self.max_abs, a.amax(0))
+        self.rows += x.shape[0]
+        n = min(self.keep, x.shape[0])
+        self.sample.append(x[torch.linspace(0, x.shape[0] - 1, n).round().long()])
+
+    def stats(self) -> algorithms.InputStats:
+        return algorithms.InputStats(
+            torch.cat(self.sample), self.sum_abs / self.rows, self.max_abs, self.sum_sq / self.rows
+        )
+
+
+def _write(module: nn.Module, result: algorithms.Quantized, scheme: Scheme) -> None:
+    """Replace ``module``'s weight by ``result`` dequantized (what the next layers will see)."""
     weight = linear_weight(module)
-    result = algorithms.gptq(weight, scheme, h.value(), **scheme.params)
-    g = algorithms.group_size_of(scheme, weight.shape[1])
-    dequantized = result.dequantize(g)
+    dequantized = result.dequantize(algorithms.group_size_of(scheme, weight.shape[1]))
     if is_conv1d(module):  # HF Conv1D keeps [in, out]
         dequantized = dequantized.T
     # a new tensor: the old one may be shared (an lm_head tied to an embedding kept float)
     module.weight = nn.Parameter(dequantized.to(module.weight.dtype), requires_grad=False)
+
+
+def _gptq(module: nn.Module, scheme: Scheme, h: _Hessian) -> algorithms.Quantized:
+    result = algorithms.gptq(linear_weight(module), scheme, h.value(), **scheme.params)
+    _write(module, result, scheme)
     return result
 
 
-@torch.no_grad()
-def run_gptq(
-    model: nn.Module, schemes: dict[str, Scheme], calibration
-) -> dict[str, algorithms.Quantized]:
-    """GPTQ for every linear named in ``schemes`` (fqn -> scheme), layer by layer on the
-    ``calibration`` batches; returns fqn -> `Quantized`. The model's float weights of those
-    linears are left at their dequantized values (the caller swaps in packed modules)."""
-    batches = list(calibration)
-    if not batches:
-        raise ValueError("calibration has no batches")
-    prefix, layers = decoder_layers(model)
+def _layer_inputs(model: nn.Module, layers: nn.ModuleList, batches: list) -> list:
+    """``(args, kwargs)`` of the first decoder layer for every batch."""
     inputs: list[tuple[tuple, dict]] = []
 
     def catch(module, args, kwargs):
@@ -105,30 +142,138 @@ def run_gptq(
                 pass
     finally:
         handle.remove()
+    return inputs
+
+
+def _run_layer(layer: nn.Module, inputs: list, hooks: dict) -> None:
+    """Run ``layer`` on every input with forward ``hooks`` (module -> hook) in place."""
+    handles = [m.register_forward_hook(h) for m, h in hooks.items()]
+    try:
+        for args, kwargs in inputs:
+            layer(*args, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
+def smooth(model: nn.Module, schemes: dict[str, Scheme], calibration) -> dict[str, torch.Tensor]:
+    """Only the AWQ / SmoothQuant scale search and fold of `run`, no quantization: the model
+    computes the same function afterwards (up to float rounding). Returns fqn -> the scale
+    folded into that linear's input columns."""
+    scales: dict[str, torch.Tensor] = {}
+    run(model, schemes, calibration, _scales=scales)
+    return scales
+
+
+@torch.no_grad()
+def run(
+    model: nn.Module, schemes: dict[str, Scheme], calibration, _scales: dict | None = None
+) -> dict[str, algorithms.Quantized]:
+    """The calibrated algorithms (GPTQ, AWQ, SmoothQuant) for every linear named in ``schemes``
+    (fqn -> scheme), layer by layer on the ``calibration`` batches; returns fqn -> `Quantized`.
+    The model's float weights of those linears are left at their dequantized values (the caller
+    swaps in packed modules); AWQ's and SmoothQuant's scales are folded into the model's norms
+    and linears (the float function is unchanged)."""
+    batches = list(calibration)
+    if not batches:
+        raise ValueError("calibration has no batches")
+    prefix, layers = decoder_layers(model)
+    inputs = _layer_inputs(model, layers, batches)
+    names = sorted({s.algorithm for s in schemes.values()})
     results: dict[str, algorithms.Quantized] = {}
-    for i in progress_bar(range(len(layers)), len(layers), "gptq", "layer"):
+    for i in progress_bar(range(len(layers)), len(layers), " + ".join(names), "layer"):
         layer = layers[i]
-        todo = {
-            name: (module, schemes[f"{prefix}.{i}.{name}"])
-            for name, module in layer.named_modules()
+        local = {
+            name: schemes[f"{prefix}.{i}.{name}"]
+            for name, _ in layer.named_modules()
             if f"{prefix}.{i}.{name}" in schemes
         }
-        if todo:
-            hessians = {name: _Hessian(linear_weight(m).shape[1]) for name, (m, _) in todo.items()}
-            handles = [m.register_forward_hook(hessians[n]) for n, (m, _) in todo.items()]
-            try:
-                for args, kwargs in inputs:
-                    layer(*args, **kwargs)
-            finally:
-                for h in handles:
-                    h.remove()
-            for name, (module, scheme) in todo.items():
-                results[f"{prefix}.{i}.{name}"] = _gptq(module, scheme, hessians[name])
+        where = f"{prefix}.{i}"
+        if _scales is not None:  # fold only
+            for n, s in _smooth_layer(layer, local, inputs, len(batches), where, False).items():
+                _scales[f"{where}.{n}"] = s
+            inputs = [(_next_args(layer(*a, **kw), a), kw) for a, kw in inputs]
+            continue
+        done = _smooth_layer(layer, local, inputs, len(batches), where)
+        gptq = {n: s for n, s in local.items() if s.algorithm == "gptq"}
+        if gptq:
+            modules = {n: layer.get_submodule(n) for n in gptq}
+            hessians = {n: _Hessian(linear_weight(m).shape[1]) for n, m in modules.items()}
+            _run_layer(layer, inputs, {modules[n]: hessians[n] for n in gptq})
+            for n, scheme in gptq.items():
+                done[n] = _gptq(modules[n], scheme, hessians[n])
+        results.update({f"{prefix}.{i}.{n}": r for n, r in done.items()})
         inputs = [(_next_args(layer(*args, **kwargs), args), kwargs) for args, kwargs in inputs]
     rest = {fqn: s for fqn, s in schemes.items() if fqn not in results}
-    if rest:
+    if rest and _scales is None:
         _outside_layers(model, rest, batches, results)
     return results
+
+
+def _smooth_layer(
+    layer, local: dict[str, Scheme], inputs, n_batches: int, where: str, quantize: bool = True
+) -> dict:
+    """AWQ / SmoothQuant for the linears of one layer: gather inputs, search and fold each
+    group's scale, quantize. Returns name -> `Quantized` (without ``quantize``: name -> the
+    scale folded into its input columns)."""
+    wanted = {n: s for n, s in local.items() if s.algorithm in SMOOTHING}
+    if not wanted:
+        return {}
+    found = smoothing.groups(layer)
+    if not found:
+        raise ValueError(
+            f"{wanted[next(iter(wanted))].algorithm} needs to know which op produces each "
+            f"linear's input to fold its scales into; {where} ({type(layer).__name__}) is none "
+            f"of the known layouts: {', '.join(smoothing.family_names())}"
+        )
+    tokens = max(s.params.get("tokens", 4096) for s in wanted.values())
+    gathered = {n: _Inputs(math.ceil(tokens / n_batches)) for n in wanted}
+    _run_layer(layer, inputs, {layer.get_submodule(n): gathered[n] for n in wanted})
+    stats = {n: g.stats() for n, g in gathered.items()}
+    applied = {n: None for n in wanted}  # the scale folded into each linear's input columns
+    for group in found:
+        members = [wanted.get(c) for c in group.consumers]
+        first = members[0]
+        if first is None or any(m is None or m.algorithm != first.algorithm for m in members):
+            continue  # not every reader of this input asked for the same smoothing
+        weights = [layer.get_submodule(c).weight for c in group.consumers]
+        schemes = [wanted[c] for c in group.consumers]
+        params = first.params
+        st = stats[group.consumers[0]]
+        if first.algorithm == "awq":
+            s = algorithms.awq_scales(
+                st, weights, schemes, grid=params.get("grid", 20), tie=group.tie
+            )
+        else:
+            s = algorithms.smoothquant_scales(
+                st, weights, schemes, alpha=params.get("alpha"), grid=params.get("grid", 11),
+                tie=group.tie,
+            )  # fmt: skip
+        smoothing.fold(layer, group, s)
+        for c in group.consumers:
+            applied[c] = s
+    skipped = [n for n, s in applied.items() if s is None]
+    if skipped:
+        log.info("%s: %s have no foldable group; rounded without scaling", where, skipped)
+    if not quantize:
+        return {n: s for n, s in applied.items() if s is not None}
+    done = {}
+    for n, scheme in wanted.items():
+        module = layer.get_submodule(n)
+        done[n] = _smoothed_rounding(module, scheme, stats[n], applied[n])
+        _write(module, done[n], scheme)
+    return done
+
+
+def _smoothed_rounding(module, scheme: Scheme, stats, s) -> algorithms.Quantized:
+    """AWQ: mse clipping weighted by the (scaled) inputs' energy (``clip``, default on);
+    SmoothQuant and AWQ without ``clip``: min-max."""
+    weight = linear_weight(module)
+    if scheme.algorithm == "awq" and scheme.params.get("clip", True):
+        energy = stats.mean_sq if s is None else stats.mean_sq / (s * s)
+        return algorithms.mse(weight, scheme, importance=energy)
+    return algorithms.minmax(weight, scheme)
 
 
 def _next_args(output, args: tuple) -> tuple:
@@ -140,11 +285,21 @@ def _outside_layers(model, schemes, batches, results) -> None:
     modules = {fqn: model.get_submodule(fqn) for fqn in schemes}
     hessians = {fqn: _Hessian(linear_weight(m).shape[1]) for fqn, m in modules.items()}
     handles = [m.register_forward_hook(hessians[f]) for f, m in modules.items()]
+    names = sorted({s.algorithm for s in schemes.values()})
     try:
-        for ids in progress_bar(batches, len(batches), "gptq: layers outside the blocks", "batch"):
+        for ids in progress_bar(
+            batches, len(batches), f"{'+'.join(names)}: layers outside the blocks", "batch"
+        ):
             run_model(model, ids)
     finally:
         for h in handles:
             h.remove()
     for fqn, module in modules.items():
-        results[fqn] = _gptq(module, schemes[fqn], hessians[fqn])
+        scheme = schemes[fqn]
+        if scheme.algorithm == "gptq":
+            results[fqn] = _gptq(module, scheme, hessians[fqn])
+            continue
+        energy = torch.diag(hessians[fqn].value()).float() / 2
+        stats = algorithms.InputStats(torch.empty(0), energy, energy, energy)
+        results[fqn] = _smoothed_rounding(module, scheme, stats, None)
+        _write(module, results[fqn], scheme)

@@ -323,7 +323,8 @@ def quantize(model: nn.Module, recipe: Any, calibration=None) -> tuple[nn.Module
     Returns ``(model, plan)``; the recipe is kept as ``model.edgequant_recipe`` so that
     `edgequant.save` stores it in the artifact. ``calibration`` (token batches: an
     `edgequant.calibration.Calibration` or any iterable of ``[1, L]`` tensors) feeds the
-    algorithms that need activations (GPTQ), run layer by layer (`edgequant.layerwise`); its
+    algorithms that need activations (GPTQ, AWQ, SmoothQuant), run layer by layer
+    (`edgequant.layerwise`; AWQ and SmoothQuant fold their scales into the model's norms); its
     source is kept as ``model.edgequant_calibration``.
 
     >>> import torch
@@ -373,26 +374,30 @@ def _as_mse(scheme):
 
 
 def _calibrated(model: nn.Module, todo: list, calibration) -> dict:
-    """GPTQ results (fqn -> `algorithms.Quantized`) for the linears whose rule asks for it."""
+    """Results (fqn -> `algorithms.Quantized`) of the calibrated algorithms (GPTQ, AWQ,
+    SmoothQuant) for the linears whose rule asks for one; a lookup table (or a linear tied to
+    one) has no input to calibrate on and is left to the caller (mse)."""
     tied = {lp.tied_to for lp in todo if lp.tied_to is not None}
-    wanted = [lp for lp in todo if lp.scheme.algorithm in NEEDS_CALIBRATION]
-    if not wanted:
+    schemes = {
+        lp.fqn: lp.scheme
+        for lp in todo
+        if lp.scheme.algorithm in NEEDS_CALIBRATION
+        and lp.kind != "embedding"
+        and lp.tied_to is None
+        and lp.fqn not in tied
+    }
+    if not schemes:
         return {}
     if calibration is None:
-        names = ", ".join(lp.fqn for lp in wanted[:3]) + (" and more" if len(wanted) > 3 else "")
+        names = list(schemes)
+        listed = ", ".join(names[:3]) + (" and more" if len(names) > 3 else "")
+        algorithm = schemes[names[0]].algorithm
         raise ValueError(
-            f"{wanted[0].scheme.algorithm} ({names}) needs calibration data: pass calibration= "
+            f"{algorithm} ({listed}) needs calibration data: pass calibration= "
             "to edgequant.quantize, e.g. edgequant.calibration.wikitext(tokenizer) (WikiText-2 "
             "past the evaluation windows) or calibration.from_model(model, tokenizer) (no data "
             "needed); on the command line --calibration wikitext:128x512"
         )
-    schemes = {
-        lp.fqn: lp.scheme
-        for lp in wanted
-        if lp.kind != "embedding" and lp.tied_to is None and lp.fqn not in tied
-    }
-    if not schemes:
-        return {}
-    from edgequant.layerwise import run_gptq
+    from edgequant.layerwise import run
 
-    return run_gptq(model, schemes, calibration)
+    return run(model, schemes, calibration)

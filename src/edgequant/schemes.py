@@ -27,9 +27,13 @@ ALGORITHMS: dict[str, dict[str, type]] = {
     "mse": {"steps": int, "min_ratio": float, "signed_scales": bool},
     "hqq": {"iters": int, "p": float, "beta": float, "kappa": float},
     "gptq": {"damp": float, "act_order": bool, "block": int, "scales": str},
+    "awq": {"grid": int, "clip": bool, "tokens": int},
+    "smoothquant": {"alpha": float, "grid": int, "tokens": int},
 }
 # Algorithms that need calibration data (`edgequant.calibration`).
-NEEDS_CALIBRATION = ("gptq",)
+NEEDS_CALIBRATION = ("gptq", "awq", "smoothquant")
+# Algorithms that rescale a linear's input channels and fold the inverse into the op before it.
+SMOOTHING = ("awq", "smoothquant")
 
 
 @dataclass(frozen=True)
@@ -101,6 +105,12 @@ algorithm_params=())
             raise ValueError(
                 f"Scheme: algorithm {self.algorithm!r} chooses integers and scales; a "
                 f"{self.weight} weight is a plain cast (leave algorithm at 'minmax')"
+            )
+        if self.algorithm == "smoothquant" and self.activation == "none":
+            raise ValueError(
+                "Scheme: algorithm 'smoothquant' moves activation outliers into the weights for "
+                "int8 activations; this scheme computes with float activations (use 'awq', or "
+                "activation 'int8_dynamic')"
             )
         if not isinstance(self.symmetric, bool):
             raise bad("symmetric", self.symmetric, [True, False])

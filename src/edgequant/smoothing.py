@@ -1,0 +1,119 @@
+"""Where a per-input-channel scale can be folded (AWQ, SmoothQuant), and the fold itself.
+
+A group is the linears that read one input and the op that produces it: a decoder layer's
+attention norm and its q/k/v projections, the feedforward norm and its gate/up projections, the
+value projection and the output projection (through attention, which mixes positions but not
+channels), the up projection and the down projection (through ``act(gate) * up``). Folding
+``s`` multiplies the linears' input columns by ``s`` and divides the producing op's output by
+it (a norm's weight, a linear's rows), so the float model computes the same function and its
+graph is unchanged; only the values the quantizer sees move.
+
+Families: llama2.c / gpt-fast names (``attention_norm``, ``attention.wq`` ...) and Hugging Face's
+Llama-style names (``input_layernorm``, ``self_attn.q_proj`` ..., as in Llama, Qwen2, Mistral,
+SmolLM). Gemma's norms multiply by ``1 + weight`` and are refused.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+# (producer, consumers, through attention) per family, relative to a decoder layer.
+_FAMILIES = {
+    "llama2c": [
+        ("attention_norm", ("attention.wq", "attention.wk", "attention.wv"), False),
+        ("attention.wv", ("attention.wo",), True),
+        ("ffn_norm", ("feed_forward.w1", "feed_forward.w3"), False),
+        ("feed_forward.w3", ("feed_forward.w2",), False),
+    ],
+    "llama (Hugging Face)": [
+        ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), False),
+        ("self_attn.v_proj", ("self_attn.o_proj",), True),
+        ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), False),
+        ("mlp.up_proj", ("mlp.down_proj",), False),
+    ],
+}
+
+
+@dataclass(frozen=True)
+class Group:
+    """Linears (``consumers``, names inside the layer) reading the output of ``producer``;
+    ``tie = (n_rep, head_dim)`` when the producer is a value projection whose rows serve
+    ``n_rep`` attention heads each."""
+
+    producer: str
+    consumers: tuple[str, ...]
+    tie: tuple[int, int] | None = None
+
+
+def groups(layer: nn.Module) -> list[Group]:
+    """The foldable groups of one decoder layer (empty when its family is unknown)."""
+    names = dict(layer.named_modules())
+    for pattern in _FAMILIES.values():
+        if all(p in names and all(c in names for c in cs) for p, cs, _ in pattern):
+            out = []
+            for producer, consumers, through_attention in pattern:
+                parent = names[producer.rsplit(".", 1)[0]]
+                tie = (
+                    _tie(names[producer], names[consumers[0]], parent)
+                    if through_attention
+                    else None
+                )
+                out.append(Group(producer, consumers, tie))
+            for g in out:
+                _check_producer(g.producer, names[g.producer])
+            return out
+    return []
+
+
+def family_names() -> list[str]:
+    return list(_FAMILIES)
+
+
+def _tie(v: nn.Module, o: nn.Module, attention: nn.Module) -> tuple[int, int] | None:
+    n_rep = o.weight.shape[1] // v.weight.shape[0]
+    if n_rep == 1:
+        return None
+    head_dim = getattr(attention, "head_dim", None)
+    if not isinstance(head_dim, int):
+        raise ValueError(
+            f"{type(attention).__name__} shares each value head among {n_rep} heads but has no "
+            "integer head_dim attribute to tie their scales by"
+        )
+    return n_rep, head_dim
+
+
+def _check_producer(name: str, module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        return
+    kind = type(module).__name__
+    if "Gemma" in kind or not kind.endswith("RMSNorm") or not hasattr(module, "weight"):
+        raise ValueError(
+            f"cannot fold scales into {name} ({kind}): only an RMSNorm that multiplies by its "
+            "weight, or a linear, can absorb them (Gemma's norms multiply by 1 + weight)"
+        )
+
+
+@torch.no_grad()
+def fold(layer: nn.Module, group: Group, s: torch.Tensor) -> None:
+    """Multiply the consumers' input columns by ``s`` and divide the producer's output by it."""
+    producer = layer.get_submodule(group.producer)
+    inverse = 1.0 / s.double()
+    if group.tie is not None:  # s is over the heads; the producer has one row per kv channel
+        n_rep, head_dim = group.tie
+        inverse = inverse.view(-1, n_rep, head_dim)[:, 0].reshape(-1)
+    if isinstance(producer, nn.Linear):
+        w = producer.weight
+        w.copy_((w.double() * inverse[:, None]).to(w.dtype))
+        if producer.bias is not None:
+            producer.bias.copy_((producer.bias.double() * inverse).to(producer.bias.dtype))
+    else:
+        producer.weight.copy_((producer.weight.double() * inverse).to(producer.weight.dtype))
+    for name in group.consumers:
+        w = layer.get_submodule(name).weight
+        w.copy_((w.double() * s.double()[None, :]).to(w.dtype))
+
+
+__all__ = ["Group", "family_names", "fold", "groups"]

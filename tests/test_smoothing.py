@@ -1,0 +1,140 @@
+"""AWQ and SmoothQuant fold their scales without changing the float model: random scales folded
+into every group, and the searched scales of the real path, leave the logits equal within 1e-5
+relative, on stories260K (llama2.c names, grouped-query attention) and a tiny Hugging Face
+Llama; unknown layouts and Gemma's norms are refused."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import transformers
+
+import edgequant
+from edgequant import calibration, layerwise, smoothing
+from edgequant.job import with_algorithm
+from edgequant.recipe import Recipe
+
+TINY_LLAMA = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    num_hidden_layers=2,
+    vocab_size=128,
+    max_position_embeddings=64,
+)
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        out = model(ids)
+    return (out.logits if hasattr(out, "logits") else out).float()
+
+
+def _relative(a, b) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def _tiny_llama():
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY_LLAMA)).eval()
+
+
+def _fold_random(model, layers) -> int:
+    g = torch.Generator().manual_seed(3)
+    folded = 0
+    for layer in layers:
+        for group in smoothing.groups(layer):
+            cols = layer.get_submodule(group.consumers[0]).weight.shape[1]
+            s = torch.rand(cols, generator=g) * 4 + 0.25
+            if group.tie is not None:
+                n_rep, head_dim = group.tie
+                s = s.view(-1, n_rep, head_dim)[:, :1].expand(-1, n_rep, -1).reshape(-1)
+            smoothing.fold(layer, group, s)
+            folded += 1
+    return folded
+
+
+def test_random_scales_fold_without_changing_stories260k(fresh_stories260k, story_ids):
+    model, _ = fresh_stories260k()
+    ref = _logits(model, story_ids)
+    groups = smoothing.groups(model.layers[0])
+    assert [g.producer for g in groups] == [
+        "attention_norm", "attention.wv", "ffn_norm", "feed_forward.w3",
+    ]  # fmt: skip
+    assert groups[1].tie == (2, 8)  # 8 heads share 4 value heads, 8 channels each
+    assert _fold_random(model, model.layers) == 4 * len(model.layers)
+    assert _relative(_logits(model, story_ids), ref) < 1e-5
+
+
+def test_random_scales_fold_without_changing_a_hugging_face_llama():
+    model = _tiny_llama()
+    ids = torch.randint(0, 128, (1, 48), generator=torch.Generator().manual_seed(1))
+    ref = _logits(model, ids)
+    assert smoothing.groups(model.model.layers[0])[1].tie == (2, 16)
+    assert _fold_random(model, model.model.layers) == 8
+    assert _relative(_logits(model, ids), ref) < 1e-5
+
+
+@pytest.mark.parametrize("algorithm", ["awq", "smoothquant"])
+def test_searched_scales_fold_without_changing_the_float_model(
+    algorithm, fresh_stories260k, story_ids
+):
+    model, tok = fresh_stories260k()
+    ref = _logits(model, story_ids)
+    recipe = with_algorithm(Recipe.load("examples/stories260k-8da4w.yaml"), algorithm)
+    plan = edgequant.plan(model, recipe)
+    schemes = {lp.fqn: lp.scheme for lp in plan if lp.scheme is not None and lp.kind == "linear"}
+    before = model.layers[0].attention_norm.weight.clone()
+    scales = layerwise.smooth(model, schemes, calibration.wikitext(tok, 8, 128))
+    assert len(scales) == 7 * len(model.layers)  # every decoder linear sits in a group
+    assert not torch.equal(model.layers[0].attention_norm.weight, before)
+    assert _relative(_logits(model, story_ids), ref) < 1e-5
+
+
+def test_unknown_layouts_and_gemma_norms_are_refused():
+    class Toy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(16, 64)
+            self.layers = torch.nn.ModuleList([torch.nn.Sequential(torch.nn.Linear(64, 64))])
+
+        def forward(self, ids):
+            return self.layers[0](self.embed(ids))
+
+    recipe = with_algorithm(edgequant.recipes.get("8da4w"), "awq")
+    with pytest.raises(
+        ValueError,
+        match=r"awq needs to know which op produces each linear's "
+        r"input to fold its scales into; layers.0 \(Sequential\) is none of the "
+        r"known layouts: llama2c, llama \(Hugging Face\)",
+    ):
+        edgequant.quantize(Toy(), recipe, calibration=[torch.zeros(1, 4, dtype=torch.long)])
+    cfg = transformers.Gemma2Config(**TINY_LLAMA)
+    torch.manual_seed(0)
+    gemma = transformers.Gemma2ForCausalLM(cfg).eval()
+    with pytest.raises(
+        ValueError, match=r"cannot fold scales into input_layernorm \(Gemma2RMSNorm"
+    ):
+        smoothing.groups(gemma.model.layers[0])
+
+
+def test_awq_and_smoothquant_through_quantize_on_a_tiny_llama():
+    """Every scale lands in the model, the quantized layers hold the recipe's algorithm, and
+    the result is closer to float than min-max on the same calibration-free text."""
+    model = _tiny_llama()
+    ids = torch.randint(0, 128, (1, 48), generator=torch.Generator().manual_seed(1))
+    ref = _logits(model, ids)
+    cal = [
+        torch.randint(0, 128, (1, 48), generator=torch.Generator().manual_seed(i)) for i in range(8)
+    ]
+    err = {}
+    for algorithm in ("minmax", "awq", "smoothquant"):
+        recipe = with_algorithm(edgequant.recipes.get("8da4w"), algorithm)
+        q, _ = edgequant.quantize(copy.deepcopy(model), recipe, calibration=cal)
+        assert q.model.layers[1].mlp.down_proj.scheme.algorithm == algorithm
+        err[algorithm] = _relative(_logits(q, ids), ref)
+    assert err["awq"] < err["minmax"], err
