@@ -80,9 +80,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def _program_arg(args: argparse.Namespace) -> str | None:
-    if args.pte and args.tflite:
-        raise ValueError("pass --pte or --tflite, not both")
-    return args.pte or args.tflite
+    given = [p for p in (args.pte, args.tflite, args.gguf) if p]
+    if len(given) > 1:
+        raise ValueError("pass one of --pte, --tflite, --gguf")
+    return given[0] if given else None
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -94,13 +95,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if program:
         if args.bundle or not args.model:
             raise ValueError(
-                "--pte/--tflite FILE takes its float reference from --model M (no bundle)"
+                "--pte/--tflite/--gguf FILE takes its float reference from --model M (no bundle)"
             )
         rows = job.evaluate_program(program, reference=args.model, **options)
     elif args.bundle:
         rows = job.evaluate_bundle(args.bundle, reference=args.model, **options)
     else:
-        raise ValueError("pass a bundle folder, or --pte/--tflite FILE with --model M")
+        raise ValueError("pass a bundle folder, or --pte/--tflite/--gguf FILE with --model M")
     print(table(rows))
     return 0
 
@@ -108,12 +109,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     import edgequant
     from edgequant.artifact import load_tokenizer
-    from edgequant.export import to_pte, to_tflite
+    from edgequant.export import to_gguf, to_pte, to_tflite
     from edgequant.export.pte import check_out
 
     check_out(args.out, args.overwrite, f".{args.format}")  # before loading anything
     model = edgequant.load(args.artifact)
     tokenizer = load_tokenizer(args.artifact)
+    if args.format == "gguf":
+        source = args.tokenizer_gguf or _source_gguf(args.artifact)
+        path = to_gguf(
+            model, args.out, tokenizer=None if source else tokenizer, tokenizer_gguf=source,
+            allow_requant=args.allow_requant, overwrite=args.overwrite,
+        )  # fmt: skip
+        print(f"wrote {path} ({path.stat().st_size} bytes)")
+        return 0
     common = dict(
         max_seq_len=args.max_seq_len, allow_fallback=args.allow_fallback, overwrite=args.overwrite
     )
@@ -126,6 +135,17 @@ def cmd_export(args: argparse.Namespace) -> int:
     if tokenizer is not None and args.format == "pte":
         print(f"tokenizer for ExecuTorch's runner: {Path(args.artifact) / 'tokenizer'}")
     return 0
+
+
+def _source_gguf(artifact: str) -> str | None:
+    """The GGUF file the bundle's model was loaded from (its report.json), if it still exists."""
+    import json
+
+    report = Path(artifact) / "report.json"
+    if not report.is_file():
+        return None
+    source = json.loads(report.read_text()).get("model_source")
+    return source if source and source.endswith(".gguf") and Path(source).is_file() else None
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -147,7 +167,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
         model, tokenizer, _ = load(args.model)
     else:
-        raise ValueError("pass --model M, --artifact DIR, or --pte/--tflite FILE with one of them")
+        raise ValueError(
+            "pass --model M, --artifact DIR, or --pte/--tflite/--gguf FILE with one of them"
+        )
     program = _program_arg(args)
     if program:  # the program generates; the model above only lends its tokenizer
         from edgequant.export import load_program
@@ -279,6 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bundle", nargs="?", help="bundle folder")
     p.add_argument("--pte", help="an ExecuTorch program written by `edgequant export`")
     p.add_argument("--tflite", help="a LiteRT program written by `edgequant export`")
+    p.add_argument("--gguf", help="a GGUF file, run in llama.cpp (llama-cpp-python)")
     p.add_argument(
         "--model", help="the float model to compare with (default: the one in report.json)"
     )
@@ -290,6 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--artifact", help="a bundle folder (uses its stored tokenizer)")
     p.add_argument("--pte", help="generate with this .pte (tokenizer from --artifact or --model)")
     p.add_argument("--tflite", help="generate with this .tflite (tokenizer as for --pte)")
+    p.add_argument("--gguf", help="generate with this .gguf in llama.cpp (tokenizer as for --pte)")
     p.add_argument("--prompt", default="", help="the prompt (empty: start from BOS)")
     p.add_argument("--max-new-tokens", type=_count(1), default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -302,9 +326,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write a bundle as an on-device program")
     p.add_argument(
         "--format",
-        choices=("pte", "tflite"),
+        choices=("pte", "tflite", "gguf"),
         required=True,
-        help="pte: ExecuTorch, XNNPACK; tflite: LiteRT (fp32, fp16, int8 per-channel, int4 blocks)",
+        help="pte: ExecuTorch, XNNPACK; tflite: LiteRT (fp32, fp16, int8 per-channel, int4 "
+        "blocks); gguf: llama.cpp (Q4_0, Q8_0, F16, BF16, F32)",
     )
     p.add_argument("--artifact", required=True, help="the bundle folder to export")
     p.add_argument("--out", required=True, help="the file to write")
@@ -316,6 +341,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-fallback",
         action="store_true",
         help="keep layers the backend cannot run in float (with a warning) instead of refusing",
+    )
+    p.add_argument(
+        "--allow-requant",
+        action="store_true",
+        help="gguf: re-quantize layers with no exact GGUF type (warns with each layer's error)",
+    )
+    p.add_argument(
+        "--tokenizer-gguf",
+        help="gguf: copy the tokenizer from this GGUF file (default: the bundle's source model "
+        "when it was a GGUF file; a llama2.c tokenizer is converted)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing file")
     p.set_defaults(func=cmd_export)

@@ -1,5 +1,5 @@
-"""Exporters: ``to_pte`` (ExecuTorch, XNNPACK) and ``to_tflite`` (LiteRT), and `load_program`
-to run what they write. Heavy dependencies are imported on use."""
+"""Exporters: ``to_pte`` (ExecuTorch, XNNPACK), ``to_tflite`` (LiteRT) and ``to_gguf``
+(llama.cpp), and `load_program` to run what they write. Heavy dependencies are imported on use."""
 
 from __future__ import annotations
 
@@ -20,14 +20,23 @@ def to_tflite(*args, **kwargs):
     return _to_tflite(*args, **kwargs)
 
 
+def to_gguf(*args, **kwargs):
+    """See `edgequant.export.gguf.to_gguf`."""
+    from edgequant.export.gguf import to_gguf as _to_gguf
+
+    return _to_gguf(*args, **kwargs)
+
+
 def load_program(path: str | Path):
     """A written decoder program with edgequant's model calling convention: a ``.pte`` in
-    ExecuTorch's runtime (`PteModel`) or a ``.tflite`` in LiteRT's interpreter (`TfliteModel`).
+    ExecuTorch's runtime (`PteModel`), a ``.tflite`` in LiteRT (`TfliteModel`) or a ``.gguf``
+    in llama.cpp (`GgufModel`).
 
     >>> load_program("model.onnx")
     Traceback (most recent call last):
     ...
-    ValueError: 'model.onnx': a program file ends in .pte (ExecuTorch) or .tflite (LiteRT)
+    ValueError: 'model.onnx': a program file ends in .pte (ExecuTorch), .tflite (LiteRT) or \
+.gguf (llama.cpp)
     """
     suffix = Path(path).suffix
     if suffix == ".pte":
@@ -38,4 +47,11 @@ def load_program(path: str | Path):
         from edgequant.export.litert_runtime import TfliteModel
 
         return TfliteModel(path)
-    raise ValueError(f"{str(path)!r}: a program file ends in .pte (ExecuTorch) or .tflite (LiteRT)")
+    if suffix == ".gguf":
+        from edgequant.export.gguf_runtime import GgufModel
+
+        return GgufModel(path)
+    raise ValueError(
+        f"{str(path)!r}: a program file ends in .pte (ExecuTorch), .tflite (LiteRT) or .gguf "
+        "(llama.cpp)"
+    )

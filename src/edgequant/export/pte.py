@@ -305,7 +305,7 @@ def check_out(path: str | Path, overwrite: bool, suffix: str = ".pte") -> Path:
     if not path.parent.is_dir():
         raise FileNotFoundError(f"folder {str(path.parent)!r} does not exist")
     if path.is_dir():
-        raise FileExistsError(f"{str(path)!r} is a folder; name a .pte file")
+        raise FileExistsError(f"{str(path)!r} is a folder; name a {suffix} file")
     if path.exists() and not overwrite:
         raise FileExistsError(
             f"{str(path)!r} exists; pass overwrite=True (--overwrite) to replace it"
