@@ -309,15 +309,54 @@ def test_export_tflite_then_eval_and_generate_on_the_file(stories260k, tmp_path,
     assert from_file == capsys.readouterr().out.split("\n[")[0]  # fp16 weights, fp32 compute
 
     assert main([*gen, "--tflite", str(out), "--pte", str(tmp_path / "m.pte")]) == 2
-    assert "pass --pte or --tflite, not both" in capsys.readouterr().err
+    assert "pass one of --pte, --tflite, --gguf" in capsys.readouterr().err
+
+
+def test_export_gguf_then_eval_and_generate_in_llama_cpp(stories260k, tmp_path, capsys):
+    bundle = _bundle(tmp_path, "examples/stories260k-gguf.yaml")
+    out = tmp_path / "m.gguf"
+    export = ["export", "--format", "gguf", "--artifact", str(bundle), "--out", str(out)]
+    assert main(export) == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    assert main(export) == 2
+    assert f"{str(out)!r} exists; pass overwrite=True (--overwrite)" in capsys.readouterr().err
+
+    eval_file = ["eval", "--gguf", str(out), "--model", "stories260k", "--eval-windows", "2"]
+    assert main([*eval_file, "--seq-len", "128"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| m.gguf")]
+    assert len(rows) == 1
+
+    gen = ["generate", "--artifact", str(bundle), "--max-new-tokens", "20", "--gguf", str(out)]
+    assert main(gen) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("Once upon a time")
+
+    truncated = tmp_path / "cut.gguf"
+    truncated.write_bytes(out.read_bytes()[:5000])
+    assert main(["eval", "--gguf", str(truncated), "--model", "stories260k"]) == 2
+    assert "is not a readable GGUF file (truncated or corrupted)" in capsys.readouterr().err
+
+
+def test_export_gguf_refuses_inexact_schemes_unless_asked(stories260k, tmp_path, capsys, caplog):
+    bundle = _bundle(tmp_path, "int8-weight-only")
+    out = tmp_path / "m.gguf"
+    export = ["export", "--format", "gguf", "--artifact", str(bundle), "--out", str(out)]
+    assert main(export) == 2
+    err = capsys.readouterr().err
+    assert "GGUF has no exact type for 36 layer(s): tok_embeddings (int8 per-channel sym; " in err
+    assert "--allow-requant" in err and not out.exists()
+    with caplog.at_level(logging.WARNING):
+        assert main([*export, "--allow-requant"]) == 0
+    assert "layers.0.attention.wq re-quantized to Q8_0: " in caplog.text and out.is_file()
 
 
 def test_quantize_with_an_algorithm_and_calibration(stories260k, tmp_path, capsys):
     out = tmp_path / "g"
     base = ["quantize", "--model", "stories260k", "--recipe", "examples/stories260k-8da4w.yaml"]
     assert main([*base, "--algorithm", "gptx", "--out", str(out)]) == 2
-    assert "algorithm 'gptx' does not exist; choose from ['minmax', 'mse', 'hqq', 'gptq']" in (
-        capsys.readouterr().err
+    assert (
+        "algorithm 'gptx' does not exist; choose from ['minmax', 'mse', 'hqq', 'gptq', 'awq', "
+        "'smoothquant']" in capsys.readouterr().err
     )
     assert main([*base, "--algorithm", "gptq", "--out", str(out)]) == 2
     assert "needs calibration data: pass --calibration wikitext:128x512" in capsys.readouterr().err
