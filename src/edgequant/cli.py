@@ -287,11 +287,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", action="store_true", help="also run every preset; one table")
     p.add_argument(
         "--algorithm",
-        help="minmax, mse, hqq or gptq for every rule of the recipe (default: the recipe's own)",
+        help="minmax, mse, hqq, gptq, awq or smoothquant for every integer rule of the recipe "
+        "(default: the recipe's own)",
     )
     p.add_argument(
         "--calibration",
-        help="calibration data for gptq: wikitext[:NxL] (default 128x512, WikiText-2 past the "
+        help="calibration data for gptq, awq, smoothquant: wikitext[:NxL] (default 128x512, WikiText-2 past the "
         "evaluation windows), file:PATH[:NxL], model[:NxL] (the float model's own samples)",
     )
     add_eval_options(p)

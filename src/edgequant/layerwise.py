@@ -65,16 +65,22 @@ def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
 
 
 class _Hessian:
-    """Sums ``x^T x`` of a linear's inputs (fp64) and counts rows."""
+    """Sums ``x^T x`` of a linear's inputs (each batch's product in fp32, the sum in fp64) and
+    counts rows. Linears reading the same input tensor (q/k/v, gate/up) share one product
+    through ``shared``, which holds the last input seen and its product."""
 
-    def __init__(self, cols: int) -> None:
+    def __init__(self, cols: int, shared: dict) -> None:
         self.sum = torch.zeros(cols, cols, dtype=torch.float64)
         self.rows = 0
+        self.shared = shared
 
     def __call__(self, module, args, output) -> None:
-        x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-        self.sum += x.T @ x
-        self.rows += x.shape[0]
+        x = args[0]
+        if self.shared.get("input") is not x:
+            x2 = x.detach().reshape(-1, x.shape[-1]).float()
+            self.shared.update(input=x, product=(x2.T @ x2).double(), rows=x2.shape[0])
+        self.sum += self.shared["product"]
+        self.rows += self.shared["rows"]
 
     def value(self) -> torch.Tensor:
         return 2.0 * self.sum / max(self.rows, 1)
@@ -199,8 +205,10 @@ def run(
         gptq = {n: s for n, s in local.items() if s.algorithm == "gptq"}
         if gptq:
             modules = {n: layer.get_submodule(n) for n in gptq}
-            hessians = {n: _Hessian(linear_weight(m).shape[1]) for n, m in modules.items()}
+            shared: dict = {}
+            hessians = {n: _Hessian(linear_weight(m).shape[1], shared) for n, m in modules.items()}
             _run_layer(layer, inputs, {modules[n]: hessians[n] for n in gptq})
+            shared.clear()
             for n, scheme in gptq.items():
                 done[n] = _gptq(modules[n], scheme, hessians[n])
         results.update({f"{prefix}.{i}.{n}": r for n, r in done.items()})
@@ -228,9 +236,16 @@ def _smooth_layer(
             f"of the known layouts: {', '.join(smoothing.family_names())}"
         )
     tokens = max(s.params.get("tokens", 4096) for s in wanted.values())
-    gathered = {n: _Inputs(math.ceil(tokens / n_batches)) for n in wanted}
-    _run_layer(layer, inputs, {layer.get_submodule(n): gathered[n] for n in wanted})
-    stats = {n: g.stats() for n, g in gathered.items()}
+    # linears of one group read one input: gather it once, on the group's first linear
+    owner = {n: n for n in wanted}
+    for group in found:
+        for c in group.consumers:
+            if c in owner:
+                owner[c] = group.consumers[0] if group.consumers[0] in wanted else c
+    gathered = {o: _Inputs(math.ceil(tokens / n_batches)) for o in set(owner.values())}
+    _run_layer(layer, inputs, {layer.get_submodule(o): g for o, g in gathered.items()})
+    owned = {o: g.stats() for o, g in gathered.items()}
+    stats = {n: owned[owner[n]] for n in wanted}
     applied = {n: None for n in wanted}  # the scale folded into each linear's input columns
     for group in found:
         members = [wanted.get(c) for c in group.consumers]
@@ -267,12 +282,14 @@ def _smooth_layer(
 
 
 def _smoothed_rounding(module, scheme: Scheme, stats, s) -> algorithms.Quantized:
-    """AWQ: mse clipping weighted by the (scaled) inputs' energy (``clip``, default on);
-    SmoothQuant and AWQ without ``clip``: min-max."""
+    """AWQ: mse clipping weighted by the (scaled) inputs' energy (``clip``, default on; with
+    ``signed_scales`` as `algorithms.mse` has it); SmoothQuant and AWQ without ``clip``:
+    min-max."""
     weight = linear_weight(module)
     if scheme.algorithm == "awq" and scheme.params.get("clip", True):
         energy = stats.mean_sq if s is None else stats.mean_sq / (s * s)
-        return algorithms.mse(weight, scheme, importance=energy)
+        signed = scheme.params.get("signed_scales", False)
+        return algorithms.mse(weight, scheme, importance=energy, signed_scales=signed)
     return algorithms.minmax(weight, scheme)
 
 
@@ -283,7 +300,8 @@ def _next_args(output, args: tuple) -> tuple:
 
 def _outside_layers(model, schemes, batches, results) -> None:
     modules = {fqn: model.get_submodule(fqn) for fqn in schemes}
-    hessians = {fqn: _Hessian(linear_weight(m).shape[1]) for fqn, m in modules.items()}
+    shared: dict = {}
+    hessians = {fqn: _Hessian(linear_weight(m).shape[1], shared) for fqn, m in modules.items()}
     handles = [m.register_forward_hook(hessians[f]) for f, m in modules.items()]
     names = sorted({s.algorithm for s in schemes.values()})
     try:

@@ -93,7 +93,11 @@ class GgufModel:
 
     ``extra_buffers`` (llama.cpp's repacked weight layouts) defaults to on, except where
     llama.cpp uses Intel AMX: its AMX kernels crashed (segfault) on small matrices here
-    (stories260K's 64-wide layers, in Q8_0 and Q4_0)."""
+    (stories260K's 64-wide layers, in Q8_0 and Q4_0).
+
+    ``last_only=True`` is how llama.cpp's own tools run (for speed measurements): llama.cpp
+    computes the logits of the last position of each call only, and a call returns
+    ``[1, 1, vocab]``."""
 
     def __init__(
         self,
@@ -101,6 +105,7 @@ class GgufModel:
         n_ctx: int | None = None,
         n_threads: int | None = None,
         extra_buffers: bool | None = None,
+        last_only: bool = False,
     ) -> None:
         try:
             import llama_cpp  # noqa: F401
@@ -122,9 +127,10 @@ class GgufModel:
             n_ctx=n_ctx,
             n_batch=min(n_ctx, 512),
             n_threads=n_threads or torch.get_num_threads(),
-            logits_all=True,
+            logits_all=not last_only,
             verbose=False,
         )
+        self.last_only = last_only
         self.args = GgufArgs(
             max_seq_len=n_ctx,
             vocab_size=int(self._llm.n_vocab()),
@@ -152,6 +158,9 @@ class GgufModel:
             )
         self._llm.n_tokens = start_pos  # eval() drops the cache past this position
         self._llm.eval(tokens[0].tolist())
+        if self.last_only:
+            last = np.ctypeslib.as_array(self._llm._ctx.get_logits(), shape=(self.args.vocab_size,))
+            return torch.from_numpy(last.copy())[None, None]  # [1, 1, vocab]
         scores = np.array(self._llm.scores[start_pos:end], dtype=np.float32)
         return torch.from_numpy(scores)[None]  # [1, T, vocab]
 
