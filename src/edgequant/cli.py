@@ -292,8 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--calibration",
-        help="calibration data for gptq, awq, smoothquant: wikitext[:NxL] (default 128x512, WikiText-2 past the "
-        "evaluation windows), file:PATH[:NxL], model[:NxL] (the float model's own samples)",
+        help="calibration data for gptq, awq, smoothquant: wikitext[:NxL] (default 128x512, "
+        "WikiText-2 past the evaluation windows), file:PATH[:NxL], model[:NxL] (the float "
+        "model's own samples)",
     )
     add_eval_options(p)
     p.set_defaults(func=cmd_quantize)
