@@ -1,7 +1,8 @@
 """SmolLM2-135M as GGUF files in llama.cpp: edgequant's int4 group-32 weights written as Q4_0
-(min-max, and a better algorithm) against llama.cpp's own quantizer (Q4_0, IQ4_NL) run on
-edgequant's F32 file; for each file its bytes, KL / top-1 / perplexity measured in llama.cpp on
-the same windows, and decode / prefill tokens/s in llama.cpp, interleaved round by round.
+(min-max, and a better algorithm) against llama.cpp's own quantizer (Q4_0 and IQ4_NL, each
+without and with an importance matrix from the same calibration data) run on edgequant's F32
+file; for each file its bytes, KL / top-1 / perplexity measured in llama.cpp on the same
+windows, and decode / prefill tokens/s in llama.cpp, interleaved round by round.
 
     python benchmarks/gguf.py [--folder build/gguf] [--windows 8] [--rounds 5]
         [--algorithm awq] [--calibration wikitext:128x512] [--out FILE]
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import ctypes
 import json
 import statistics
 import time
@@ -29,7 +29,7 @@ import torch
 import edgequant
 from edgequant import calibration as cal
 from edgequant import eval as ev
-from edgequant.export.gguf import read_layers, to_gguf
+from edgequant.export.gguf import importance_matrix, llama_quantize, read_layers, to_gguf
 from edgequant.export.gguf_runtime import GgufModel
 from edgequant.models import default_model_path, load
 from edgequant.models.base import logits as eager_logits
@@ -39,21 +39,13 @@ from edgequant.schemes import Scheme
 PROMPT_TOKENS, NEW_TOKENS, THREADS = 64, 128, 2
 Q4 = Scheme("int4", "per_group", 32, scale_dtype="fp16")
 EMBEDDING = {"Q8_0": Scheme("int8", "per_group", 32, scale_dtype="fp16"), "Q4_0": Q4}
-# llama.cpp's file types (llama_ftype) for its own quantizer
-LLAMA_FTYPES = {"llama.cpp-Q4_0": 2, "llama.cpp-IQ4_NL": 25}
-
-
-def llama_quantize(src: Path, dst: Path, ftype: int) -> float:
-    """llama.cpp's own quantizer (``llama_model_quantize``) on ``src``; returns seconds."""
-    import llama_cpp
-
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = ftype
-    params.nthread = THREADS
-    started = time.perf_counter()
-    if llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params)):
-        raise RuntimeError(f"llama_model_quantize failed on {src} (ftype {ftype})")
-    return time.perf_counter() - started
+# llama.cpp's own quantizer: variant -> (file type, with an importance matrix)
+LLAMA_VARIANTS = {
+    "llama.cpp-Q4_0": ("Q4_0", False),
+    "llama.cpp-Q4_0-imatrix": ("Q4_0", True),
+    "llama.cpp-IQ4_NL": ("IQ4_NL", False),
+    "llama.cpp-IQ4_NL-imatrix": ("IQ4_NL", True),
+}
 
 
 def ours(algorithm: str, embedding: str, overrides: dict) -> Recipe:
@@ -104,14 +96,25 @@ def main() -> None:
         t = time.perf_counter()
         to_gguf(model, folder / "f32.gguf", tokenizer_gguf=source, overwrite=True)
         record("f32", f32_how, time.perf_counter() - t)
-    for name, ftype in LLAMA_FTYPES.items():
-        how = f"llama_model_quantize ftype {ftype} on f32.gguf"
-        if not done(name, how):
-            record(name, how, llama_quantize(files["f32"]["path"], folder / f"{name}.gguf", ftype))
+    data = cal.parse(args.calibration, tokenizer, model=model)
+    imatrix = None
+    for name, (file_type, weighted) in LLAMA_VARIANTS.items():
+        how = f"llama_model_quantize {file_type} on f32.gguf" + (
+            f", importance matrix from {data.source}" if weighted else ""
+        )
+        if done(name, how):
+            continue
+        if weighted and imatrix is None:
+            imatrix = importance_matrix(model, data)
+        t = time.perf_counter()
+        llama_quantize(
+            files["f32"]["path"], folder / f"{name}.gguf", file_type,
+            imatrix=imatrix if weighted else None, threads=THREADS, overwrite=True,
+        )  # fmt: skip
+        record(name, how, time.perf_counter() - t)
     embedding = read_layers(files["llama.cpp-Q4_0"]["path"])["token_embd.weight"][0]
     print(f"llama.cpp's Q4_0 keeps token_embd (shared by the output) in {embedding}", flush=True)
 
-    data = cal.parse(args.calibration, tokenizer, model=model)
     for algorithm, overrides in (("minmax", {}), (args.algorithm, {"signed_scales": True})):
         if algorithm not in ("awq", "mse"):  # the others take no signed_scales
             overrides = {}

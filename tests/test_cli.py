@@ -313,6 +313,8 @@ def test_export_tflite_then_eval_and_generate_on_the_file(stories260k, tmp_path,
 
 
 def test_export_gguf_then_eval_and_generate_in_llama_cpp(stories260k, tmp_path, capsys):
+    from edgequant.export.gguf import read_layers
+
     bundle = _bundle(tmp_path, "examples/stories260k-gguf.yaml")
     out = tmp_path / "m.gguf"
     export = ["export", "--format", "gguf", "--artifact", str(bundle), "--out", str(out)]
@@ -330,6 +332,15 @@ def test_export_gguf_then_eval_and_generate_in_llama_cpp(stories260k, tmp_path, 
     assert main(gen) == 0
     text = capsys.readouterr().out
     assert text.startswith("Once upon a time")
+
+    mixed = tmp_path / "mixed.gguf"
+    llama = [*export[:-1], str(mixed), "--llama-quantize", "Q4_0", "--tensor-type", "attn_v=Q8_0"]
+    assert main([*llama, "--tensor-type", "attn_v"]) == 2
+    assert "--tensor-type 'attn_v': expected PATTERN=TYPE" in capsys.readouterr().err
+    assert main([*llama, "--imatrix", "wikitext:4x64"]) == 0
+    kinds = {name: kind for name, (kind, _) in read_layers(mixed).items()}
+    assert kinds["blk.0.attn_v.weight"] == "Q8_0" and kinds["blk.0.ffn_gate.weight"] == "Q4_0"
+    assert list(tmp_path.glob("tmp*")) == []  # the float intermediate is gone
 
     truncated = tmp_path / "cut.gguf"
     truncated.write_bytes(out.read_bytes()[:5000])

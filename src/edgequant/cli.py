@@ -117,10 +117,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(args.artifact)
     if args.format == "gguf":
         source = args.tokenizer_gguf or _source_gguf(args.artifact)
-        path = to_gguf(
-            model, args.out, tokenizer=None if source else tokenizer, tokenizer_gguf=source,
-            allow_requant=args.allow_requant, overwrite=args.overwrite,
-        )  # fmt: skip
+        options = dict(tokenizer=None if source else tokenizer, tokenizer_gguf=source)
+        if args.llama_quantize:
+            path = _llama_quantized(args, model, tokenizer, options)
+        else:
+            path = to_gguf(
+                model, args.out, allow_requant=args.allow_requant, overwrite=args.overwrite,
+                **options,
+            )  # fmt: skip
         print(f"wrote {path} ({path.stat().st_size} bytes)")
         return 0
     common = dict(
@@ -135,6 +139,33 @@ def cmd_export(args: argparse.Namespace) -> int:
     if tokenizer is not None and args.format == "pte":
         print(f"tokenizer for ExecuTorch's runner: {Path(args.artifact) / 'tokenizer'}")
     return 0
+
+
+def _llama_quantized(args: argparse.Namespace, model, tokenizer, options: dict) -> Path:
+    """The bundle as a GGUF file, then llama.cpp's own quantizer on it (``--llama-quantize``)."""
+    import tempfile
+
+    from edgequant.export import gguf as gg
+
+    types = {}
+    for item in args.tensor_type or []:
+        pattern, sep, kind = item.rpartition("=")
+        if not sep or not pattern or not kind:
+            raise ValueError(f"--tensor-type {item!r}: expected PATTERN=TYPE, e.g. attn_v=Q8_0")
+        types[pattern] = kind
+    gg.check_out(args.out, args.overwrite, ".gguf")
+    imatrix = None
+    if args.imatrix:
+        from edgequant import calibration
+
+        data = calibration.parse(args.imatrix, tokenizer, model=model)
+        imatrix = gg.importance_matrix(model, data)
+    with tempfile.TemporaryDirectory(dir=Path(args.out).parent) as tmp:
+        source = gg.to_gguf(model, Path(tmp) / "source.gguf", allow_requant=True, **options)
+        return gg.llama_quantize(
+            source, args.out, args.llama_quantize, tensor_types=types, imatrix=imatrix,
+            overwrite=args.overwrite,
+        )  # fmt: skip
 
 
 def _source_gguf(artifact: str) -> str | None:
@@ -353,6 +384,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--tokenizer-gguf",
         help="gguf: copy the tokenizer from this GGUF file (default: the bundle's source model "
         "when it was a GGUF file; a llama2.c tokenizer is converted)",
+    )
+    p.add_argument(
+        "--llama-quantize",
+        metavar="FTYPE",
+        help="gguf: then run llama.cpp's own quantizer with this mix (Q4_0, Q4_K_M, IQ4_NL, ...) "
+        "on the written file (best from a float or fp16 bundle)",
+    )
+    p.add_argument(
+        "--tensor-type",
+        action="append",
+        metavar="PATTERN=TYPE",
+        help="with --llama-quantize: tensors matching the regex get this GGML type (repeatable)",
+    )
+    p.add_argument(
+        "--imatrix",
+        metavar="SPEC",
+        help="with --llama-quantize: an importance matrix from this calibration data "
+        "(wikitext[:NxL], file:PATH[:NxL], model[:NxL])",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing file")
     p.set_defaults(func=cmd_export)

@@ -125,8 +125,17 @@ def _write(module: nn.Module, result: algorithms.Quantized, scheme: Scheme) -> N
     module.weight = nn.Parameter(dequantized.to(module.weight.dtype), requires_grad=False)
 
 
+def _rounds_by_gptq(scheme: Scheme) -> bool:
+    """GPTQ rounds it: a ``gptq`` rule, or ``awq`` with ``gptq: true`` (AWQ's scales, then
+    GPTQ on the scaled inputs)."""
+    return scheme.algorithm == "gptq" or (
+        scheme.algorithm == "awq" and scheme.params.get("gptq", False)
+    )
+
+
 def _gptq(module: nn.Module, scheme: Scheme, h: _Hessian) -> algorithms.Quantized:
-    result = algorithms.gptq(linear_weight(module), scheme, h.value(), **scheme.params)
+    params = scheme.params if scheme.algorithm == "gptq" else {}
+    result = algorithms.gptq(linear_weight(module), scheme, h.value(), **params)
     _write(module, result, scheme)
     return result
 
@@ -202,7 +211,7 @@ def run(
             inputs = [(_next_args(layer(*a, **kw), a), kw) for a, kw in inputs]
             continue
         done = _smooth_layer(layer, local, inputs, len(batches), where)
-        gptq = {n: s for n, s in local.items() if s.algorithm == "gptq"}
+        gptq = {n: s for n, s in local.items() if _rounds_by_gptq(s)}
         if gptq:
             modules = {n: layer.get_submodule(n) for n in gptq}
             shared: dict = {}
@@ -275,6 +284,8 @@ def _smooth_layer(
         return {n: s for n, s in applied.items() if s is not None}
     done = {}
     for n, scheme in wanted.items():
+        if _rounds_by_gptq(scheme):
+            continue  # rounded by the GPTQ pass that follows, on the scaled inputs
         module = layer.get_submodule(n)
         done[n] = _smoothed_rounding(module, scheme, stats[n], applied[n])
         _write(module, done[n], scheme)
@@ -314,7 +325,7 @@ def _outside_layers(model, schemes, batches, results) -> None:
             h.remove()
     for fqn, module in modules.items():
         scheme = schemes[fqn]
-        if scheme.algorithm == "gptq":
+        if _rounds_by_gptq(scheme):
             results[fqn] = _gptq(module, scheme, hessians[fqn])
             continue
         energy = torch.diag(hessians[fqn].value()).float() / 2

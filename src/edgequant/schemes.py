@@ -27,7 +27,7 @@ ALGORITHMS: dict[str, dict[str, type]] = {
     "mse": {"steps": int, "min_ratio": float, "signed_scales": bool},
     "hqq": {"iters": int, "p": float, "beta": float, "kappa": float},
     "gptq": {"damp": float, "act_order": bool, "block": int, "scales": str},
-    "awq": {"grid": int, "clip": bool, "tokens": int, "signed_scales": bool},
+    "awq": {"grid": int, "clip": bool, "tokens": int, "signed_scales": bool, "gptq": bool},
     "smoothquant": {"alpha": float, "grid": int, "tokens": int},
 }
 # Algorithms that need calibration data (`edgequant.calibration`).

@@ -8,12 +8,12 @@ import copy
 import logging
 import struct
 
-import gguf
 import numpy as np
 import pytest
 import torch
 
 import edgequant
+import gguf
 from edgequant import eval as ev
 from edgequant.export import gguf as gg
 from edgequant.export import load_program
@@ -211,3 +211,53 @@ def test_truncated_file_is_a_clear_error(files, tmp_path):
     cut.write_bytes(b"GGUF" + struct.pack("<I", 3) + b"\x00" * 8)
     with pytest.raises(ValueError, match="is not a readable GGUF file"):
         check_file(cut)
+
+
+def test_llama_cpps_own_quantizer_with_tensor_types_and_an_importance_matrix(
+    stories260k, files, tmp_path
+):
+    from edgequant import calibration
+
+    model, tok = stories260k
+    sums, tokens = gg.importance_matrix(model, calibration.wikitext(tok, 8, 128))  # seeded
+    assert tokens == 8 * 128
+    assert sums["blk.0.attn_q.weight"].shape == (64,) and sums["blk.4.ffn_down.weight"].shape == (
+        172,
+    )
+    assert "token_embd.weight" not in sums  # a lookup table has no input activations
+    # layer 0's q/k/v read the attention norm of the embeddings: the same sums by hand
+    total = torch.zeros(64, dtype=torch.float64)
+    with torch.no_grad():
+        for ids in calibration.wikitext(tok, 8, 128):
+            x = model.layers[0].attention_norm(model.tok_embeddings(ids)).double()
+            total += (x * x).sum((0, 1))
+    assert np.allclose(sums["blk.0.attn_k.weight"], total.numpy(), rtol=1e-4)
+
+    types = {"attn_v": "Q8_0"}
+    plain = gg.llama_quantize(files["fp32"], tmp_path / "q.gguf", "Q4_0", tensor_types=types)
+    weighted = gg.llama_quantize(
+        files["fp32"], tmp_path / "qi.gguf", "Q4_0", tensor_types=types, imatrix=(sums, tokens)
+    )
+    a, b = gg.read_layers(plain), gg.read_layers(weighted)
+    assert a["blk.0.attn_v.weight"][0] == "Q8_0" and a["blk.0.attn_q.weight"][0] == "Q4_0"
+    assert not np.array_equal(a["blk.0.attn_q.weight"][1], b["blk.0.attn_q.weight"][1])
+    w = ev.windows(ev.tokenize_file(tok, ev.default_text()), 128, 2)
+    ref = torch.stack([model(x[None])[0] for x in w]).detach()
+    for path in (plain, weighted):
+        got = torch.stack([GgufModel(path)(x[None])[0] for x in w])
+        assert ev.compare(ref, got, w)["kl_divergence"] < 0.5, path
+
+    with pytest.raises(ValueError, match="llama.cpp has no file type 'Q4_9'; known: "):
+        gg.llama_quantize(files["fp32"], tmp_path / "x.gguf", "Q4_9")
+    with pytest.raises(ValueError, match="tensor type 'Q9' \\(for 'attn_v'\\) is not a GGML type"):
+        gg.llama_quantize(files["fp32"], tmp_path / "x.gguf", "Q4_0", tensor_types={"attn_v": "Q9"})
+
+    path = gg.write_imatrix(tmp_path / "m.imatrix.gguf", sums, tokens, dataset="w", chunk_size=128)
+    reader = gguf.GGUFReader(str(path))
+    assert reader.fields["general.type"].contents() == "imatrix"
+    assert reader.fields["imatrix.chunk_count"].contents() == 8
+    back = {t.name: np.array(t.data) for t in reader.tensors}
+    assert np.array_equal(
+        back["blk.0.attn_q.weight.in_sum2"].reshape(-1), sums["blk.0.attn_q.weight"]
+    )
+    assert float(back["blk.0.attn_q.weight.counts"].reshape(-1)[0]) == tokens
