@@ -115,10 +115,14 @@ def main() -> None:
     embedding = read_layers(files["llama.cpp-Q4_0"]["path"])["token_embd.weight"][0]
     print(f"llama.cpp's Q4_0 keeps token_embd (shared by the output) in {embedding}", flush=True)
 
-    for algorithm, overrides in (("minmax", {}), (args.algorithm, {"signed_scales": True})):
+    ours_variants = [("minmax", {}, "minmax"), (args.algorithm, {"signed_scales": True}, "")]
+    if args.algorithm == "awq":  # AWQ's scales, then GPTQ on the scaled inputs
+        ours_variants.append(("awq", {"gptq": True}, "awq-gptq"))
+    for algorithm, overrides, label in ours_variants:
         if algorithm not in ("awq", "mse"):  # the others take no signed_scales
             overrides = {}
-        name = f"edgequant-Q4_0-{algorithm}"
+        label = label or algorithm + ("-signed" if overrides.get("signed_scales") else "")
+        name = f"edgequant-Q4_0-{label}"
         how = f"edgequant {algorithm} {overrides} int4 g32 fp16 -> Q4_0, embedding {embedding}"
         if done(name, how):
             continue

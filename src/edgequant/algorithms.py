@@ -184,16 +184,20 @@ def hqq(
     p: float = 0.7,
     beta: float = 10.0,
     kappa: float = 1.01,
+    start: str = "mse",
 ) -> Quantized:
     """Half-quadratic quantization (Badri & Shaji, 2023), calibration-free: alternate rounding,
     an l_p shrinkage of the residual (which lets outliers go) and a closed-form update of the
     scale (symmetric: least squares of the kept part on the integers) or zero point
-    (asymmetric). Starts from `mse`'s scales; keeps the iterate with the lowest squared error."""
+    (asymmetric). Starts from `mse`'s scales (``start="minmax"``: from min-max's, as torchao's
+    scale-only HQQ does); keeps the iterate with the lowest squared error."""
+    if start not in ("mse", "minmax"):
+        raise ValueError(f"hqq start must be 'mse' or 'minmax', got {start!r}")
     w = weight.detach().float()
     rows, cols = w.shape
     g = group_size_of(scheme, cols)
     wg = _groups(w, g)
-    start = mse(weight, scheme)
+    start = mse(weight, scheme) if start == "mse" else minmax(weight, scheme)
     scale = start.scale.float()
     zero = None if start.zero_point is None else start.zero_point.float()
     best_scale, best_zero = start.scale, start.zero_point

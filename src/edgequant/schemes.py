@@ -25,7 +25,7 @@ ACTIVATIONS = ("none", "int8_dynamic", "int8_static")
 ALGORITHMS: dict[str, dict[str, type]] = {
     "minmax": {},
     "mse": {"steps": int, "min_ratio": float, "signed_scales": bool},
-    "hqq": {"iters": int, "p": float, "beta": float, "kappa": float},
+    "hqq": {"iters": int, "p": float, "beta": float, "kappa": float, "start": str},
     "gptq": {"damp": float, "act_order": bool, "block": int, "scales": str},
     "awq": {"grid": int, "clip": bool, "tokens": int, "signed_scales": bool, "gptq": bool},
     "smoothquant": {"alpha": float, "grid": int, "tokens": int},
