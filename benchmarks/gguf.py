@@ -21,20 +21,24 @@ import argparse
 import copy
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
-import torch
+# this file is named like the `gguf` package: keep its folder off the import path
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent.resolve()]
 
-import edgequant
-from edgequant import calibration as cal
-from edgequant import eval as ev
-from edgequant.export.gguf import importance_matrix, llama_quantize, read_layers, to_gguf
-from edgequant.export.gguf_runtime import GgufModel
-from edgequant.models import default_model_path, load
-from edgequant.models.base import logits as eager_logits
-from edgequant.recipe import Recipe, Rule
-from edgequant.schemes import Scheme
+import torch  # noqa: E402
+
+import edgequant  # noqa: E402
+from edgequant import calibration as cal  # noqa: E402
+from edgequant import eval as ev  # noqa: E402
+from edgequant.export.gguf import importance_matrix, llama_quantize, read_layers, to_gguf  # noqa: E402
+from edgequant.export.gguf_runtime import GgufModel  # noqa: E402
+from edgequant.models import default_model_path, load  # noqa: E402
+from edgequant.models.base import logits as eager_logits  # noqa: E402
+from edgequant.recipe import Recipe, Rule  # noqa: E402
+from edgequant.schemes import Scheme  # noqa: E402
 
 PROMPT_TOKENS, NEW_TOKENS, THREADS = 64, 128, 2
 Q4 = Scheme("int4", "per_group", 32, scale_dtype="fp16")
