@@ -124,7 +124,8 @@ INVALID = [
     ),
     (
         dict(weight="int8", algorithm="gptx"),
-        "Scheme: algorithm 'gptx' is not allowed; allowed: ['minmax', 'mse', 'hqq', 'gptq']",
+        "Scheme: algorithm 'gptx' is not allowed; allowed: ['minmax', 'mse', 'hqq', 'gptq', "
+        "'awq', 'smoothquant']",
     ),
     (
         dict(weight="int8", granularity="per_tensor", algorithm="mse"),

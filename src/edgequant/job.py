@@ -314,6 +314,16 @@ def evaluate_bundle(
     return [float_row, {**measured, "recipe": name}]
 
 
+def _for_speed(program):
+    """The program as its runtime's own tools run it: a GGUF file with llama.cpp computing the
+    last position's logits only (the evaluation needs them all)."""
+    from edgequant.export.gguf_runtime import GgufModel
+
+    if isinstance(program, GgufModel):
+        return GgufModel(program.path, n_ctx=program.args.max_seq_len, last_only=True)
+    return program
+
+
 def evaluate_program(
     path: str | Path,
     *,
@@ -322,8 +332,8 @@ def evaluate_program(
     seq_len: int = DEFAULT_SEQ_LEN,
     text: str | Path | None = None,
 ) -> list[dict[str, Any]]:
-    """Rows (float, program) measuring a written program (``.pte`` or ``.tflite``) against the
-    float model ``reference``, on the same windows and with the same tokenizer."""
+    """Rows (float, program) measuring a written program (``.pte``, ``.tflite``, ``.gguf``)
+    against the float model ``reference``, on the same windows and with the same tokenizer."""
     from edgequant.export import load_program
     from edgequant.models import load
 
@@ -338,7 +348,7 @@ def evaluate_program(
     speed_ids, float_pass, float_speed = _float_side(
         float_model, tokenizer, info, eval_windows, seq_len, text, context
     )
-    program_speed = _speed(program, speed_ids, context)
+    program_speed = _speed(_for_speed(program), speed_ids, context)
     rows = [
         _float_row(float_speed),
         {
