@@ -16,17 +16,6 @@ from edgequant import calibration, layerwise, smoothing
 from edgequant.job import with_algorithm
 from edgequant.recipe import Recipe
 
-TINY_LLAMA = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    num_hidden_layers=2,
-    vocab_size=128,
-    max_position_embeddings=64,
-)
-
 
 def _logits(model, ids):
     with torch.no_grad():
@@ -36,11 +25,6 @@ def _logits(model, ids):
 
 def _relative(a, b) -> float:
     return float((a - b).norm() / b.norm())
-
-
-def _tiny_llama():
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY_LLAMA)).eval()
 
 
 def _fold_random(model, layers) -> int:
@@ -70,8 +54,8 @@ def test_random_scales_fold_without_changing_stories260k(fresh_stories260k, stor
     assert _relative(_logits(model, story_ids), ref) < 1e-5
 
 
-def test_random_scales_fold_without_changing_a_hugging_face_llama():
-    model = _tiny_llama()
+def test_random_scales_fold_without_changing_a_hugging_face_llama(tiny_hf_llama):
+    model = copy.deepcopy(tiny_hf_llama)
     ids = torch.randint(0, 128, (1, 48), generator=torch.Generator().manual_seed(1))
     ref = _logits(model, ids)
     assert smoothing.groups(model.model.layers[0])[1].tie == (2, 16)
@@ -113,7 +97,10 @@ def test_unknown_layouts_and_gemma_norms_are_refused():
         r"known layouts: llama2c, llama \(Hugging Face\)",
     ):
         edgequant.quantize(Toy(), recipe, calibration=[torch.zeros(1, 4, dtype=torch.long)])
-    cfg = transformers.Gemma2Config(**TINY_LLAMA)
+    cfg = transformers.Gemma2Config(
+        hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, num_hidden_layers=1, vocab_size=128,
+    )  # fmt: skip
     torch.manual_seed(0)
     gemma = transformers.Gemma2ForCausalLM(cfg).eval()
     with pytest.raises(
@@ -122,10 +109,10 @@ def test_unknown_layouts_and_gemma_norms_are_refused():
         smoothing.groups(gemma.model.layers[0])
 
 
-def test_awq_and_smoothquant_through_quantize_on_a_tiny_llama():
+def test_awq_and_smoothquant_through_quantize_on_a_tiny_llama(tiny_hf_llama):
     """Every scale lands in the model, the quantized layers hold the recipe's algorithm, and
     the result is closer to float than min-max on the same calibration-free text."""
-    model = _tiny_llama()
+    model = tiny_hf_llama
     ids = torch.randint(0, 128, (1, 48), generator=torch.Generator().manual_seed(1))
     ref = _logits(model, ids)
     cal = [

@@ -23,8 +23,6 @@ GGUF type: it is refused with the nearest exact scheme, or re-quantized with
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgequant._io import publish_mode
+from edgequant._io import atomic_path
 from edgequant.export.pte import check_out
 from edgequant.layers import QuantizedEmbedding, QuantizedLinear
 from edgequant.schemes import Scheme
@@ -391,10 +389,7 @@ def to_gguf(
             "e.g. the model's source) or tokenizer= (a llama2.c tokenizer)"
         )
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    with atomic_path(out) as tmp:
         writer = gguf.GGUFWriter(str(tmp), "llama")
         writer.add_name(name or out.stem)
         writer.add_context_length(h.context_length)
@@ -421,11 +416,6 @@ def to_gguf(
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        publish_mode(tmp)
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return out
 
 
@@ -516,10 +506,7 @@ def write_imatrix(
     import gguf
 
     path = Path(path)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    with atomic_path(path) as tmp:
         writer = gguf.GGUFWriter(str(tmp), "")
         writer.add_key_value("general.type", "imatrix", gguf.GGUFValueType.STRING)
         writer.add_key_value("imatrix.datasets", [dataset], gguf.GGUFValueType.ARRAY,
@@ -534,11 +521,6 @@ def write_imatrix(
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        publish_mode(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return path
 
 
@@ -605,20 +587,12 @@ def llama_quantize(
             data[i].size = mean.size
         params.imatrix = data
         keep.append(data)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    with atomic_path(out) as tmp:
         failed = llama_cpp.llama_model_quantize(
             str(source).encode(), str(tmp).encode(), ctypes.byref(params)
         )
         if failed:
             raise ValueError(f"llama.cpp could not quantize {str(source)!r} to {file_type}")
-        publish_mode(tmp)
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return out
 
 

@@ -9,25 +9,15 @@ The KV cache lives inside llama.cpp: one `GgufModel` serves one sequence at a ti
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from edgequant.export.pte_runtime import PteArgs, _Positions
 
-@dataclass(frozen=True)
-class GgufArgs:
-    max_seq_len: int
-    vocab_size: int
-    n_layers: int
-
-
-class _Positions:
-    """Stands for the KV cache, which lives inside llama.cpp."""
-
-    def __init__(self, max_len: int) -> None:
-        self.max_len = max_len
+# the same program facts and cache stand-in as a .pte's (the KV cache lives inside llama.cpp)
+GgufArgs = PteArgs
 
 
 def check_file(path: str | Path) -> dict:
