@@ -14,10 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edgequant.export.pte_runtime import PteArgs, _Positions
-
-# the same program facts and cache stand-in as a .pte's (the KV cache lives inside llama.cpp)
-GgufArgs = PteArgs
+from edgequant.export.pte_runtime import ProgramModel, PteArgs
 
 
 def check_file(path: str | Path) -> dict:
@@ -77,7 +74,7 @@ def _load(path: Path, extra_buffers: bool, **kwargs):
         native.llama_model_default_params = defaults
 
 
-class GgufModel:
+class GgufModel(ProgramModel):
     """A GGUF file loaded in llama.cpp, with ``n_ctx`` positions (default: the model's
     context length, at most 1024) and ``n_threads`` (default: torch's thread count).
 
@@ -88,6 +85,8 @@ class GgufModel:
     ``last_only=True`` is how llama.cpp's own tools run (for speed measurements): llama.cpp
     computes the logits of the last position of each call only, and a call returns
     ``[1, 1, vocab]``."""
+
+    what = "a GGUF model here"
 
     def __init__(
         self,
@@ -121,27 +120,15 @@ class GgufModel:
             verbose=False,
         )
         self.last_only = last_only
-        self.args = GgufArgs(
+        self.args = PteArgs(
             max_seq_len=n_ctx,
             vocab_size=int(self._llm.n_vocab()),
             n_layers=int(meta.get(f"{arch}.block_count", 0)),
         )
         self.path = path
 
-    def new_cache(self, batch: int = 1, max_len: int | None = None, **_) -> _Positions:
-        if batch != 1:
-            raise ValueError(f"a GGUF model here decodes one sequence; got batch {batch}")
-        return _Positions(self.args.max_seq_len if max_len is None else max_len)
-
     def __call__(self, tokens: torch.Tensor, start_pos: int = 0, cache=None) -> torch.Tensor:
-        if tokens.dim() != 2 or tokens.shape[0] != 1:
-            raise ValueError(f"tokens must be [1, seq], got shape {tuple(tokens.shape)}")
-        end = start_pos + tokens.shape[1]
-        if end > self.args.max_seq_len:
-            raise ValueError(
-                f"start_pos + seq must be <= max_seq_len={self.args.max_seq_len}, got "
-                f"{start_pos} + {tokens.shape[1]}"
-            )
+        end = self._check(tokens, start_pos)
         if start_pos > self._llm.n_tokens:
             raise ValueError(
                 f"start_pos {start_pos} skips positions: llama.cpp holds {self._llm.n_tokens}"
@@ -153,15 +140,6 @@ class GgufModel:
             return torch.from_numpy(last.copy())[None, None]  # [1, 1, vocab]
         scores = np.array(self._llm.scores[start_pos:end], dtype=np.float32)
         return torch.from_numpy(scores)[None]  # [1, T, vocab]
-
-    def eval(self) -> GgufModel:
-        return self
-
-    def parameters(self):  # the weights live inside llama.cpp
-        return iter(())
-
-    def buffers(self):
-        return iter(())
 
 
 __all__ = ["GgufModel", "check_file", "has_amx"]

@@ -40,8 +40,45 @@ def _load(path: Path, what: str, read):
         raise ValueError(f"{str(path)!r} is not a loadable {what}: {e}") from None
 
 
-class PteModel:
+class ProgramModel:
+    """edgequant's decoder calling convention over a program whose weights and KV cache live
+    in its runtime (`PteModel`, `edgequant.export.gguf_runtime.GgufModel`): one sequence at a
+    time; subclasses set ``args`` and ``what`` and run ``tokens`` after `_check`."""
+
+    what = "a program"
+    args: PteArgs
+
+    def new_cache(self, batch: int = 1, max_len: int | None = None, **_) -> _Positions:
+        if batch != 1:
+            raise ValueError(f"{self.what} decodes one sequence; got batch {batch}")
+        return _Positions(self.args.max_seq_len if max_len is None else max_len)
+
+    def _check(self, tokens: torch.Tensor, start_pos: int) -> int:
+        """The end position of ``tokens`` ``[1, T]`` at ``start_pos``, if the program holds it."""
+        if tokens.dim() != 2 or tokens.shape[0] != 1:
+            raise ValueError(f"tokens must be [1, seq], got shape {tuple(tokens.shape)}")
+        end = start_pos + tokens.shape[1]
+        if end > self.args.max_seq_len:
+            raise ValueError(
+                f"start_pos + seq must be <= max_seq_len={self.args.max_seq_len}, got "
+                f"{start_pos} + {tokens.shape[1]}"
+            )
+        return end
+
+    def eval(self) -> ProgramModel:
+        return self
+
+    def parameters(self):  # the weights live inside the program
+        return iter(())
+
+    def buffers(self):
+        return iter(())
+
+
+class PteModel(ProgramModel):
     """A loaded ``.pte`` with edgequant's decoder calling convention."""
+
+    what = "a .pte"
 
     def __init__(self, path: str | Path) -> None:
         import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401  (llama:: kernels)
@@ -67,30 +104,10 @@ class PteModel:
         )
         self.path = path
 
-    def new_cache(self, batch: int = 1, max_len: int | None = None, **_) -> _Positions:
-        if batch != 1:
-            raise ValueError(f"a .pte decodes one sequence; got batch {batch}")
-        return _Positions(self.args.max_seq_len if max_len is None else max_len)
-
     def __call__(self, tokens: torch.Tensor, start_pos: int = 0, cache=None) -> torch.Tensor:
-        if tokens.dim() != 2 or tokens.shape[0] != 1:
-            raise ValueError(f"tokens must be [1, seq], got shape {tuple(tokens.shape)}")
-        if start_pos + tokens.shape[1] > self.args.max_seq_len:
-            raise ValueError(
-                f"start_pos + seq must be <= max_seq_len={self.args.max_seq_len}, got "
-                f"{start_pos} + {tokens.shape[1]}"
-            )
+        self._check(tokens, start_pos)
         inputs = [tokens.to(torch.long).contiguous(), torch.tensor([start_pos], dtype=torch.long)]
         return self._forward.execute(inputs)[0].float()  # [1, T, vocab]
-
-    def eval(self) -> PteModel:
-        return self
-
-    def parameters(self):  # the weights live inside the program
-        return iter(())
-
-    def buffers(self):
-        return iter(())
 
 
 class PteProgram:
