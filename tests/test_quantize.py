@@ -257,8 +257,10 @@ def test_recipe_arguments(stories260k, tmp_path):
 
 def test_algorithms_through_quantize_beat_minmax_on_stories260k(stories260k):
     """The 8da4w recipe (g86 on w2) with each algorithm, 4 windows of 256 tokens of WikiText-2:
-    KL against float (measured: minmax 0.376, mse 0.270, hqq 0.267, awq 0.267, smoothquant
-    0.315, gptq 0.212; the calibrated ones on 32 x 256 calibration tokens)."""
+    KL against float (measured: minmax 0.376, mse 0.301, hqq 0.309, awq 0.267, smoothquant
+    0.315, gptq 0.212; the calibrated ones on 32 x 256 calibration tokens). mse and hqq weigh
+    each error by the weight's size by default (``magnitude`` 1), which SmolLM2 rewards and this
+    toy model does not: with ``magnitude`` 0 they measured 0.270 and 0.267 here."""
     from edgequant import calibration
     from edgequant import eval as ev
     from edgequant.job import with_algorithm
@@ -279,8 +281,9 @@ def test_algorithms_through_quantize_beat_minmax_on_stories260k(stories260k):
         if calibrated:
             assert q.edgequant_calibration == cal.source
             assert q.layers[0].attention.wq.scheme.algorithm == name
-    for name in ("mse", "hqq", "awq"):
-        assert kl[name] < 0.8 * kl["minmax"], kl
+    for name in ("mse", "hqq"):
+        assert kl[name] < 0.85 * kl["minmax"], kl
+    assert kl["awq"] < 0.75 * kl["minmax"], kl
     assert kl["smoothquant"] < kl["minmax"], kl
     assert kl["gptq"] < 0.6 * kl["minmax"], kl
 

@@ -134,7 +134,7 @@ INVALID = [
     (
         dict(weight="int8", algorithm="gptq", algorithm_params={"dampen": 0.1}),
         "Scheme: algorithm 'gptq' takes no parameter 'dampen'; it takes ['act_order', 'block', "
-        "'damp', 'scales']",
+        "'damp', 'magnitude', 'scales']",
     ),
     (
         dict(weight="int8", symmetric="yes"),

@@ -32,6 +32,16 @@ from edgequant.primitives import FLOAT_DTYPES, choose_qparams, quantize, stored_
 from edgequant.schemes import Scheme
 
 
+def default_magnitude(scheme: Scheme, importance: torch.Tensor | None = None) -> float:
+    """The ``magnitude`` that `mse` and `hqq` (and the ``mse`` inside `gptq` and `awq`) weigh
+    errors by unless told: 1 (each weight's squared error times its size) on grids narrower than
+    8 bits when no activation statistics (``importance``) are given, since without data a
+    weight's size is the best sign of how much its rounding costs; otherwise 0 (plain squared
+    error): int8's loss is in the activations, and measured activation energies say more than
+    sizes do (SmolLM2, docs/algorithms.md)."""
+    return 1.0 if scheme.bits < 8 and importance is None else 0.0
+
+
 @dataclass(frozen=True)
 class Quantized:
     """A weight's integers ``q`` (int8, ``[rows, cols]``), ``scale`` (``[rows, n_groups]`` in the
@@ -109,10 +119,12 @@ def mse(
     steps: int = 64,
     min_ratio: float = 0.5,
     signed_scales: bool = False,
+    magnitude: float | None = None,
 ) -> Quantized:
     """Per group, the scale among ``steps`` candidates that minimises ``sum_j importance_j *
-    (w_j - dequantized_j)^2``; ``importance`` (``[cols]``, e.g. the mean squared activation of
-    each input feature) defaults to 1.
+    |w_j|^magnitude * (w_j - dequantized_j)^2``; ``importance`` (``[cols]``, e.g. the mean
+    squared activation of each input feature) defaults to 1. ``magnitude`` weighs each weight's
+    error by its size (0: plain squared error; None: `default_magnitude`).
 
     Symmetric candidates are ``base * r`` for ratios ``r`` from ``min_ratio`` (clipping) to 1,
     where ``base`` puts ``m``, the group's weight of largest magnitude, exactly on the grid's end:
@@ -125,12 +137,7 @@ def mse(
     rows, cols = w.shape
     g = group_size_of(scheme, cols)
     wg = _groups(w, g)
-    imp = None
-    if importance is not None:
-        imp = importance.detach().float().clamp(min=0)
-        if imp.shape != (cols,):
-            raise ValueError(f"importance must have shape ({cols},), got {tuple(imp.shape)}")
-        imp = imp.view(1, cols // g, g)  # broadcast over rows
+    imp = _importance(importance, wg, magnitude, scheme)
     qmin, qmax = grid(scheme)
     best = minmax(weight, scheme)
     best_scale = best.scale.clone()
@@ -164,6 +171,29 @@ def mse(
     return _result(q, best_scale, best_zero, w.shape)
 
 
+def _importance(
+    importance: torch.Tensor | None, wg: torch.Tensor, magnitude: float | None, scheme: Scheme
+) -> torch.Tensor | None:
+    """Each weight's share of the error, shaped like the groups ``wg`` ``[rows, n, g]`` (or
+    broadcast to it): per-input-column ``importance`` ``[cols]`` times ``|w|^magnitude``; None
+    when both are off (plain squared error)."""
+    rows, n, g = wg.shape
+    imp = None
+    if importance is not None:
+        imp = importance.detach().float().clamp(min=0)
+        if imp.shape != (n * g,):
+            raise ValueError(f"importance must have shape ({n * g},), got {tuple(imp.shape)}")
+        imp = imp.view(1, n, g)
+    if magnitude is None:
+        magnitude = default_magnitude(scheme, importance)
+    if magnitude < 0:
+        raise ValueError(f"magnitude must be >= 0, got {magnitude}")
+    if magnitude:
+        size = wg.abs().pow(magnitude)
+        imp = size if imp is None else imp * size
+    return imp
+
+
 def _error(wg, scale, zero, imp, scheme) -> torch.Tensor:
     """Per group ``sum imp * (w - dequantized)^2`` (``imp`` None: 1), in place on one buffer
     (this runs once per candidate scale: allocations cost more than the arithmetic)."""
@@ -185,6 +215,8 @@ def hqq(
     beta: float = 10.0,
     kappa: float = 1.01,
     start: str = "mse",
+    importance: torch.Tensor | None = None,
+    magnitude: float | None = None,
 ) -> Quantized:
     """Half-quadratic quantization (Badri & Shaji, 2023), calibration-free: alternate rounding,
     an l_p shrinkage of the residual (which lets outliers go) and a closed-form update of the
@@ -197,11 +229,17 @@ def hqq(
     rows, cols = w.shape
     g = group_size_of(scheme, cols)
     wg = _groups(w, g)
-    start = mse(weight, scheme) if start == "mse" else minmax(weight, scheme)
+    imp = _importance(importance, wg, magnitude, scheme)
+    start = (
+        mse(weight, scheme, importance=importance, magnitude=magnitude)
+        if start == "mse"
+        else minmax(weight, scheme)
+    )
     scale = start.scale.float()
     zero = None if start.zero_point is None else start.zero_point.float()
     best_scale, best_zero = start.scale, start.zero_point
-    best_err = _error(wg, best_scale, best_zero, None, scheme)
+    best_err = _error(wg, best_scale, best_zero, imp, scheme)
+    share = torch.ones(1, cols // g, g) if imp is None else imp
     qmin, qmax = grid(scheme)
     for _ in range(iters):
         z = 0.0 if zero is None else zero[..., None]
@@ -209,14 +247,15 @@ def hqq(
         residual = wg - (q - z) * scale[..., None]
         kept = wg - _shrink(residual, beta, p)
         if zero is None:
-            num, den = (kept * q).sum(-1), (q * q).sum(-1)
+            num, den = (share * kept * q).sum(-1), (share * q * q).sum(-1)
             scale = torch.where(den > 0, num / den.clamp(min=1e-12), scale)
         else:
-            zero = (q - kept / scale[..., None]).mean(-1).round().clamp(qmin, qmax)
+            shift = (share * (q - kept / scale[..., None])).sum(-1)
+            zero = (shift / share.sum(-1).clamp(min=1e-12)).round().clamp(qmin, qmax)
         beta *= kappa
         stored = _store(scale, scheme)
         zq = None if zero is None else zero.to(torch.int8)
-        e = _error(wg, stored, zq, None, scheme)
+        e = _error(wg, stored, zq, imp, scheme)
         better = e < best_err
         best_err = torch.where(better, e, best_err)
         best_scale = torch.where(better, stored, best_scale)
@@ -239,6 +278,7 @@ def gptq(
     act_order: bool = False,
     block: int = 128,
     scales: str = "mse",
+    magnitude: float | None = None,
 ) -> Quantized:
     """GPTQ (Frantar et al., 2022): quantize columns in order (by decreasing Hessian diagonal
     with ``act_order``), pushing each column's rounding error onto the columns not yet quantized
@@ -261,7 +301,8 @@ def gptq(
     def choose(part: torch.Tensor, sub: Scheme, cols: torch.Tensor) -> Quantized:
         if scales == "minmax":
             return minmax(part, sub)
-        return mse(part, sub, importance=importance[cols])  # weighted by each input's energy
+        # weighted by each input's energy
+        return mse(part, sub, importance=importance[cols], magnitude=magnitude)
 
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
@@ -441,7 +482,7 @@ def quantize_weight(
     if scheme.algorithm == "mse":
         return mse(weight, scheme, importance=importance, **params)
     if scheme.algorithm == "hqq":
-        return hqq(weight, scheme, **params)
+        return hqq(weight, scheme, importance=importance, **params)
     if scheme.algorithm == "gptq":
         if hessian is None:
             raise ValueError(
@@ -481,6 +522,7 @@ __all__ = [
     "InputStats",
     "Quantized",
     "awq_scales",
+    "default_magnitude",
     "gptq",
     "grid",
     "group_size_of",

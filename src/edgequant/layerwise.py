@@ -134,7 +134,9 @@ def _rounds_by_gptq(scheme: Scheme) -> bool:
 
 
 def _gptq(module: nn.Module, scheme: Scheme, h: _Hessian) -> algorithms.Quantized:
-    params = scheme.params if scheme.algorithm == "gptq" else {}
+    params = scheme.params
+    if scheme.algorithm != "gptq":  # awq with gptq: true passes on its magnitude only
+        params = {k: v for k, v in params.items() if k == "magnitude"}
     result = algorithms.gptq(linear_weight(module), scheme, h.value(), **params)
     _write(module, result, scheme)
     return result
@@ -300,7 +302,10 @@ def _smoothed_rounding(module, scheme: Scheme, stats, s) -> algorithms.Quantized
     if scheme.algorithm == "awq" and scheme.params.get("clip", True):
         energy = stats.mean_sq if s is None else stats.mean_sq / (s * s)
         signed = scheme.params.get("signed_scales", False)
-        return algorithms.mse(weight, scheme, importance=energy, signed_scales=signed)
+        magnitude = scheme.params.get("magnitude")
+        return algorithms.mse(
+            weight, scheme, importance=energy, signed_scales=signed, magnitude=magnitude
+        )
     return algorithms.minmax(weight, scheme)
 
 

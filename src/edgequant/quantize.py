@@ -368,9 +368,12 @@ def quantize(model: nn.Module, recipe: Any, calibration=None) -> tuple[nn.Module
 
 
 def _as_mse(scheme):
+    """A calibrated rule on a lookup table: `mse` with plain squared error (or the rule's own
+    ``magnitude``), as the calibrated algorithms' rounding weighs errors by data, not by size."""
     import dataclasses
 
-    return dataclasses.replace(scheme, algorithm="mse", algorithm_params=())
+    magnitude = scheme.params.get("magnitude", 0.0)
+    return dataclasses.replace(scheme, algorithm="mse", algorithm_params={"magnitude": magnitude})
 
 
 def _calibrated(model: nn.Module, todo: list, calibration) -> dict:

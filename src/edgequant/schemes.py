@@ -24,10 +24,24 @@ ACTIVATIONS = ("none", "int8_dynamic", "int8_static")
 # Algorithms (edgequant.algorithms) and the parameters each takes, with their types.
 ALGORITHMS: dict[str, dict[str, type]] = {
     "minmax": {},
-    "mse": {"steps": int, "min_ratio": float, "signed_scales": bool},
-    "hqq": {"iters": int, "p": float, "beta": float, "kappa": float, "start": str},
-    "gptq": {"damp": float, "act_order": bool, "block": int, "scales": str},
-    "awq": {"grid": int, "clip": bool, "tokens": int, "signed_scales": bool, "gptq": bool},
+    "mse": {"steps": int, "min_ratio": float, "signed_scales": bool, "magnitude": float},
+    "hqq": {
+        "iters": int,
+        "p": float,
+        "beta": float,
+        "kappa": float,
+        "start": str,
+        "magnitude": float,
+    },
+    "gptq": {"damp": float, "act_order": bool, "block": int, "scales": str, "magnitude": float},
+    "awq": {
+        "grid": int,
+        "clip": bool,
+        "tokens": int,
+        "signed_scales": bool,
+        "gptq": bool,
+        "magnitude": float,
+    },
     "smoothquant": {"alpha": float, "grid": int, "tokens": int},
 }
 # Algorithms that need calibration data (`edgequant.calibration`).
