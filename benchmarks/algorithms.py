@@ -29,7 +29,7 @@ from edgequant.job import with_algorithm
 from edgequant.models import load
 from edgequant.models.base import logits
 from edgequant.recipe import Recipe, Rule
-from edgequant.schemes import NEEDS_CALIBRATION
+from edgequant.schemes import ALGORITHMS, NEEDS_CALIBRATION
 
 SCHEMES = {"g32": ("8da4w", {}), "g64": ("8da4w", {"group_size": 64}), "int8": ("int8-dynamic", {})}
 
@@ -94,7 +94,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--schemes", default="g32,g64,int8")
     parser.add_argument(
-        "--algorithms", default="minmax,mse,hqq,awq,smoothquant,gptq,torchao-minmax,torchao-hqq"
+        "--algorithms",
+        default="minmax,mse,mse/magnitude=0,hqq,hqq/magnitude=0,awq,smoothquant,gptq,"
+        "torchao-minmax,torchao-hqq",
+        help="edgequant algorithms (name/param=value/... sets parameters) and torchao-minmax, "
+        "torchao-hqq",
     )
     parser.add_argument("--windows", type=int, default=8)
     parser.add_argument("--calibration", default="wikitext:128x512")
@@ -113,14 +117,17 @@ def main() -> None:
         for algorithm in args.algorithms.split(","):
             if algorithm == "torchao-hqq" and key == "int8":
                 continue  # HQQ's scale-only search is for sub-8-bit grids
+            name, params = _spec(algorithm)
+            if key == "int8" and params == {"magnitude": 0.0}:
+                continue  # int8's default already (algorithms.default_magnitude)
             work = copy.deepcopy(model)
             started = time.perf_counter()
             with PeakRSS() as memory:
                 if algorithm.startswith("torchao-"):
                     quantized, plan = torchao_route(work, key, algorithm.split("-")[1]), None
                 else:
-                    recipe = with_algorithm(base, algorithm)
-                    data = calibration if algorithm in NEEDS_CALIBRATION else None
+                    recipe = with_algorithm(base, name, **params)
+                    data = calibration if name in NEEDS_CALIBRATION else None
                     quantized, plan = edgequant.quantize(work, recipe, calibration=data)
             seconds = time.perf_counter() - started
             with torch.inference_mode():
@@ -132,7 +139,7 @@ def main() -> None:
                 "bits_per_weight_decoder_linears": _decoder_bits(model, base),
                 "quantize_seconds": seconds,
                 "peak_memory_mib": memory.mib,
-                "calibration": calibration.source if algorithm in NEEDS_CALIBRATION else None,
+                "calibration": calibration.source if name in NEEDS_CALIBRATION else None,
             }
             rows.append(row)
             print(
@@ -153,6 +160,19 @@ def main() -> None:
         )
     _plot(rows, out.with_suffix(".png"))
     print(f"wrote {out} and {out.with_suffix('.png')}")
+
+
+def _spec(text: str) -> tuple[str, dict]:
+    """``"hqq/magnitude=0/iters=10"`` -> ``("hqq", {"magnitude": 0.0, "iters": 10})``."""
+    name, *pairs = text.split("/")
+    params = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        kind = ALGORITHMS.get(name, {}).get(key)
+        if kind is None or not value:
+            raise SystemExit(f"--algorithms: {pair!r} is not a parameter of {name!r}")
+        params[key] = value.lower() == "true" if kind is bool else kind(value)
+    return name, params
 
 
 def _decoder_bits(model, recipe: Recipe) -> float:

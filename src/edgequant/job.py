@@ -195,8 +195,9 @@ def _check_calibration(recipe, calibration: str | None) -> None:
         )
 
 
-def with_algorithm(recipe, algorithm: str):
-    """``recipe`` with ``algorithm`` on every integer rule (float rules stay as they are)."""
+def with_algorithm(recipe, algorithm: str, **params):
+    """``recipe`` with ``algorithm`` (and its ``params``) on every integer rule (float rules stay
+    as they are)."""
     import dataclasses
 
     from edgequant.recipe import Recipe
@@ -208,7 +209,7 @@ def with_algorithm(recipe, algorithm: str):
     def change(scheme):
         if not scheme.is_integer:
             return scheme
-        return dataclasses.replace(scheme, algorithm=algorithm, algorithm_params=())
+        return dataclasses.replace(scheme, algorithm=algorithm, algorithm_params=params)
 
     changed = recipe.map_schemes(change)
     return Recipe(changed.rules, name=f"{recipe.name or 'recipe'}+{algorithm}")
