@@ -7,9 +7,10 @@ exporter writes an algorithm's result unchanged:
 - ``minmax``: each group's scale from its range (`primitives.choose_qparams`).
 - ``mse``: per group, the scale (and, for narrow grids, the sign that puts the largest-magnitude
   weight on the grid's longer side, as GGUF's Q4_0 does) minimising the reconstruction error,
-  optionally weighted per input column by activation statistics.
+  weighted per input column by activation statistics when given, and otherwise (below 8 bits)
+  by each weight's size (`default_magnitude`).
 - ``hqq``: half-quadratic optimisation of the scales (symmetric) or zero points (asymmetric)
-  against an l_p (p < 1) error that tolerates outliers; calibration-free.
+  against an l_p (p < 1) error that tolerates outliers, weighted as ``mse``'s; calibration-free.
 - ``gptq``: column by column rounding with Hessian-based compensation of the error in the
   columns not yet quantized (needs the layer's input Hessian ``X^T X`` from calibration data).
 - ``awq`` and ``smoothquant``: a per-input-channel scale ``s`` for the linears that read one
