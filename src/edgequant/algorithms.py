@@ -178,7 +178,7 @@ def _importance(
     """Each weight's share of the error, shaped like the groups ``wg`` ``[rows, n, g]`` (or
     broadcast to it): per-input-column ``importance`` ``[cols]`` times ``|w|^magnitude``; None
     when both are off (plain squared error)."""
-    rows, n, g = wg.shape
+    _, n, g = wg.shape
     imp = None
     if importance is not None:
         imp = importance.detach().float().clamp(min=0)
@@ -223,7 +223,8 @@ def hqq(
     an l_p shrinkage of the residual (which lets outliers go) and a closed-form update of the
     scale (symmetric: least squares of the kept part on the integers) or zero point
     (asymmetric). Starts from `mse`'s scales (``start="minmax"``: from min-max's, as torchao's
-    scale-only HQQ does); keeps the iterate with the lowest squared error."""
+    scale-only HQQ does); keeps the iterate with the lowest error. The least-squares update and
+    that error are weighted as `mse`'s (``importance`` per input column, ``|w|^magnitude``)."""
     if start not in ("mse", "minmax"):
         raise ValueError(f"hqq start must be 'mse' or 'minmax', got {start!r}")
     w = weight.detach().float()
@@ -284,11 +285,11 @@ def gptq(
     """GPTQ (Frantar et al., 2022): quantize columns in order (by decreasing Hessian diagonal
     with ``act_order``), pushing each column's rounding error onto the columns not yet quantized
     through the inverse Hessian ``(2 X^T X + damp * mean(diag) * I)^-1``. Each group's scale is
-    chosen (``scales``: ``mse`` weighted by the Hessian's diagonal, or ``minmax``) from the
-    updated weights when the group is reached,
-    or from the original weights up front with ``act_order`` (groups keep their columns either
-    way, so the layout is the scheme's). With an identity Hessian nothing propagates: the result
-    is round-to-nearest on the chosen scales."""
+    chosen (``scales``: ``mse`` weighted by the Hessian's diagonal, and by ``|w|^magnitude``
+    when ``magnitude`` is given, or ``minmax``) from the updated weights when the group is
+    reached, or from the original weights up front with ``act_order`` (groups keep their
+    columns either way, so the layout is the scheme's). With an identity Hessian nothing
+    propagates: the result is round-to-nearest on the chosen scales."""
     w = weight.detach().float().clone()
     rows, cols = w.shape
     g = group_size_of(scheme, cols)
