@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from edgequant.export.pte_runtime import RuntimeModule
+
 
 @dataclass(frozen=True)
 class TfliteArgs:
@@ -84,7 +86,7 @@ def _layout(inputs: dict, outputs: dict) -> _Layout:
     return _Layout("tokens", "input_pos", "logits", pairs)
 
 
-class TfliteModel:
+class TfliteModel(RuntimeModule):
     """A loaded ``.tflite`` decoder with a ``decode`` signature and a prefill signature
     (``prefill``, or litert-torch's ``prefill_<T>``); edgequant's files or litert-torch's own
     (``output_logits_on_prefill=True`` to prefill with it; otherwise every token is decoded)."""
@@ -197,12 +199,3 @@ class TfliteModel:
         for i in range(done, len(ids)):
             pieces.append(self._run("decode", [ids[i]], start_pos + i, cache))
         return torch.from_numpy(np.concatenate(pieces))[None].float()  # [1, T, vocab]
-
-    def eval(self) -> TfliteModel:
-        return self
-
-    def parameters(self):  # the weights live inside the file
-        return iter(())
-
-    def buffers(self):
-        return iter(())

@@ -40,7 +40,21 @@ def _load(path: Path, what: str, read):
         raise ValueError(f"{str(path)!r} is not a loadable {what}: {e}") from None
 
 
-class ProgramModel:
+class RuntimeModule:
+    """What the library asks of a model beside calling it (``eval()``, ``parameters()``,
+    ``buffers()``), for a model whose weights live inside a runtime's file."""
+
+    def eval(self):
+        return self
+
+    def parameters(self):
+        return iter(())
+
+    def buffers(self):
+        return iter(())
+
+
+class ProgramModel(RuntimeModule):
     """edgequant's decoder calling convention over a program whose weights and KV cache live
     in its runtime (`PteModel`, `edgequant.export.gguf_runtime.GgufModel`): one sequence at a
     time; subclasses set ``args`` and ``what`` and run ``tokens`` after `_check`."""
@@ -64,15 +78,6 @@ class ProgramModel:
                 f"{start_pos} + {tokens.shape[1]}"
             )
         return end
-
-    def eval(self) -> ProgramModel:
-        return self
-
-    def parameters(self):  # the weights live inside the program
-        return iter(())
-
-    def buffers(self):
-        return iter(())
 
 
 class PteModel(ProgramModel):
