@@ -94,7 +94,7 @@ def test_unknown_layouts_and_gemma_norms_are_refused():
         ValueError,
         match=r"awq needs to know which op produces each linear's "
         r"input to fold its scales into; layers.0 \(Sequential\) is none of the "
-        r"known layouts: llama2c, llama \(Hugging Face\)",
+        r"known layouts: llama2c \(edgequant's decoder\), Hugging Face llama / qwen2 / qwen3",
     ):
         edgequant.quantize(Toy(), recipe, calibration=[torch.zeros(1, 4, dtype=torch.long)])
     cfg = transformers.Gemma2Config(

@@ -40,6 +40,15 @@ def atomic_path(path: Path) -> Iterator[Path]:
         raise
 
 
+def write_bytes_atomic(path: Path, data: bytes) -> Path:
+    """Write ``data`` as ``path`` via `atomic_path`; returns ``path``. Whether ``path`` may be
+    replaced is the caller's check (e.g. `edgequant.export.common.check_out`)."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return path
+
+
 def atomic_write_text(path: Path, text: str, overwrite: bool = False) -> None:
     """Write ``text`` to ``path`` via a temporary file in the same folder and ``os.replace``."""
     path = Path(path)

@@ -110,7 +110,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     import edgequant
     from edgequant.artifact import load_tokenizer
     from edgequant.export import to_gguf, to_pte, to_tflite
-    from edgequant.export.pte import check_out
+    from edgequant.export.common import check_out
 
     check_out(args.out, args.overwrite, f".{args.format}")  # before loading anything
     model = edgequant.load(args.artifact)
@@ -145,7 +145,9 @@ def _llama_quantized(args: argparse.Namespace, model, tokenizer, options: dict) 
     """The bundle as a GGUF file, then llama.cpp's own quantizer on it (``--llama-quantize``)."""
     import tempfile
 
-    from edgequant.export import gguf as gg
+    from edgequant.export import to_gguf
+    from edgequant.export.common import check_out
+    from edgequant.export.llama_quantize import importance_matrix, llama_quantize
 
     types = {}
     for item in args.tensor_type or []:
@@ -153,16 +155,16 @@ def _llama_quantized(args: argparse.Namespace, model, tokenizer, options: dict) 
         if not sep or not pattern or not kind:
             raise ValueError(f"--tensor-type {item!r}: expected PATTERN=TYPE, e.g. attn_v=Q8_0")
         types[pattern] = kind
-    gg.check_out(args.out, args.overwrite, ".gguf")
+    check_out(args.out, args.overwrite, ".gguf")
     imatrix = None
     if args.imatrix:
         from edgequant import calibration
 
         data = calibration.parse(args.imatrix, tokenizer, model=model)
-        imatrix = gg.importance_matrix(model, data)
+        imatrix = importance_matrix(model, data)
     with tempfile.TemporaryDirectory(dir=Path(args.out).parent) as tmp:
-        source = gg.to_gguf(model, Path(tmp) / "source.gguf", allow_requant=True, **options)
-        return gg.llama_quantize(
+        source = to_gguf(model, Path(tmp) / "source.gguf", allow_requant=True, **options)
+        return llama_quantize(
             source, args.out, args.llama_quantize, tensor_types=types, imatrix=imatrix,
             overwrite=args.overwrite,
         )  # fmt: skip
@@ -366,7 +368,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--artifact", required=True, help="the bundle folder to export")
     p.add_argument("--out", required=True, help="the file to write")
-    p.add_argument("--max-seq-len", type=_count(2), default=512, help="KV cache length (512)")
+    p.add_argument(
+        "--max-seq-len",
+        type=_count(2),
+        default=None,
+        help="KV cache length (512, or the model's context when shorter)",
+    )
     p.add_argument(
         "--prefill-len", type=_count(1), default=32, help="tflite: prefill signature length (32)"
     )

@@ -33,8 +33,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
+from edgequant._progress import progress_bar
 from edgequant.layers import linear_weight
 from edgequant.models.base import logits as model_logits
 from edgequant.primitives import sqnr
@@ -48,13 +48,6 @@ _FLOAT_CACHE: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 # Predicted positions per block in `compare`: bounds float64 temporaries to a few of
 # [block, vocab] (128 x 49152 x 8 B = 50 MB) whatever the window length.
 _BLOCK = 128
-
-
-def progress_bar(iterable, total: int | None, desc: str, unit: str):
-    """A progress bar, shown only when there may be more than one step (and stderr is a TTY);
-    ``total`` None when the length is unknown."""
-    few = total is not None and total <= 1
-    return tqdm(iterable, total=total, desc=desc, unit=unit, disable=few or None)
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -338,8 +331,13 @@ Step = Callable[[torch.Tensor], torch.Tensor]  # next ids [1, T] -> greedy next 
 
 def _stepper(model: nn.Module, max_len: int) -> tuple[Step, bool]:
     """``(step, kv_cache)``: ``step`` feeds ids after all earlier ones, with the model's own
-    cache if it has one (llama2.c ``new_cache()`` / Hugging Face ``past_key_values``)."""
-    if callable(getattr(model, "new_cache", None)):  # llama2.c: static cache
+    cache if it has one: edgequant's decoder (llama2.c models, and Hugging Face models of a
+    known family, run through it) or a runtime's ``new_cache()``; another Hugging Face model's
+    ``past_key_values``."""
+    from edgequant.models.families import eager_decoder
+
+    model = (eager_decoder(model) if isinstance(model, nn.Module) else None) or model
+    if callable(getattr(model, "new_cache", None)):  # a static cache
         cache, pos = model.new_cache(batch=1, max_len=max_len), 0
 
         def step(ids: torch.Tensor) -> torch.Tensor:

@@ -3,9 +3,10 @@
 ``generate(model, tokenizer, prompt, max_new_tokens)`` returns a `Generation` holding the prompt
 and new token ids, the new text and prefill / decode speeds. It works with
 
-- a llama2.c ``Transformer`` (or any model with ``new_cache()`` and
-  ``forward(tokens, start_pos=..., cache=...)``): its static KV cache;
-- a Hugging Face causal LM (it has ``.config`` and ``forward(..., past_key_values=...,
+- edgequant's `Decoder` (llama2.c models, and Hugging Face models of the families in
+  `edgequant.models.families`, run through it), or any model with ``new_cache()`` and
+  ``forward(tokens, start_pos=..., cache=...)`` (the runtimes' runners): a static KV cache;
+- another Hugging Face causal LM (it has ``.config`` and ``forward(..., past_key_values=...,
   use_cache=...)``): prefill once with ``use_cache=True``, then one token at a time;
 - any other model returning logits (see `edgequant.models.base.logits`): the whole sequence is
   recomputed for every new token (slow; a warning says so once per model class).
@@ -142,9 +143,9 @@ def sample(
 
 def context_length(model: nn.Module) -> int | None:
     """The most tokens ``model`` can attend to (prompt plus new ones), ``None`` if unknown."""
-    args = getattr(model, "args", None)
-    if isinstance(getattr(args, "max_seq_len", None), int):
-        return args.max_seq_len
+    for holder in (getattr(model, "spec", None), getattr(model, "args", None)):
+        if isinstance(getattr(holder, "max_seq_len", None), int):
+            return holder.max_seq_len
     config = getattr(model, "config", None)
     value = getattr(config, "max_position_embeddings", None)
     return value if isinstance(value, int) else None
@@ -160,7 +161,10 @@ def _is_hf_causal_lm(model: nn.Module) -> bool:
 def _stepper(model: nn.Module, max_len: int) -> Step:
     """A function feeding the next ids ``[1, T]`` to ``model`` (after all earlier ones) and
     returning the float32 logits ``[vocab]`` of the last one, with the best cache available."""
-    if callable(getattr(model, "new_cache", None)):  # llama2.c: static cache
+    from edgequant.models.families import eager_decoder
+
+    model = (eager_decoder(model) if isinstance(model, nn.Module) else None) or model
+    if callable(getattr(model, "new_cache", None)):  # edgequant's decoder: static cache
         cache, pos = model.new_cache(batch=1, max_len=max_len), 0
 
         def step(ids: Tensor) -> Tensor:

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from edgequant import algorithms, smoothing
-from edgequant.eval import progress_bar
+from edgequant._progress import progress_bar
 from edgequant.layers import is_conv1d, linear_weight
 from edgequant.schemes import SMOOTHING, Scheme
 

@@ -8,8 +8,8 @@ channels), the up projection and the down projection (through ``act(gate) * up``
 it (a norm's weight, a linear's rows), so the float model computes the same function and its
 graph is unchanged; only the values the quantizer sees move.
 
-Families: llama2.c / gpt-fast names (``attention_norm``, ``attention.wq`` ...) and Hugging Face's
-Llama-style names (``input_layernorm``, ``self_attn.q_proj`` ..., as in Llama, Qwen2, Mistral,
+The groups are the decoder's (`edgequant.models.families.base.SMOOTHING`), found under the
+decoder's own names (llama2.c) or under each family's Hugging Face names (Llama, Qwen2, Qwen3,
 SmolLM). Gemma's norms multiply by ``1 + weight`` and are refused.
 """
 
@@ -20,21 +20,20 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-# (producer, consumers, through attention) per family, relative to a decoder layer.
-_FAMILIES = {
-    "llama2c": [
-        ("attention_norm", ("attention.wq", "attention.wk", "attention.wv"), False),
-        ("attention.wv", ("attention.wo",), True),
-        ("ffn_norm", ("feed_forward.w1", "feed_forward.w3"), False),
-        ("feed_forward.w3", ("feed_forward.w2",), False),
-    ],
-    "llama (Hugging Face)": [
-        ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), False),
-        ("self_attn.v_proj", ("self_attn.o_proj",), True),
-        ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), False),
-        ("mlp.up_proj", ("mlp.down_proj",), False),
-    ],
-}
+
+def _patterns() -> dict[str, list[tuple[str, tuple[str, ...], bool]]]:
+    """(producer, consumers, through attention) per naming, relative to a decoder layer: the
+    decoder's own names (llama2.c), then each family's Hugging Face names."""
+    from edgequant.models.families import FAMILIES
+    from edgequant.models.families.base import SMOOTHING
+
+    by_pattern: dict[tuple, list[str]] = {}
+    for family in FAMILIES.values():
+        by_pattern.setdefault(tuple(family.smoothing()), []).append(family.name)
+    out = {"llama2c (edgequant's decoder)": list(SMOOTHING)}
+    for pattern, names in by_pattern.items():
+        out[f"Hugging Face {' / '.join(names)}"] = list(pattern)
+    return out
 
 
 @dataclass(frozen=True)
@@ -51,7 +50,7 @@ class Group:
 def groups(layer: nn.Module) -> list[Group]:
     """The foldable groups of one decoder layer (empty when its family is unknown)."""
     names = dict(layer.named_modules())
-    for pattern in _FAMILIES.values():
+    for pattern in _patterns().values():
         if all(p in names and all(c in names for c in cs) for p, cs, _ in pattern):
             out = []
             for producer, consumers, through_attention in pattern:
@@ -69,7 +68,7 @@ def groups(layer: nn.Module) -> list[Group]:
 
 
 def family_names() -> list[str]:
-    return list(_FAMILIES)
+    return list(_patterns())
 
 
 def _tie(v: nn.Module, o: nn.Module, attention: nn.Module) -> tuple[int, int] | None:

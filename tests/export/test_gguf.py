@@ -17,7 +17,9 @@ import gguf
 from edgequant import eval as ev
 from edgequant.export import gguf as gg
 from edgequant.export import load_program
+from edgequant.export.gguf_blocks import exact_type, nearest_scheme
 from edgequant.export.gguf_runtime import GgufModel, check_file
+from edgequant.export.llama_quantize import importance_matrix, llama_quantize, write_imatrix
 from edgequant.models import llama2c
 from edgequant.models.gguf import unpermute_qk
 from edgequant.primitives import sqnr
@@ -138,19 +140,19 @@ def test_permute_qk_undoes_the_loaders_unpermute():
 
 
 def test_scheme_mapping():
-    assert gg.exact_type(Q4_0) == "Q4_0"
-    assert gg.exact_type(Scheme("int8", "per_group", 32, scale_dtype="fp16")) == "Q8_0"
-    assert gg.exact_type(Scheme("int4", "per_group", 32, scale_dtype="fp16",
-                                activation="int8_dynamic")) == "Q4_0"  # fmt: skip
-    assert gg.exact_type(Scheme("fp16")) == "F16" and gg.exact_type(None) == "F32"
+    assert exact_type(Q4_0) == "Q4_0"
+    assert exact_type(Scheme("int8", "per_group", 32, scale_dtype="fp16")) == "Q8_0"
+    assert exact_type(Scheme("int4", "per_group", 32, scale_dtype="fp16",
+                             activation="int8_dynamic")) == "Q4_0"  # fmt: skip
+    assert exact_type(Scheme("fp16")) == "F16" and exact_type(None) == "F32"
     for inexact in (
         Scheme("int8"),
         Scheme("int4", "per_group", 64, scale_dtype="fp16"),
         Scheme("int4", "per_group", 32),
         Scheme("int4", "per_group", 32, symmetric=False, scale_dtype="fp16"),
     ):
-        assert gg.exact_type(inexact) is None, inexact
-    assert gg.nearest_scheme(Scheme("int8")).describe() == "int8 g32 sym fp16-scales"
+        assert exact_type(inexact) is None, inexact
+    assert nearest_scheme(Scheme("int8")).describe() == "int8 g32 sym fp16-scales"
 
 
 def test_a_scheme_without_an_exact_type_is_refused_with_the_nearest(stories260k, tmp_path):
@@ -186,8 +188,8 @@ def test_an_architecture_without_a_mapping_is_named(tmp_path):
 
     cfg = transformers.GPT2Config(n_embd=64, n_layer=1, n_head=2, vocab_size=128, n_positions=32)
     model = transformers.GPT2LMHeadModel(cfg)
-    with pytest.raises(ValueError, match=r"architecture 'gpt2' has no GGUF mapping; supported: "
-                       r"llama \(Hugging Face LlamaForCausalLM\), llama2c"):  # fmt: skip
+    with pytest.raises(ValueError, match=r"^architecture 'gpt2' is not supported; supported: "
+                       r"llama, qwen2, qwen3$"):  # fmt: skip
         gg.to_gguf(model, tmp_path / "g.gguf", tokenizer_gguf="x.gguf")
 
 
@@ -219,7 +221,7 @@ def test_llama_cpps_own_quantizer_with_tensor_types_and_an_importance_matrix(
     from edgequant import calibration
 
     model, tok = stories260k
-    sums, tokens = gg.importance_matrix(model, calibration.wikitext(tok, 8, 128))  # seeded
+    sums, tokens = importance_matrix(model, calibration.wikitext(tok, 8, 128))  # seeded
     assert tokens == 8 * 128
     assert sums["blk.0.attn_q.weight"].shape == (64,) and sums["blk.4.ffn_down.weight"].shape == (
         172,
@@ -234,8 +236,8 @@ def test_llama_cpps_own_quantizer_with_tensor_types_and_an_importance_matrix(
     assert np.allclose(sums["blk.0.attn_k.weight"], total.numpy(), rtol=1e-4)
 
     types = {"attn_v": "Q8_0"}
-    plain = gg.llama_quantize(files["fp32"], tmp_path / "q.gguf", "Q4_0", tensor_types=types)
-    weighted = gg.llama_quantize(
+    plain = llama_quantize(files["fp32"], tmp_path / "q.gguf", "Q4_0", tensor_types=types)
+    weighted = llama_quantize(
         files["fp32"], tmp_path / "qi.gguf", "Q4_0", tensor_types=types, imatrix=(sums, tokens)
     )
     a, b = gg.read_layers(plain), gg.read_layers(weighted)
@@ -248,11 +250,11 @@ def test_llama_cpps_own_quantizer_with_tensor_types_and_an_importance_matrix(
         assert ev.compare(ref, got, w)["kl_divergence"] < 0.5, path
 
     with pytest.raises(ValueError, match="llama.cpp has no file type 'Q4_9'; known: "):
-        gg.llama_quantize(files["fp32"], tmp_path / "x.gguf", "Q4_9")
+        llama_quantize(files["fp32"], tmp_path / "x.gguf", "Q4_9")
     with pytest.raises(ValueError, match="tensor type 'Q9' \\(for 'attn_v'\\) is not a GGML type"):
-        gg.llama_quantize(files["fp32"], tmp_path / "x.gguf", "Q4_0", tensor_types={"attn_v": "Q9"})
+        llama_quantize(files["fp32"], tmp_path / "x.gguf", "Q4_0", tensor_types={"attn_v": "Q9"})
 
-    path = gg.write_imatrix(tmp_path / "m.imatrix.gguf", sums, tokens, dataset="w", chunk_size=128)
+    path = write_imatrix(tmp_path / "m.imatrix.gguf", sums, tokens, dataset="w", chunk_size=128)
     reader = gguf.GGUFReader(str(path))
     assert reader.fields["general.type"].contents() == "imatrix"
     assert reader.fields["imatrix.chunk_count"].contents() == 8

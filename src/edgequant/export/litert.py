@@ -35,57 +35,20 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgequant.layers import QuantizedEmbedding, QuantizedLinear
-from edgequant.models import llama2c
+from edgequant._io import write_bytes_atomic
+from edgequant.export.common import (
+    check_out,
+    float_twin,
+    negative_scales,
+    packed_modules,
+    refuse_or_warn,
+    swap_module,
+    unsupported,
+)
+from edgequant.layers import QuantizedEmbedding
 from edgequant.schemes import Scheme
 
 _BLOCKS = (32, 64, 128, 256)
-
-
-class LiteRTDecoder(nn.Module):
-    """A llama2.c-style decoder whose KV cache is passed in and returned (see module doc)."""
-
-    def __init__(self, model: llama2c.Transformer, max_seq_len: int) -> None:
-        from edgequant.export.native import setup_decoder
-
-        super().__init__()
-        setup_decoder(self, model, max_seq_len)
-
-    def cache_shape(self) -> tuple[int, int, int, int]:
-        return (1, self.max_seq_len, self.n_kv_heads, self.head_dim)
-
-    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor, *kv: torch.Tensor):
-        from litert_torch.generative.custom_ops.dynamic_update_slice import dynamic_update_slice
-        from litert_torch.generative.layers.scaled_dot_product_attention import (
-            scaled_dot_product_attention_with_hlfb as sdpa,
-        )
-
-        T = tokens.shape[1]
-        cos, sin = self.rope_cos[input_pos][:, None], self.rope_sin[input_pos][:, None]  # [T, 1, D]
-        # query i (at position input_pos[i]) sees cache slots 0 .. input_pos[i]
-        visible = torch.arange(self.max_seq_len)[None, :] <= input_pos[:, None]  # [T, S]
-        bias = torch.where(visible, 0.0, float("-inf"))[None, None]  # [1, 1, T, S]
-        zero = torch.zeros([], dtype=torch.int32)
-        slot = [zero, input_pos.int()[0].reshape([]), zero, zero]  # positions are consecutive
-        h = self.model.tok_embeddings(tokens)  # [1, T, dim]
-        caches = []
-        for i, block in enumerate(self.model.layers):
-            x = block.attention_norm(h)
-            attn = block.attention
-            q = attn.wq(x).view(1, T, self.n_heads, self.head_dim)
-            k = attn.wk(x).view(1, T, self.n_kv_heads, self.head_dim)
-            v = attn.wv(x).view(1, T, self.n_kv_heads, self.head_dim)
-            q, k = llama2c.apply_rope(q, cos, sin), llama2c.apply_rope(k, cos, sin)
-            # LiteRT's DYNAMIC_UPDATE_SLICE (an index_copy becomes a slow STABLEHLO_SCATTER)
-            k_cache = dynamic_update_slice(kv[2 * i], k, slot)  # [1, S, KV, D]
-            v_cache = dynamic_update_slice(kv[2 * i + 1], v, slot)
-            caches += [k_cache, v_cache]
-            # litert-torch's attention composite: LiteRT runs it as one fused op (a plain
-            # F.scaled_dot_product_attention decomposes into ops 15x slower at decode)
-            y = sdpa(q, k_cache, v_cache, self.head_dim, mask=bias)  # [1, T, H, D]
-            h = h + attn.wo(y.reshape(1, T, self.n_heads * self.head_dim))
-            h = h + block.feed_forward(block.ffn_norm(h))
-        return (self.model.output(self.model.norm(h)), *caches)
 
 
 # ---- what LiteRT can hold exactly -----------------------------------------------------------
@@ -96,8 +59,6 @@ def litert_problem(module: nn.Module) -> tuple[str, str] | None:
         return None
     if not s.is_integer:
         return (f"{s.weight} weights are not written to LiteRT", "fp16")
-    from edgequant.export.pte import negative_scales
-
     negative = negative_scales(module)
     if negative:
         return negative
@@ -124,9 +85,7 @@ def litert_problem(module: nn.Module) -> tuple[str, str] | None:
 
 
 def check_litert(model: nn.Module):
-    """Every packed module LiteRT cannot hold as stored (`edgequant.export.pte.Unsupported`)."""
-    from edgequant.export.pte import unsupported
-
+    """Every packed module LiteRT cannot hold as stored (`edgequant.export.common.Unsupported`)."""
     return unsupported(model, litert_problem)
 
 
@@ -146,21 +105,17 @@ def _dequantized_copy(model: nn.Module) -> tuple[nn.Module, dict[str, _Stored]]:
     module stores (to find its op in the converted file and to write and check its values).
     ai-edge-quantizer's recovery only lays the quantized tensors out; edgequant's own integers
     and scales replace what it recovers (`_restore`)."""
-    from edgequant.export.pte import _float_twin
-
     model = copy.deepcopy(model)
     packed = {}
-    for fqn, module in list(model.named_modules()):
-        if isinstance(module, (QuantizedLinear, QuantizedEmbedding)):
-            twin = _float_twin(module)
-            if module.scheme.is_integer:
-                values, scales = module.int_weight().numpy(), module.scale.float().numpy()
-            else:
-                values, scales = module.weight.numpy(), None
-            dequantized = twin.weight.detach().numpy().copy()
-            packed[fqn] = _Stored(module.scheme, dequantized, values.copy(), scales)
-            parent, _, child = fqn.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, twin)
+    for fqn, module in list(packed_modules(model)):
+        twin = float_twin(module)
+        if module.scheme.is_integer:
+            values, scales = module.int_weight().numpy(), module.scale.float().numpy()
+        else:
+            values, scales = module.weight.numpy(), None
+        dequantized = twin.weight.detach().numpy().copy()
+        packed[fqn] = _Stored(module.scheme, dequantized, values.copy(), scales)
+        swap_module(model, fqn, twin)
     return model, packed
 
 
@@ -467,36 +422,41 @@ def block_scales(scales: np.ndarray) -> np.ndarray:
 
 
 def convert(
-    model: nn.Module, *, max_seq_len: int = 256, prefill_len: int = 32, allow_fallback=False
+    model: nn.Module,
+    *,
+    max_seq_len: int | None = None,
+    prefill_len: int = 32,
+    allow_fallback: bool = False,
 ) -> bytes:
-    """The ``.tflite`` bytes of ``model`` (a llama2.c `Transformer` or an HF Llama, packed or
-    float) with ``prefill`` and ``decode`` signatures."""
+    """The ``.tflite`` bytes of ``model`` (any family's decoder, packed or float) with
+    ``prefill`` and ``decode`` signatures; ``max_seq_len`` defaults to 512, or the model's
+    context when shorter."""
     import litert_torch
 
-    from edgequant.export.native import from_hf_llama
-    from edgequant.export.pte import _float_twin, refuse_or_warn
+    from edgequant.export.attention import LiteRTDecoder
+    from edgequant.models.families import decoder_of
 
-    native = model if isinstance(model, llama2c.Transformer) else from_hf_llama(model)
-    problems = check_litert(native)
+    decoder = decoder_of(model)
+    if max_seq_len is None:
+        max_seq_len = min(512, decoder.spec.max_seq_len)
+    problems = check_litert(decoder)
     refuse_or_warn(problems, "LiteRT", allow_fallback)
     if problems:
-        native = copy.deepcopy(native)
+        decoder = copy.deepcopy(decoder)
         for p in problems:
-            parent, _, child = p.fqn.rpartition(".")
-            owner = native.get_submodule(parent) if parent else native
-            setattr(owner, child, _float_twin(owner.get_submodule(child)))
+            swap_module(decoder, p.fqn, float_twin(decoder.get_submodule(p.fqn)))
     if not 1 <= prefill_len <= max_seq_len:
         raise ValueError(f"prefill_len must be in [1, {max_seq_len}], got {prefill_len}")
-    float_model, packed = _dequantized_copy(native)
-    decoder = LiteRTDecoder(float_model.eval(), max_seq_len).eval()
-    kv = [torch.zeros(decoder.cache_shape()) for _ in range(2 * native.args.n_layers)]
+    float_model, packed = _dequantized_copy(decoder)
+    program = LiteRTDecoder(float_model.eval(), max_seq_len).eval()
+    kv = [torch.zeros(program.cache_shape()) for _ in range(2 * decoder.spec.n_layers)]
     prefill = (torch.zeros(1, prefill_len, dtype=torch.int32), torch.arange(prefill_len), *kv)
     decode = (torch.zeros(1, 1, dtype=torch.int32), torch.zeros(1, dtype=torch.int32), *kv)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         converted = (
-            litert_torch.signature("prefill", decoder, prefill)
-            .signature("decode", decoder, decode)
+            litert_torch.signature("prefill", program, prefill)
+            .signature("decode", program, decode)
             .convert()
         )
     with tempfile.TemporaryDirectory() as tmp:
@@ -508,14 +468,10 @@ def convert(
 
 def to_tflite(model: nn.Module, path: str | Path, *, overwrite: bool = False, **options) -> Path:
     """Write `convert(model, **options)` as ``path`` (a temporary file renamed into place)."""
-    from edgequant.export.pte import check_out
-
     check_out(path, overwrite, ".tflite")
     return write(convert(model, **options), path, overwrite=overwrite)
 
 
 def write(data: bytes, path: str | Path, *, overwrite: bool = False) -> Path:
     """Write ``.tflite`` bytes as ``path`` (a temporary file renamed into place)."""
-    from edgequant.export.pte import check_out, write_atomic
-
-    return write_atomic(data, check_out(path, overwrite, ".tflite"))
+    return write_bytes_atomic(check_out(path, overwrite, ".tflite"), data)

@@ -20,29 +20,25 @@ dequantized weights, float activations) with a warning listing them.
 from __future__ import annotations
 
 import copy
-import logging
-import os
-import tempfile
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from edgequant._io import write_bytes_atomic
+from edgequant.export.common import (
+    Unsupported,
+    check_out,
+    float_twin,
+    negative_scales,
+    packed_modules,
+    refuse_or_warn,
+    swap_module,
+    unsupported,
+)
 from edgequant.layers import QuantizedEmbedding, QuantizedLinear
-from edgequant.schemes import Scheme
-
-log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Unsupported:
-    fqn: str
-    scheme: Scheme
-    reason: str
-    nearest: str
 
 
 def xnnpack_problem(module: nn.Module) -> tuple[str, str] | None:
@@ -90,30 +86,6 @@ def xnnpack_problem(module: nn.Module) -> tuple[str, str] | None:
     if s.bits == 8 and s.granularity == "per_channel" and s.symmetric:
         return None
     return (f"{s.describe()} has no XNNPACK kernel", "8da4w or int8-dynamic")
-
-
-def unsupported(model: nn.Module, problem_of) -> list[Unsupported]:
-    """Every packed module for which ``problem_of(module)`` gives ``(reason, nearest)``."""
-    out = []
-    for fqn, module in model.named_modules():
-        if isinstance(module, (QuantizedLinear, QuantizedEmbedding)):
-            problem = problem_of(module)
-            if problem:
-                out.append(Unsupported(fqn, module.scheme, *problem))
-    return out
-
-
-def negative_scales(module: nn.Module) -> tuple[str, str] | None:
-    """XNNPACK (ExecuTorch's and LiteRT's CPU kernels) refuses negative scales, which ``mse``
-    with ``signed_scales`` chooses (GGUF's Q4_0 convention)."""
-    scale = getattr(module, "scale", None)
-    if scale is None or not module.scheme.is_integer or float(scale.min()) >= 0:
-        return None
-    return (
-        f"XNNPACK needs positive scales; {int((scale < 0).sum())} of its scales are negative "
-        "(mse with signed_scales)",
-        "the same algorithm without signed_scales",
-    )
 
 
 def check_xnnpack(model: nn.Module) -> list[Unsupported]:
@@ -226,119 +198,77 @@ def _export_form(module: nn.Module) -> nn.Module:
     return ExportEmbedding(module) if embedding else ExportLinear(module)
 
 
-def _float_twin(module: nn.Module) -> nn.Module:
-    weight = module.dequantized_weight()
-    if isinstance(module, QuantizedEmbedding):
-        out = nn.Embedding(*weight.shape, _weight=weight.clone())
-        if module.embed_scale is not None:
-            raise NotImplementedError("scaled embeddings are not exported yet")
-        return out
-    out = nn.Linear(weight.shape[1], weight.shape[0], bias=module.bias is not None)
-    out.weight = nn.Parameter(weight.clone(), requires_grad=False)
-    if module.bias is not None:
-        out.bias = nn.Parameter(module.bias.clone(), requires_grad=False)
-    return out
-
-
-def refuse_or_warn(problems: list[Unsupported], backend: str, allow_fallback: bool) -> None:
-    """Refuse modules ``backend`` cannot hold as stored (naming them and the nearest scheme),
-    or, with ``allow_fallback``, warn that they are kept in float."""
-    if problems and not allow_fallback:
-        first = problems[0]
-        names = ", ".join(p.fqn for p in problems[:4])
-        more = f" and {len(problems) - 4} more" if len(problems) > 4 else ""
-        raise ValueError(
-            f"{backend} cannot run {len(problems)} module(s) as the recipe stores them "
-            f"({names}{more}): {first.reason}; nearest supported: {first.nearest}. "
-            "Change the recipe, or pass allow_fallback=True (--allow-fallback) to keep them in "
-            "float"
-        )
-    if problems:
-        log.warning(
-            "kept in float for %s (their dequantized weights; activations are no longer "
-            "quantized there): %s",
-            backend,
-            ", ".join(f"{p.fqn} ({p.scheme.describe()}: {p.reason})" for p in problems),
-        )
-
-
 def prepare(model: nn.Module, allow_fallback: bool = False) -> nn.Module:
     """A copy of ``model`` with every packed module in its export form (checked first)."""
     problems = check_xnnpack(model)
     refuse_or_warn(problems, "XNNPACK", allow_fallback)
     model = copy.deepcopy(model)
-    unsupported = {p.fqn for p in problems}
-    for fqn, module in list(model.named_modules()):
-        if not isinstance(module, (QuantizedLinear, QuantizedEmbedding)):
-            continue
-        new = _float_twin(module) if fqn in unsupported else _export_form(module)
-        parent_name, _, child = fqn.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+    refused = {p.fqn for p in problems}
+    for fqn, module in list(packed_modules(model)):
+        swap_module(model, fqn, float_twin(module) if fqn in refused else _export_form(module))
     return model
 
 
-def export_program(model: nn.Module, max_seq_len: int, allow_fallback: bool = False):
-    """``(torch.export.ExportedProgram, ModelArgs)`` of the decoder, before lowering (its
-    constants are edgequant's stored integers and scales)."""
+def export_program(model: nn.Module, max_seq_len: int | None = None, allow_fallback: bool = False):
+    """``(torch.export.ExportedProgram, DecoderSpec)`` of the model's decoder (any family in
+    `edgequant.models.families`), before lowering; its constants are edgequant's stored
+    integers and scales. ``max_seq_len`` defaults to `default_max_seq_len`."""
     import executorch.exir.passes._quant_patterns_and_replacements  # noqa: F401  (embedding ops)
     import torchao  # noqa: F401  (registers the quantized_decomposed ops)
 
-    from edgequant.export.native import ExportDecoder, from_hf_llama
-    from edgequant.models import llama2c
+    from edgequant.export.attention import ExecuTorchDecoder
+    from edgequant.models.families import decoder_of
 
-    native = model if isinstance(model, llama2c.Transformer) else from_hf_llama(model)
-    decoder = ExportDecoder(prepare(native, allow_fallback), max_seq_len).eval()
+    decoder = decoder_of(model)
+    max_seq_len = default_max_seq_len(decoder, 512) if max_seq_len is None else max_seq_len
+    program_module = ExecuTorchDecoder(prepare(decoder, allow_fallback), max_seq_len).eval()
     example = (torch.zeros(1, 2, dtype=torch.long), torch.tensor([0], dtype=torch.long))
     seq = torch.export.Dim("seq", min=1, max=max_seq_len)
     with torch.no_grad():
         program = torch.export.export(
-            decoder, example, dynamic_shapes={"tokens": {1: seq}, "input_pos": None}, strict=False
+            program_module,
+            example,
+            dynamic_shapes={"tokens": {1: seq}, "input_pos": None},
+            strict=False,
         )
-    return program, native.args
+    return program, decoder.spec
 
 
-def check_out(path: str | Path, overwrite: bool, suffix: str = ".pte") -> Path:
-    """``path`` as a Path, if a program may be written there (checked before any work)."""
-    path = Path(path)
-    if path.suffix != suffix:
-        raise ValueError(f"output {str(path)!r} must end in {suffix} (its runtime expects it)")
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"folder {str(path.parent)!r} does not exist")
-    if path.is_dir():
-        raise FileExistsError(f"{str(path)!r} is a folder; name a {suffix} file")
-    if path.exists() and not overwrite:
-        raise FileExistsError(
-            f"{str(path)!r} exists; pass overwrite=True (--overwrite) to replace it"
-        )
-    return path
+def default_max_seq_len(model: nn.Module, preferred: int) -> int:
+    """``preferred`` cache positions, or the model's whole context when it is shorter."""
+    from edgequant.models.families import decoder_of
+
+    return min(preferred, decoder_of(model).spec.max_seq_len)
 
 
 def to_pte(
     model: nn.Module,
     path: str | Path,
     *,
-    max_seq_len: int = 512,
+    max_seq_len: int | None = None,
     bos_id: int | None = None,
     eos_id: int | None = None,
     allow_fallback: bool = False,
     overwrite: bool = False,
 ) -> Path:
-    """Write ``model`` (a llama2.c `Transformer` or an HF Llama, packed or float) as a ``.pte``.
+    """Write ``model`` (any family's decoder, packed or float) as a ``.pte``.
 
     The program's ``forward(tokens [1, T] int64, input_pos [1] int64) -> logits [1, T, vocab]``
-    keeps a static KV cache of ``max_seq_len`` positions; the constant methods ExecuTorch's LLM
-    runner reads are included.
+    keeps a static KV cache of ``max_seq_len`` positions (default: 512, or the model's context
+    when shorter); the constant methods ExecuTorch's LLM runner reads are included.
     """
     path = check_out(path, overwrite)
+    if max_seq_len is None:
+        max_seq_len = default_max_seq_len(model, 512)
     with warnings.catch_warnings():  # torch/executorch deprecation chatter during export
         warnings.simplefilter("ignore", FutureWarning)
         warnings.simplefilter("ignore", DeprecationWarning)
-        program, args = export_program(model, max_seq_len, allow_fallback)
+        program, spec = export_program(model, max_seq_len, allow_fallback)
     metadata = {
         "get_max_seq_len": max_seq_len,
         "get_max_context_len": max_seq_len,
-        "get_vocab_size": args.vocab_size,
-        "get_n_layers": args.n_layers,
+        "get_vocab_size": spec.vocab_size,
+        "get_n_layers": spec.n_layers,
         "use_kv_cache": True,
         "use_sdpa_with_kv_cache": True,
         "enable_dynamic_shape": True,
@@ -373,18 +303,4 @@ def lower_to_pte(
             compile_config=EdgeCompileConfig(_check_ir_validity=False),
         )
         buffer = edge.to_executorch().buffer
-    return write_atomic(buffer, path)
-
-
-def write_atomic(data: bytes, path: Path) -> Path:
-    """``data`` as ``path``: a temporary file in the same folder, renamed into place."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_bytes_atomic(path, buffer)

@@ -12,7 +12,7 @@ from torch.fx import GraphModule
 from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e, prepare_qat_pt2e
 from torchao.quantization.pt2e.quantizer import Quantizer
 
-from edgequant.eval import progress_bar
+from edgequant._progress import progress_bar
 from edgequant.graph.quantizer import RecipeQuantizer
 
 
@@ -182,7 +182,8 @@ def _has_static(quantizer: Quantizer) -> bool:
 def to_pte(converted: GraphModule, example_inputs: tuple, path, *, overwrite: bool = False):
     """Write a converted graph as an ExecuTorch program lowered to XNNPACK (run it with
     `edgequant.export.pte_runtime.PteProgram`)."""
-    from edgequant.export.pte import check_out, lower_to_pte
+    from edgequant.export.common import check_out
+    from edgequant.export.pte import lower_to_pte
 
     check_out(path, overwrite)
     program = torch.export.export(converted, example_inputs)

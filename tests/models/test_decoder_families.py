@@ -1,0 +1,261 @@
+"""One runner for every decoder family: a tiny random transformers model of each family must
+give transformers' logits through edgequant's decoder (eager, float) and through every file
+written from it (.pte, .tflite, .gguf); quantized files must equal the eager quantized model.
+
+Adding a family = its file in edgequant/models/families/ and one entry in ``CASES``.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import transformers
+
+from edgequant.models.families import decoder_of, for_model
+
+DIMS = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    num_hidden_layers=2,
+    vocab_size=288,  # a byte-level tokenizer needs 256 ids for bytes; 32 | 288
+    max_position_embeddings=64,
+)
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 10000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 8.0,
+    "original_max_position_embeddings": 32,  # two of the 8 frequencies on the smooth ramp
+}
+# case -> (family, config class, model class, config overrides)
+CASES = {
+    "llama": ("llama", "LlamaConfig", "LlamaForCausalLM", {"tie_word_embeddings": True}),
+    "llama3-rope-untied": (
+        "llama",
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        {"tie_word_embeddings": False, "rope_parameters": LLAMA3_ROPE},
+    ),
+    "qwen2": ("qwen2", "Qwen2Config", "Qwen2ForCausalLM", {"tie_word_embeddings": True}),
+    "qwen3": (
+        "qwen3",
+        "Qwen3Config",
+        "Qwen3ForCausalLM",
+        {"tie_word_embeddings": True, "head_dim": 32},  # head_dim != hidden / heads
+    ),
+}
+
+
+def build(case: str) -> torch.nn.Module:
+    """The family's tiny model, seeded, with weights large enough that logits differ."""
+    _, config_cls, model_cls, overrides = CASES[case]
+    config = getattr(transformers, config_cls)(**{**DIMS, **overrides})
+    torch.manual_seed(0)
+    model = getattr(transformers, model_cls)(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+            else:
+                p.copy_(0.1 * torch.randn_like(p))
+    return model
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def family_model(request):
+    return request.param, build(request.param)
+
+
+IDS = torch.randint(0, DIMS["vocab_size"], (1, 24), generator=torch.Generator().manual_seed(1))
+
+
+def reference(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(IDS).logits.float()
+
+
+def test_decoder_gives_transformers_logits(family_model):
+    case, model = family_model
+    want = reference(model)
+    with torch.no_grad():
+        got = decoder_of(model)(IDS)
+    assert got.shape == want.shape
+    assert (got - want).abs().max() < 1e-5, case
+
+
+def test_prefill_then_one_token_equals_one_pass(family_model):
+    _, model = family_model
+    decoder = decoder_of(model)
+    with torch.no_grad():
+        full = decoder(IDS)
+        cache = decoder.new_cache(max_len=32)
+        first = decoder(IDS[:, :-1], start_pos=0, cache=cache)
+        last = decoder(IDS[:, -1:], start_pos=IDS.shape[1] - 1, cache=cache)
+    assert (torch.cat([first, last], dim=1) - full).abs().max() < 1e-5
+
+
+def test_decoder_shares_the_models_modules(family_model):
+    case, model = family_model
+    model = copy.deepcopy(model)
+    decoder = decoder_of(model)
+    first = model.model.layers[0]
+    assert decoder.layers[0].attention.wq is first.self_attn.q_proj
+    assert decoder.layers[0].attention_norm.weight is first.input_layernorm.weight
+    assert decoder.output is model.lm_head
+    assert for_model(model).name == CASES[case][0]
+
+
+# ---- every written file, from a bundle --------------------------------------------------------
+
+# bundle -> the formats that hold its values exactly. "mixed": int8-dynamic attention, 8da4w
+# (bf16 scales, as XNNPACK and LiteRT hold int4 scales) everywhere else; "q4_0": 8da4w with
+# fp16 scales, which GGUF's Q4_0 holds bit for bit.
+RECIPES = {"mixed": ("pte", "tflite"), "q4_0": ("gguf",)}
+
+
+def tiny_tokenizer(vocab_size: int):
+    """A byte-level BPE tokenizer of at most ``vocab_size`` tokens, trained here."""
+    from tokenizers import Tokenizer, decoders, models, trainers
+    from tokenizers import pre_tokenizers as pre
+    from transformers import PreTrainedTokenizerFast
+
+    from edgequant.models.tokenizer import HFTokenizer
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre.ByteLevel.alphabet(), show_progress=False,
+    )  # fmt: skip
+    tk.train_from_iterator(["once upon a time there was a tiny model"] * 4, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|endoftext|>")
+    assert len(fast) <= vocab_size
+    return HFTokenizer(fast)
+
+
+def _recipe(bundle: str):
+    import edgequant
+    from edgequant.recipe import Recipe, Rule
+
+    if bundle == "q4_0":
+        return edgequant.recipes.get("8da4w", scale_dtype="fp16")
+    int8 = edgequant.recipes.get("int8-dynamic").rules[0].scheme
+    return Recipe((*edgequant.recipes.get("8da4w", scale_dtype="bf16").rules,
+                   Rule(int8, role="attention")))  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def written(family_model, tmp_path_factory):
+    """``{(bundle, format): (eager model, program)}``: each family's float bundle and its
+    quantized bundles, saved, loaded back and written to every format that holds them."""
+    import edgequant
+    from edgequant.export import load_program, to_gguf, to_pte, to_tflite
+
+    case, model = family_model
+    folder = tmp_path_factory.mktemp(case)
+    tokenizer = tiny_tokenizer(DIMS["vocab_size"])
+    out = {}
+    for bundle in ("float", *RECIPES):
+        source = copy.deepcopy(model)
+        if bundle != "float":
+            source, _ = edgequant.quantize(source, _recipe(bundle))
+        edgequant.save(source, folder / bundle, tokenizer=tokenizer)
+        loaded = edgequant.load(folder / bundle)
+        tok = edgequant.artifact.load_tokenizer(folder / bundle)
+        for fmt in ("pte", "tflite", "gguf") if bundle == "float" else RECIPES[bundle]:
+            path = folder / f"{bundle}.{fmt}"
+            if fmt == "pte":
+                to_pte(loaded, path, max_seq_len=32)
+            elif fmt == "tflite":
+                to_tflite(loaded, path, max_seq_len=32, prefill_len=8)
+            else:
+                to_gguf(loaded, path, tokenizer=tok)
+            out[bundle, fmt] = (loaded, load_program(path))
+    return out
+
+
+def _logits(model, ids=IDS):
+    from edgequant.models.base import logits
+
+    with torch.no_grad():
+        return logits(model, ids)
+
+
+@pytest.mark.parametrize("fmt", ["pte", "tflite", "gguf"])
+def test_float_files_give_transformers_logits(family_model, written, fmt):
+    case, model = family_model
+    _, program = written["float", fmt]
+    from edgequant.primitives import sqnr
+
+    got, want = program(IDS), reference(model)
+    if fmt == "gguf":  # llama.cpp keeps its KV cache in fp16 (measured 0.002 off, 69 dB)
+        assert sqnr(want, got) > 55.0, case
+    else:
+        assert (got - want).abs().max() < 1e-4, case
+
+
+@pytest.mark.parametrize("bundle, fmt", [(b, f) for b, formats in RECIPES.items() for f in formats])
+def test_quantized_files_equal_the_eager_quantized_model(written, bundle, fmt,
+                                                         equal_but_rounding_ties):  # fmt: skip
+    from edgequant import eval as ev
+    from edgequant import kernels
+
+    eager_model, program = written[bundle, fmt]
+    got = program(IDS)
+    if fmt == "gguf":  # llama.cpp quantizes activations to 8 bits in blocks of 32 itself
+        compared = ev.compare(_logits(eager_model), got, IDS)
+        assert compared["kl_divergence"] < 0.002 and compared["top1_agreement"] > 90, compared
+    else:  # both runtimes quantize activations per token, as the scheme says
+        reference = kernels.reference_logits(decoder_of(eager_model), IDS)
+        equal_but_rounding_ties(got, reference)
+
+
+def test_gguf_loads_in_llama_cpp_as_the_familys_architecture(family_model, written):
+    import gguf
+
+    case, _ = family_model
+    _, program = written["float", "gguf"]
+    reader = gguf.GGUFReader(str(program.path))
+    arch = reader.fields["general.architecture"].contents()
+    assert arch == for_model(family_model[1]).gguf_arch
+    names = {t.name for t in reader.tensors}
+    assert ("output.weight" in names) is (case == "llama3-rope-untied")
+    assert ("blk.0.attn_q.bias" in names) is (case == "qwen2")
+    assert ("blk.0.attn_q_norm.weight" in names) is (case == "qwen3")
+    assert ("rope_freqs.weight" in names) is (case == "llama3-rope-untied")
+
+
+def test_gguf_files_load_back_as_their_float_source(family_model, tmp_path):
+    """Q8_0 linears and embedding, F32 norms and biases: edgequant's loader (its own
+    dequantization, the family file, gguf-py's names) gives back the values written."""
+    import edgequant
+    from edgequant.export import to_gguf
+    from edgequant.models import gguf as gguf_loader
+    from edgequant.recipe import Recipe, Rule
+    from edgequant.schemes import Scheme
+
+    case, model = family_model
+    q8_0 = Scheme("int8", "per_group", 32, scale_dtype="fp16")
+    quantized, _ = edgequant.quantize(copy.deepcopy(model), Recipe((Rule(q8_0, role="default"),)))
+    path = to_gguf(quantized, tmp_path / "q8_0.gguf", tokenizer=tiny_tokenizer(DIMS["vocab_size"]))
+    config, state = gguf_loader.read_weights(path)
+    loaded = gguf_loader.build_model(config, state)
+    assert type(loaded) is type(model)
+    assert for_model(loaded).name == CASES[case][0]
+    for name, module in quantized.named_modules():
+        if hasattr(module, "dequantized_weight"):
+            want = module.dequantized_weight()
+            if name == "lm_head" and model.config.tie_word_embeddings:
+                continue
+            assert torch.equal(loaded.get_submodule(name).weight, want), (case, name)
+    for name, tensor in model.named_parameters():  # norms and biases stay float
+        if name.endswith("bias") or "norm" in name:
+            assert torch.equal(loaded.get_parameter(name), tensor), (case, name)
+    assert (_logits(loaded) - _logits(quantized)).abs().max() < 1e-4

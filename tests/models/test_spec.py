@@ -1,0 +1,82 @@
+"""DecoderSpec validation and the refusals a user meets: invalid fields, rope types and
+architectures no family file covers (each message names the value and what is allowed)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+import transformers
+
+from edgequant.models.families import decoder_of, for_gguf_arch
+from edgequant.models.spec import DecoderSpec, RopeScaling
+
+SHAPE = dict(vocab_size=16, dim=8, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=4,
+             hidden_dim=16, max_seq_len=8)  # fmt: skip
+
+
+def test_a_valid_spec_has_derived_fields():
+    spec = DecoderSpec(**SHAPE, partial_rotary=0.5, attention_scale=0.1)
+    assert (spec.rotary_dim, spec.scale) == (2, 0.1)
+    local = DecoderSpec(**SHAPE, sliding_window=4, sliding_window_pattern=3)
+    assert [local.is_local(i) for i in range(6)] == [True, True, False, True, True, False]
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"dim": 0, "n_layers": -1}, "dim must be a positive int, got 0; n_layers must be a "
+         "positive int, got -1"),
+        ({"n_kv_heads": 3, "n_heads": 4}, "n_heads=4 must be a multiple of n_kv_heads=3"),
+        ({"partial_rotary": 0.25}, "head_dim=4 with partial_rotary=0.25 rotates 1 dims; RoPE "
+         "needs an even, positive number"),
+        ({"activation": "relu"}, "activation 'relu' is not supported; supported: silu, gelu_tanh"),
+        ({"sliding_window": 4}, "sliding_window=4 and sliding_window_pattern=None go together"),
+        ({"rope_local_theta": 1e4}, "rope_local_theta=10000.0 needs sliding_window and "
+         "sliding_window_pattern"),
+        ({"final_logit_softcap": -1.0}, "final_logit_softcap must be None or a positive number"),
+    ],
+)  # fmt: skip
+def test_invalid_specs_name_their_fields(changes, message):
+    with pytest.raises(ValueError, match="^DecoderSpec: " + re.escape(message)):
+        DecoderSpec(**{**SHAPE, **changes})
+
+
+def test_rope_scaling_is_checked():
+    with pytest.raises(ValueError, match=r"^rope type 'yarn' is not supported; supported: "
+                       r"default, linear, llama3$"):  # fmt: skip
+        RopeScaling("yarn", factor=4.0)
+    with pytest.raises(ValueError, match=r"^llama3 rope scaling needs low_freq_factor, "
+                       r"high_freq_factor, original_max_seq_len$"):  # fmt: skip
+        RopeScaling("llama3", factor=8.0)
+
+
+def _tiny(config_cls, model_cls, **overrides):
+    config = getattr(transformers, config_cls)(
+        hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1,
+        num_hidden_layers=1, vocab_size=64, max_position_embeddings=32, **overrides,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return getattr(transformers, model_cls)(config).eval()
+
+
+def test_an_unsupported_rope_type_is_named():
+    yarn = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+            "original_max_position_embeddings": 16}  # fmt: skip
+    model = _tiny("LlamaConfig", "LlamaForCausalLM", rope_parameters=yarn)
+    with pytest.raises(ValueError, match=r"^rope type 'yarn' is not supported; supported: "
+                       r"default, linear, llama3$"):  # fmt: skip
+        decoder_of(model)
+
+
+def test_an_architecture_no_family_covers_is_named():
+    gpt2 = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64, n_positions=32)
+    )
+    with pytest.raises(ValueError, match=r"^architecture 'gpt2' is not supported; supported: "
+                       r"llama, qwen2, qwen3$"):  # fmt: skip
+        decoder_of(gpt2)
+    with pytest.raises(ValueError, match=r"^GGUF architecture 'gemma3' is not supported; "
+                       r"supported: llama, qwen2, qwen3$"):  # fmt: skip
+        for_gguf_arch("gemma3")
