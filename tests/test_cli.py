@@ -146,7 +146,7 @@ def test_user_errors_exit_2_with_the_message(stories260k, tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert main(["plan", "--model", str(tmp_path / "x.bin"), "--recipe", "fp16"]) == 2
     assert (
-        "neither a known name (default, stories260k) nor an existing path"
+        "neither a known name (default, stories260k, qwen2.5-1.5b) nor an existing path"
         in capsys.readouterr().err
     )
 

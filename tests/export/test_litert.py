@@ -3,6 +3,7 @@ computes, and holds edgequant's values (fp32, fp16, int8 per-channel, int4 block
 
 from __future__ import annotations
 
+import copy
 import re
 import tempfile
 from dataclasses import replace
@@ -227,3 +228,20 @@ def test_a_gptq_recipe_survives_conversion(stories260k, tmp_path):
     kl["tflite"] = ev.compare(ref, got, w)["kl_divergence"]
     assert kl["gptq"] < 0.8 * kl["minmax"], kl
     assert abs(kl["tflite"] - kl["gptq"]) < 0.05 * kl["gptq"], kl
+
+
+def test_uniform_norm_weights_are_not_folded_away(tiny_hf_llama, tmp_path, equal_but_rounding_ties):
+    """A Hugging Face Llama whose weights were all doubled has norms of weight 2 everywhere;
+    LiteRT's converter folds such a uniform multiplier into the next linear's weights, which
+    then no longer hold edgequant's values (the export used to fail finding them)."""
+    from edgequant.models.families import decoder_of
+
+    model = copy.deepcopy(tiny_hf_llama)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(2)
+    model, _ = edgequant.quantize(model, "int8-dynamic")
+    path = litert.to_tflite(model, tmp_path / "doubled.tflite", max_seq_len=32, prefill_len=8)
+    ids = torch.arange(1, 17)[None]
+    reference = kernels.reference_logits(decoder_of(model), ids)
+    equal_but_rounding_ties(TfliteModel(path)(ids), reference)

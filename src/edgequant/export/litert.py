@@ -46,6 +46,7 @@ from edgequant.export.common import (
     unsupported,
 )
 from edgequant.layers import QuantizedEmbedding
+from edgequant.models.decoder import RMSNorm
 from edgequant.schemes import Scheme
 
 _BLOCKS = (32, 64, 128, 256)
@@ -117,6 +118,23 @@ def _dequantized_copy(model: nn.Module) -> tuple[nn.Module, dict[str, _Stored]]:
         packed[fqn] = _Stored(module.scheme, dequantized, values.copy(), scales)
         swap_module(model, fqn, twin)
     return model, packed
+
+
+class _WeightFirstNorm(nn.Module):
+    """An RMSNorm that multiplies by its weight before the normalisation: the same function,
+    but the op feeding the next linear is no longer a multiplication by a constant. LiteRT's
+    converter folds such a constant into the linear's weights when it is uniform (a norm whose
+    weights are all 2), and the linear then no longer holds edgequant's values."""
+
+    def __init__(self, norm: RMSNorm) -> None:
+        super().__init__()
+        self.eps, self.offset, self.weight = norm.eps, norm.offset, norm.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        scale = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        weight = self.weight if self.offset == 0 else self.offset + self.weight.float()
+        return ((xf * weight) * scale).type_as(x)
 
 
 def _op_config(scheme: Scheme, lookup: bool = False):
@@ -448,6 +466,9 @@ def convert(
     if not 1 <= prefill_len <= max_seq_len:
         raise ValueError(f"prefill_len must be in [1, {max_seq_len}], got {prefill_len}")
     float_model, packed = _dequantized_copy(decoder)
+    for fqn, module in list(float_model.named_modules()):
+        if isinstance(module, RMSNorm):
+            swap_module(float_model, fqn, _WeightFirstNorm(module))
     program = LiteRTDecoder(float_model.eval(), max_seq_len).eval()
     kv = [torch.zeros(program.cache_shape()) for _ in range(2 * decoder.spec.n_layers)]
     prefill = (torch.zeros(1, prefill_len, dtype=torch.int32), torch.arange(prefill_len), *kv)
