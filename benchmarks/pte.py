@@ -29,9 +29,9 @@ from torch import nn
 import edgequant
 from edgequant import eval as ev
 from edgequant.export import to_pte
-from edgequant.export.native import from_hf_llama
 from edgequant.export.pte_runtime import PteModel
 from edgequant.models import load
+from edgequant.models.families import decoder_of
 from edgequant.recipe import Recipe, Rule
 
 PROMPT_TOKENS, NEW_TOKENS, MAX_SEQ_LEN = 64, 128, 512
@@ -59,7 +59,7 @@ def executorch_route(model: nn.Module, algorithm: str) -> nn.Module:
     from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
     from torchao.quantization.granularity import PerGroup
 
-    native = from_hf_llama(copy.deepcopy(model))
+    native = decoder_of(copy.deepcopy(model))
     config = Int8DynamicActivationIntxWeightConfig(
         weight_dtype=torch.int4,
         weight_granularity=PerGroup(32),

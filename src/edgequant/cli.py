@@ -117,7 +117,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(args.artifact)
     if args.format == "gguf":
         source = args.tokenizer_gguf or _source_gguf(args.artifact)
-        options = dict(tokenizer=None if source else tokenizer, tokenizer_gguf=source)
+        options = dict(
+            tokenizer=None if source else tokenizer,
+            tokenizer_gguf=source,
+            tokenizer_pre=args.tokenizer_pre,
+        )
         if args.llama_quantize:
             path = _llama_quantized(args, model, tokenizer, options)
         else:
@@ -391,6 +395,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--tokenizer-gguf",
         help="gguf: copy the tokenizer from this GGUF file (default: the bundle's source model "
         "when it was a GGUF file; a llama2.c tokenizer is converted)",
+    )
+    p.add_argument(
+        "--tokenizer-pre",
+        help="gguf: llama.cpp's pre-tokenizer name for a converted tokenizer.json (default: the "
+        "family's: llama-bpe for llama, qwen2 for qwen2/qwen3; e.g. smollm for SmolLM)",
     )
     p.add_argument(
         "--llama-quantize",

@@ -2,8 +2,10 @@
 
 A role says what a module does in a decoder: ``embedding``, ``attention``, ``feedforward`` or
 ``lm_head``; the layer index is the decoder block it sits in. Recipes select modules by these.
-The names below cover the common families (llama2.c / gpt-fast, Llama, Qwen2, Gemma, GPT-2);
-a model can also state its own with a method ``edgequant_roles() -> {fqn: (role, layer)}``.
+A model's family file (`edgequant.models.families`: Llama, Qwen2, Qwen3, llama2.c) states them
+for the modules it knows; a model can state its own with a method ``edgequant_roles() ->
+{fqn: (role, layer)}``; otherwise the names below give them (llama2.c / gpt-fast, Llama, Qwen2,
+Gemma, GPT-2, BERT).
 """
 
 from __future__ import annotations
@@ -79,10 +81,21 @@ def role_of_name(fqn: str, embedding: bool) -> tuple[str | None, int | None]:
     return _TOP_LEVEL.get(parts[-1]), None
 
 
+def _family_roles(model: nn.Module) -> dict[str, tuple[str, int | None]]:
+    """The roles a model's family file gives (`edgequant.models.families`), or none for a model
+    no family covers. Imported here, on use: the family files sit above this module."""
+    from edgequant.models.families import for_model
+
+    try:
+        return for_model(model).roles(model)
+    except (ValueError, NotImplementedError, AttributeError):
+        return {}
+
+
 def infer_roles(model: nn.Module) -> dict[str, tuple[str | None, int | None]]:
     """``{fqn: (role, layer)}`` for every quantizable (or already quantized) module."""
     own = getattr(model, "edgequant_roles", None)
-    declared = own() if callable(own) else {}
+    declared = own() if callable(own) else _family_roles(model)
     out = {}
     for fqn, module in model.named_modules():
         if is_quantizable(module) or is_quantized(module):

@@ -259,3 +259,14 @@ def test_gguf_files_load_back_as_their_float_source(family_model, tmp_path):
         if name.endswith("bias") or "norm" in name:
             assert torch.equal(loaded.get_parameter(name), tensor), (case, name)
     assert (_logits(loaded) - _logits(quantized)).abs().max() < 1e-4
+
+
+def test_family_roles_cover_every_linear_and_embedding(family_model):
+    from edgequant.roles import infer_roles, role_of
+
+    case, model = family_model
+    declared = for_model(model).roles(model)
+    roles = infer_roles(model)
+    assert {fqn for fqn, (role, _) in roles.items() if role} == set(declared), case
+    for fqn, (role, layer) in declared.items():  # the names agree with the family file
+        assert role_of(fqn, model.get_submodule(fqn)) == (role, layer), fqn

@@ -186,6 +186,12 @@ def to_gguf(
     check_out(out, overwrite, ".gguf")
     lay = layout(model)
     spec = lay.spec
+    scaling = spec.rope_scaling
+    if scaling is not None and scaling.type == "llama3" and not lay.family.gguf_tensors(spec):
+        raise ValueError(
+            f"llama3 rope scaling has no GGUF form in llama.cpp's {lay.family.gguf_arch!r} "
+            "architecture (edgequant writes it as rope_freqs for llama only)"
+        )
     tensors, requant = _tensors(lay, allow_requant)
     if tokenizer_gguf is None and tokenizer is None:
         raise ValueError(
@@ -244,7 +250,8 @@ def tensor_names(model: nn.Module) -> dict[str, str]:
     """Module FQN (the model's own) -> GGUF tensor name of every weight `to_gguf` writes."""
     lay = layout(model)
     names = {fqn: f"{base}.weight" for _, fqn, base in lay.modules}
-    if lay.output is None:  # tied: the lm_head reads token_embd
+    if lay.output is None:  # tied: llama.cpp computes the head with token_embd; the lm_head
+        # still gets a name, as the importance matrix has always summed its inputs under it
         from edgequant.models.families import decoder_of
 
         head = decoder_of(model).output

@@ -80,8 +80,9 @@ def convert(
     max_seq_len: int = 256,
     allow_fallback: bool = False,
 ) -> ConvertedModel:
-    """Quantize ``model`` (a float llama2.c `Transformer` or HF Llama) with ``quant_config`` and
-    convert it to LiteRT with ``prefill`` and ``decode`` signatures.
+    """Quantize ``model`` (a float llama2.c `Transformer`, or a Hugging Face model of a family
+    in `edgequant.models.families`) with ``quant_config`` and convert it to LiteRT with
+    ``prefill`` and ``decode`` signatures.
 
     ``sample_args`` is ``(tokens [1, P] int, input_pos [P] int)`` for the prefill signature
     (``P`` tokens a call; None: 32)."""

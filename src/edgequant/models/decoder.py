@@ -5,8 +5,8 @@ differs between families read from a `DecoderSpec` (q/k/v biases, q/k norms, fus
 norm offsets, sandwich norms, sliding windows, rope scaling, softcaps). It is written once: the
 KV cache and the attention kernel are passed in as an ``attend(layer, q, k, v) -> y`` callable
 (``q [B, T, H, D]``, ``k, v [B, T, KV, D]`` after RoPE; ``y [B, T, H, D]``), so eager generation
-(`KVCache`, `EagerAttention`), ExecuTorch (`edgequant.export.native`) and LiteRT
-(`edgequant.export.litert`) run the same blocks with their own cache.
+(`KVCache`, `EagerAttention`), ExecuTorch and LiteRT (`edgequant.export.attention`) run the
+same blocks with their own cache.
 
 Module names follow llama2.c / Meta's (``tok_embeddings``, ``layers.N.attention.wq``,
 ``layers.N.feed_forward.w1`` ...), so a llama2.c checkpoint is a `Decoder`; a Hugging Face model

@@ -14,6 +14,7 @@ from torch import nn
 
 from edgequant.models.decoder import Decoder, RMSNorm
 from edgequant.models.spec import ROPE_TYPES, DecoderSpec, RopeScaling
+from edgequant.roles import is_quantizable, is_quantized
 
 # Decoder module names -> a Llama-style Hugging Face model's (Llama, Qwen2, Qwen3, Mistral,
 # SmolLM); "{}" is the layer index.
@@ -76,6 +77,28 @@ class Family:
             return None if hf is None else hf.format(parts[1])
         return self.names.get(decoder_name)
 
+    def roles(self, model: nn.Module) -> dict[str, tuple[str, int | None]]:
+        """``{fqn: (role, layer)}`` of ``model``'s linears and embeddings, from what each is in
+        the decoder (`edgequant.roles` reads these before guessing from names)."""
+        own = isinstance(model, Decoder)  # llama2.c: the decoder's own names
+        n_layers = model.spec.n_layers if own else self.spec(model.config).n_layers
+        out: dict[str, tuple[str, int | None]] = {}
+        for key, hf in self.names.items():
+            role = _ROLES.get(key.split(".")[2] if key.startswith("layers.") else key)
+            name = key if own else hf
+            if role is None:
+                continue
+            if "{}" in key:
+                out.update({name.format(i): (role, i) for i in range(n_layers)})
+            else:
+                out[name] = (role, None)
+        modules = dict(model.named_modules())
+        return {
+            fqn: r
+            for fqn, r in out.items()
+            if fqn in modules and (is_quantizable(modules[fqn]) or is_quantized(modules[fqn]))
+        }
+
     def smoothing(self) -> list[tuple[str, tuple[str, ...], bool]]:
         """`SMOOTHING` in the Hugging Face model's names, relative to one of its blocks."""
 
@@ -112,6 +135,15 @@ class Family:
             raise AssertionError(f"not carried over from the Hugging Face model: {left}")
         decoder.family = self.name
         return decoder.eval()
+
+
+# decoder module (or a block's part) -> role; norms have none (they are never quantized)
+_ROLES = {
+    "tok_embeddings": "embedding",
+    "output": "lm_head",
+    "attention": "attention",
+    "feed_forward": "feedforward",
+}
 
 
 def _is_leaf(module: nn.Module) -> bool:
@@ -182,6 +214,9 @@ def gguf_config(get: Callable[[str], Any], tensors: set[str], model_type: str) -
             raise ValueError(f"GGUF metadata lacks <arch>.{key}; cannot build the model")
         return value
 
+    rope = {"rope_type": "default", "rope_theta": float(get("rope.freq_base") or 10000.0)}
+    if get("rope.scaling.type") == "linear":
+        rope.update(rope_type="linear", factor=float(get("rope.scaling.factor")))
     heads = int(need("attention.head_count"))
     hidden = int(need("embedding_length"))
     head_dim = get("attention.key_length") or get("rope.dimension_count") or hidden // heads
@@ -196,10 +231,7 @@ def gguf_config(get: Callable[[str], Any], tensors: set[str], model_type: str) -
         "head_dim": int(head_dim),
         "max_position_embeddings": int(need("context_length")),
         "rms_norm_eps": float(need("attention.layer_norm_rms_epsilon")),
-        "rope_parameters": {
-            "rope_type": "default",
-            "rope_theta": float(get("rope.freq_base") or 10000.0),
-        },
+        "rope_parameters": rope,
         "tie_word_embeddings": "output.weight" not in tensors,
         "torch_dtype": "float32",
     }
