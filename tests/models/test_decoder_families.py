@@ -270,3 +270,15 @@ def test_family_roles_cover_every_linear_and_embedding(family_model):
     assert {fqn for fqn, (role, _) in roles.items() if role} == set(declared), case
     for fqn, (role, layer) in declared.items():  # the names agree with the family file
         assert role_of(fqn, model.get_submodule(fqn)) == (role, layer), fqn
+
+
+def test_a_hugging_face_folder_of_the_family_loads(family_model, tmp_path):
+    from edgequant.models import load
+
+    case, model = family_model
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    tiny_tokenizer(DIMS["vocab_size"]).tok.save_pretrained(tmp_path)
+    loaded, tokenizer, info = load(tmp_path)
+    assert info["config"]["model_type"] == model.config.model_type
+    assert (_logits(loaded) - reference(model)).abs().max() < 1e-5, case
+    assert tokenizer.decode(tokenizer.encode("once upon a time", bos=False)) == "once upon a time"
