@@ -90,7 +90,10 @@ def test_quantized_tflite_holds_edgequants_values(files, story_ids):
     # LiteRT's dynamic-range int4 kernels quantize activations their own way and hold the
     # scales at bf16 precision: measured 40.4 dB against the eager model
     assert sqnr(eager, TfliteModel(path)(story_ids[:, :64])) > 35.0
-    assert path.stat().st_size < 0.42 * files["fp32"][1].stat().st_size  # measured 0.398
+    # measured 0.447 (0.398 before the one decoder: the ops and constants are the same, but
+    # litert-torch names each tensor by its module path, which now runs through the block:
+    # 177 KB of names against 91 KB on this 0.5 MB model; nothing that grows with the weights)
+    assert path.stat().st_size < 0.46 * files["fp32"][1].stat().st_size
 
 
 def test_int8_dynamic_tflite_computes_what_the_reference_kernels_compute(
