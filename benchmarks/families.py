@@ -3,10 +3,11 @@ per artifact its bytes, KL / top-1 / perplexity against the float model on the s
 windows, decode / prefill tokens/s in that runtime, and the KL difference to the eager model.
 
     python benchmarks/families.py [--model qwen2.5-1.5b] [--recipe 8da4w] [--algorithm hqq]
-        [--windows 4] [--seq-len 512] [--folder build/families] [--out FILE]
+        [--windows 4] [--seq-len 512] [--folder build/families] [--out FILE] [--bundle B]
 
 The quantization is `edgequant quantize --model M --recipe R --algorithm A` (``--calibration``
-for the algorithms that need data); each program is measured as `edgequant eval --pte/--tflite/
+for the algorithms that need data), run here or, with ``--bundle``, read from the bundle that
+command wrote; each program is measured as `edgequant eval --pte/--tflite/
 --gguf` measures it (`edgequant.export.load_program`, a GGUF file's speed with llama.cpp computing
 the last position's logits only); speed as the main job measures it (its 64-token prompt from the
 start of the text, 32 new tokens). Memory: the float model is quantized in place once its logits
@@ -40,6 +41,7 @@ from edgequant.export import load_program, to_gguf, to_pte, to_tflite  # noqa: E
 from edgequant.export.gguf_runtime import GgufModel  # noqa: E402
 from edgequant.models import load  # noqa: E402
 from edgequant.quantize import as_recipe  # noqa: E402
+from edgequant.recipe import Recipe  # noqa: E402
 
 PREFILL = 64  # the .tflite prefill signature's length (as benchmarks/tflite.py)
 FORMATS = ("pte", "tflite", "gguf")
@@ -136,6 +138,11 @@ def main() -> None:
     parser.add_argument("--recipe", default="8da4w")
     parser.add_argument("--algorithm", default="hqq", help="for every integer rule ('' keeps)")
     parser.add_argument("--calibration", help="for gptq/awq/smoothquant, e.g. wikitext:128x512")
+    parser.add_argument(
+        "--bundle",
+        help="a bundle `edgequant quantize --model M ... --out B` wrote: measured instead of "
+        "quantizing here (--recipe/--algorithm/--calibration are then the bundle's)",
+    )
     parser.add_argument("--windows", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--folder", default="build/families")
@@ -170,20 +177,28 @@ def main() -> None:
     memory("float logits and speed", mem)
 
     calibration = None
-    if args.calibration:
+    if args.bundle:  # quantized by `edgequant quantize`: only the float reference is needed
+        recipe = Recipe.from_dict(edgequant.artifact.read_manifest(args.bundle)["recipe"])
+        plan = edgequant.plan(model, recipe)
+        del model
+        gc.collect()
+        model = edgequant.load(args.bundle)
+        quantize_s = None
+    elif args.calibration:
         from edgequant.calibration import parse
 
         calibration = parse(
             args.calibration, tokenizer, model=model, eval_tokens=args.windows * args.seq_len
         )
-    started = time.perf_counter()
-    model, plan = edgequant.quantize(model, recipe, calibration=calibration)  # in place
+    if not args.bundle:
+        started = time.perf_counter()
+        model, plan = edgequant.quantize(model, recipe, calibration=calibration)  # in place
+        quantize_s = time.perf_counter() - started
     gc.collect()  # the float weights go with the modules quantize swapped out
     size = ev.size_report(plan)
     float_row["bytes"] = size["float_bytes"]
     rows = [float_row]
-    eager = {"artifact": "eager", "bytes": size["quantized_bytes"]}
-    eager["quantize_s"] = time.perf_counter() - started
+    eager = {"artifact": "eager", "bytes": size["quantized_bytes"], "quantize_s": quantize_s}
     memory(f"quantize {recipe.name}", mem)
     try:
         eager.update({**quality(model, windows, reference), **speed(model, speed_ids)})

@@ -295,8 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_recipes)
 
     model_help = (
-        "'default' (SmolLM2-135M-Instruct), 'stories260k', a .gguf file, a Hugging Face "
-        "folder or a llama2.c .bin"
+        "'default' (SmolLM2-135M-Instruct), 'stories260k', 'qwen2.5-1.5b' (after make "
+        "model-qwen2.5-1.5b), a .gguf file, a Hugging Face folder or a llama2.c .bin"
     )
     recipe_help = "a preset name (see `edgequant recipes`) or a .json/.yaml recipe file"
     text_help = "text file for evaluation (default: WikiText-2 raw test from the data folder)"
