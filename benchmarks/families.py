@@ -44,7 +44,7 @@ from edgequant.quantize import as_recipe  # noqa: E402
 from edgequant.recipe import Recipe  # noqa: E402
 
 PREFILL = 64  # the .tflite prefill signature's length (as benchmarks/tflite.py)
-FORMATS = ("pte", "tflite", "gguf")
+FORMATS = ("pte", "gguf", "tflite")  # tflite last: it holds a float copy (the most memory)
 
 
 START = time.perf_counter()

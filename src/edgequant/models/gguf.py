@@ -140,12 +140,15 @@ def read_state_dict(reader, config: dict[str, Any]) -> dict[str, torch.Tensor]:
 
 def build_model(config: dict[str, Any], state: dict[str, torch.Tensor]):
     """A float32 Hugging Face causal LM of ``config`` holding ``state`` (tied lm_head when the
-    config says so)."""
+    config says so). The model is built on the meta device and takes ``state``'s tensors as
+    its parameters (no second copy: a 1.5B model peaks at its size, not twice it); modules whose
+    buffers transformers computes in ``__init__`` (RoPE tables) are built again for real."""
     from transformers import AutoModelForCausalLM
 
     cfg = _hf_config(config)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     missing = [k for k in missing if not (cfg.tie_word_embeddings and k == "lm_head.weight")]
     if missing or unexpected:
         raise ValueError(
@@ -153,7 +156,14 @@ def build_model(config: dict[str, Any], state: dict[str, torch.Tensor]):
         )
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    return model
+    for name, module in list(model.named_modules()):
+        if any(b.is_meta for b in module.buffers(recurse=False)):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, type(module)(config=cfg))
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise AssertionError(f"not loaded from the GGUF weights: {left}")
+    return model.eval()
 
 
 def load(path: str | Path, use_cache: bool = True):
