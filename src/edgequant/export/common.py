@@ -131,3 +131,11 @@ def refuse_or_warn(problems: list[Unsupported], backend: str, allow_fallback: bo
             backend,
             ", ".join(f"{p.fqn} ({p.scheme.describe()}: {p.reason})" for p in problems),
         )
+
+
+def default_max_seq_len(model: nn.Module, preferred: int = 512) -> int:
+    """The cache length the exporters use when none is given: ``preferred`` positions, or the
+    model's whole context when it is shorter."""
+    from edgequant.models.families import decoder_of
+
+    return min(preferred, decoder_of(model).spec.max_seq_len)

@@ -38,6 +38,7 @@ from torch import nn
 from edgequant._io import write_bytes_atomic
 from edgequant.export.common import (
     check_out,
+    default_max_seq_len,
     float_twin,
     negative_scales,
     packed_modules,
@@ -456,7 +457,7 @@ def convert(
 
     decoder = decoder_of(model)
     if max_seq_len is None:
-        max_seq_len = min(512, decoder.spec.max_seq_len)
+        max_seq_len = default_max_seq_len(decoder)
     problems = check_litert(decoder)
     refuse_or_warn(problems, "LiteRT", allow_fallback)
     if problems:

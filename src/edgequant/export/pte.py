@@ -31,6 +31,7 @@ from edgequant._io import write_bytes_atomic
 from edgequant.export.common import (
     Unsupported,
     check_out,
+    default_max_seq_len,
     float_twin,
     negative_scales,
     packed_modules,
@@ -212,7 +213,8 @@ def prepare(model: nn.Module, allow_fallback: bool = False) -> nn.Module:
 def export_program(model: nn.Module, max_seq_len: int | None = None, allow_fallback: bool = False):
     """``(torch.export.ExportedProgram, DecoderSpec)`` of the model's decoder (any family in
     `edgequant.models.families`), before lowering; its constants are edgequant's stored
-    integers and scales. ``max_seq_len`` defaults to `default_max_seq_len`."""
+    integers and scales. ``max_seq_len`` defaults to
+    `edgequant.export.common.default_max_seq_len`."""
     import executorch.exir.passes._quant_patterns_and_replacements  # noqa: F401  (embedding ops)
     import torchao  # noqa: F401  (registers the quantized_decomposed ops)
 
@@ -220,7 +222,7 @@ def export_program(model: nn.Module, max_seq_len: int | None = None, allow_fallb
     from edgequant.models.families import decoder_of
 
     decoder = decoder_of(model)
-    max_seq_len = default_max_seq_len(decoder, 512) if max_seq_len is None else max_seq_len
+    max_seq_len = default_max_seq_len(decoder) if max_seq_len is None else max_seq_len
     program_module = ExecuTorchDecoder(prepare(decoder, allow_fallback), max_seq_len).eval()
     example = (torch.zeros(1, 2, dtype=torch.long), torch.tensor([0], dtype=torch.long))
     seq = torch.export.Dim("seq", min=1, max=max_seq_len)
@@ -232,13 +234,6 @@ def export_program(model: nn.Module, max_seq_len: int | None = None, allow_fallb
             strict=False,
         )
     return program, decoder.spec
-
-
-def default_max_seq_len(model: nn.Module, preferred: int) -> int:
-    """``preferred`` cache positions, or the model's whole context when it is shorter."""
-    from edgequant.models.families import decoder_of
-
-    return min(preferred, decoder_of(model).spec.max_seq_len)
 
 
 def to_pte(
@@ -259,7 +254,7 @@ def to_pte(
     """
     path = check_out(path, overwrite)
     if max_seq_len is None:
-        max_seq_len = default_max_seq_len(model, 512)
+        max_seq_len = default_max_seq_len(model)
     with warnings.catch_warnings():  # torch/executorch deprecation chatter during export
         warnings.simplefilter("ignore", FutureWarning)
         warnings.simplefilter("ignore", DeprecationWarning)
