@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import copy
 import functools
+import gc
+import hashlib
 import re
 import tempfile
 import warnings
@@ -97,9 +99,21 @@ class _Stored:
     """One packed module as edgequant stores it, and its float weights in the converted file."""
 
     scheme: Scheme
-    dequantized: np.ndarray  # fp32, what the float conversion holds
+    content: tuple  # (shape, sha256 of the fp32 weights the float conversion holds)
     values: np.ndarray  # the integers (int8 array) or the fp16 weights
     scales: np.ndarray | None
+
+
+def _content(weights: np.ndarray) -> tuple:
+    """What identifies a weight tensor by its content, without holding a second copy of it."""
+    return tuple(weights.shape), hashlib.sha256(np.ascontiguousarray(weights).data).digest()
+
+
+def _shallow_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model``'s modules that shares its parameters and buffers (modules are swapped
+    in the copy; no tensor is written)."""
+    shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    return copy.deepcopy(model, memo=shared)
 
 
 def _dequantized_copy(model: nn.Module) -> tuple[nn.Module, dict[str, _Stored]]:
@@ -107,16 +121,19 @@ def _dequantized_copy(model: nn.Module) -> tuple[nn.Module, dict[str, _Stored]]:
     module stores (to find its op in the converted file and to write and check its values).
     ai-edge-quantizer's recovery only lays the quantized tensors out; edgequant's own integers
     and scales replace what it recovers (`_restore`)."""
-    model = copy.deepcopy(model)
-    packed = {}
+    model = _shallow_copy(model)
+    packed, weights = {}, {}
     for fqn, module in list(packed_modules(model)):
         twin = float_twin(module)
         if module.scheme.is_integer:
             values, scales = module.int_weight().numpy(), module.scale.float().numpy()
         else:
             values, scales = module.weight.numpy(), None
-        dequantized = twin.weight.detach().numpy().copy()
-        packed[fqn] = _Stored(module.scheme, dequantized, values.copy(), scales)
+        content = _content(twin.weight.detach().numpy())
+        # equal weights (a tied embedding and head packed twice) share one tensor, so that the
+        # converter writes them once
+        twin.weight = weights.setdefault(content, twin.weight)
+        packed[fqn] = _Stored(module.scheme, content, values.copy(), scales)
         swap_module(model, fqn, twin)
     return model, packed
 
@@ -176,14 +193,14 @@ def _op_config(scheme: Scheme, lookup: bool = False):
     return AlgorithmName.DEQUANTIZED_WEIGHT_RECOVERY, config
 
 
-def _weight_ops(model_bytes: bytes):
+def _weight_ops(model: bytes | Path):
     """``(subgraph index, subgraph, op, opname, weight tensor, weight array)`` of every
     FULLY_CONNECTED and
     EMBEDDING_LOOKUP op with a constant weight."""
     from ai_edge_quantizer import qtyping
     from ai_edge_quantizer.utils import tfl_flatbuffer_utils as fb
 
-    tfl = fb.read_model(model_bytes)
+    tfl = fb.read_model(model)  # a Path is memory-mapped: its buffers are not copied
     names = {"FULLY_CONNECTED": 1, "EMBEDDING_LOOKUP": 1}  # input index of the weight
     for sg_index, sg in enumerate(tfl.subgraphs):
         for op in sg.operators:
@@ -197,19 +214,20 @@ def _weight_ops(model_bytes: bytes):
             yield sg_index, sg, op, qtyping.TFLOperationName(opname), tensor, data
 
 
-def _quantize(float_bytes: bytes, packed: dict[str, _Stored]) -> bytes:
+def _quantize(float_path: Path, packed: dict[str, _Stored]) -> bytes:
+    """The quantized ``.tflite`` bytes of the float file at ``float_path`` (read through a
+    memory map: a float file several times the size of the result is not held in memory)."""
     from ai_edge_quantizer import quantizer as aeq
     from ai_edge_quantizer.utils import tfl_flatbuffer_utils as fb
 
     by_content: dict[tuple, list[str]] = {}
     for fqn, stored in packed.items():
-        w = stored.dequantized
-        by_content.setdefault((w.shape, w.tobytes()), []).append(fqn)
+        by_content.setdefault(stored.content, []).append(fqn)
     weights: dict[tuple[int, str], str] = {}  # (subgraph, weight tensor name) -> module
-    qt = aeq.Quantizer(bytearray(float_bytes))
+    qt = aeq.Quantizer(float_path)
     found: set[str] = set()
-    for sg_index, sg, op, opname, tensor, data in _weight_ops(float_bytes):
-        fqns = by_content.get((tuple(data.shape), np.ascontiguousarray(data).tobytes()))
+    for sg_index, sg, op, opname, tensor, data in _weight_ops(float_path):
+        fqns = by_content.get(_content(data))
         if not fqns:
             continue
         weights[(sg_index, fb.get_tensor_name(tensor))] = fqns[0]
@@ -234,7 +252,9 @@ def _quantize(float_bytes: bytes, packed: dict[str, _Stored]) -> bytes:
             f"no LiteRT op found holding the weights of {', '.join(missing[:4])}"
             f"{' and more' if len(missing) > 4 else ''}; the converter changed them"
         )
-    out = _restore(bytes(qt.quantize().quantized_model), weights, packed)
+    quantized = qt.quantize(enable_progress_report=False).quantized_model
+    del qt
+    out = _restore(quantized, weights, packed)
     _check_written(out, weights, packed)
     return out
 
@@ -461,7 +481,7 @@ def convert(
     problems = check_litert(decoder)
     refuse_or_warn(problems, "LiteRT", allow_fallback)
     if problems:
-        decoder = copy.deepcopy(decoder)
+        decoder = _shallow_copy(decoder)
         for p in problems:
             swap_module(decoder, p.fqn, float_twin(decoder.get_submodule(p.fqn)))
     if not 1 <= prefill_len <= max_seq_len:
@@ -476,16 +496,20 @@ def convert(
     decode = (torch.zeros(1, 1, dtype=torch.int32), torch.zeros(1, dtype=torch.int32), *kv)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
+        # lightweight: the converter references the float weights instead of copying them
+        # into its IR (a 1.5B model at fp32 ran out of 24 GB without; the same ops and logits)
         converted = (
             litert_torch.signature("prefill", program, prefill)
             .signature("decode", program, decode)
-            .convert()
+            .convert(lightweight_conversion=True)
         )
+    del program, float_model, kv  # the float weights are in the converted model now
     with tempfile.TemporaryDirectory() as tmp:
         float_path = Path(tmp) / "float.tflite"
         converted.export(str(float_path))
-        float_bytes = float_path.read_bytes()
-    return _quantize(float_bytes, packed) if packed else float_bytes
+        del converted
+        gc.collect()
+        return _quantize(float_path, packed) if packed else float_path.read_bytes()
 
 
 def to_tflite(model: nn.Module, path: str | Path, *, overwrite: bool = False, **options) -> Path:
