@@ -1,6 +1,8 @@
 """One model quantized once, then written as .pte, .tflite and .gguf and measured in each runtime:
 per artifact its bytes, KL / top-1 / perplexity against the float model on the same WikiText-2
-windows, decode / prefill tokens/s in that runtime, and the KL difference to the eager model.
+windows, decode / prefill tokens/s in that runtime, and the KL difference to the eager model (for
+a GGUF file, to the eager model with activations in float when the recipe quantizes them:
+llama.cpp quantizes activations itself, in blocks of 32, and the file holds the weights only).
 
     python benchmarks/families.py [--model qwen2.5-1.5b] [--recipe 8da4w] [--algorithm hqq]
         [--windows 4] [--seq-len 512] [--folder build/families] [--out FILE] [--bundle B]
@@ -19,6 +21,8 @@ or run gets its error in its row; the others go on. Run on a quiet machine.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import gc
 import json
 import os
@@ -73,6 +77,27 @@ def quality(model, windows, reference) -> dict:
     out = ev.compare(reference, ev.float_logits(model, windows), windows)
     out.pop("float_perplexity")
     return out
+
+
+@contextlib.contextmanager
+def weights_only(model):
+    """``model`` with its packed modules' activation quantization off while inside: what a GGUF
+    file of it computes (llama.cpp quantizes activations itself, in blocks of 32; see
+    docs/gguf.md). Yields False when no module quantizes activations."""
+    from edgequant.layers import QuantizedLinear
+
+    changed = [
+        (m, m.scheme)
+        for m in model.modules()
+        if isinstance(m, QuantizedLinear) and m.scheme.activation != "none"
+    ]
+    for m, scheme in changed:
+        m.scheme = dataclasses.replace(scheme, activation="none")
+    try:
+        yield bool(changed)
+    finally:
+        for m, scheme in changed:
+            m.scheme = scheme
 
 
 def speed(model, speed_ids: list[int]) -> dict:
@@ -206,6 +231,11 @@ def main() -> None:
         traceback.print_exc()
         eager["error"] = f"{type(e).__name__}: {e}"
     rows.append(eager)
+    with weights_only(model) as changed:  # the GGUF file's reference
+        if changed:
+            eager_wo = {"artifact": "eager, weights only", "bytes": size["quantized_bytes"]}
+            eager_wo.update(quality(model, windows, reference))
+            rows.append(eager_wo)
     memory("eager eval", mem)
 
     for fmt in FORMATS:
@@ -228,9 +258,14 @@ def main() -> None:
         memory(f"{fmt} eval", mem)
         rows.append(row)
 
-    for r in rows[2:]:
-        if "kl_divergence" in r and "kl_divergence" in eager:
-            r["kl_minus_eager"] = r["kl_divergence"] - eager["kl_divergence"]
+    for r in rows:
+        # a GGUF file runs the weights with llama.cpp's own activation blocks: its reference is
+        # the eager model with activations in float, when the recipe quantizes them
+        ref = next(
+            (e for e in rows if e["artifact"] == "eager, weights only"), eager
+        ) if r["artifact"] == "gguf" else eager  # fmt: skip
+        if r["artifact"] in FORMATS and "kl_divergence" in r and "kl_divergence" in ref:
+            r["kl_minus_eager"] = r["kl_divergence"] - ref["kl_divergence"]
     print(
         f"\n{args.model} ({info['source']}), {recipe.name}; {args.windows} x {args.seq_len} tokens "
         f"of WikiText-2 test; speed: {len(speed_ids)}-token prompt, {job.SPEED_NEW_TOKENS} new "
