@@ -43,6 +43,29 @@ def test_load_into_a_given_skeleton(bundle, fresh_stories260k, story_ids):
         assert torch.equal(model(story_ids), logits)
 
 
+def test_load_into_a_shallow_copy_leaves_its_source(fresh_stories260k, story_ids, tmp_path):
+    # smoothing changes the norms the bundle stores: loading them into a copy that shares the
+    # float model's tensors must replace the copy's tensors, not write into the float model's
+    from edgequant._modules import shallow_copy
+
+    model, _ = fresh_stories260k()
+    source, _ = fresh_stories260k()
+    before = {k: v.clone() for k, v in source.state_dict().items()}
+    quantized, _ = edgequant.quantize(model, STORIES_8DA4W)
+    quantized.layers[0].attention_norm.weight.data.mul_(2.0)  # as smoothing would
+    with torch.no_grad():
+        logits = quantized(story_ids)
+    path = edgequant.save(quantized, tmp_path / "bundle")
+    reloaded = edgequant.load(path, model=shallow_copy(source))
+    with torch.no_grad():
+        assert torch.equal(reloaded(story_ids), logits)
+    after = source.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert reloaded.layers[0].attention_norm.weight.data_ptr() != (
+        source.layers[0].attention_norm.weight.data_ptr()
+    )
+
+
 def test_manifest_records_what_made_the_bundle(bundle):
     path, _, plan = bundle
     manifest = read_manifest(path)

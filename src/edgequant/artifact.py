@@ -230,7 +230,9 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
     """Rebuild a saved model with identical outputs.
 
     ``model`` is a float skeleton of the same architecture; it may be omitted when the bundle
-    records a model family edgequant knows (``manifest["model"]``).
+    records a model family edgequant knows (``manifest["model"]``). Its modules and tensors are
+    replaced by the bundle's, never written into: a `edgequant._modules.shallow_copy` of a
+    float model can take a bundle without a second copy of the weights or a change to them.
     """
     path = Path(path)
     manifest = read_manifest(path)
@@ -271,7 +273,7 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
     state = load_file(str(path / TENSORS))
     for name, target in aliases.items():
         state[name] = state[target]
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(state, strict=True, assign=True)  # replaced, not written into
     if manifest.get("recipe") is not None:
         model.edgequant_recipe = Recipe.from_dict(manifest["recipe"], where=f"{MANIFEST}: recipe")
     return model.eval()

@@ -20,6 +20,7 @@ import torch
 
 import edgequant
 from edgequant import eval as ev
+from edgequant._modules import shallow_copy
 from edgequant.models.base import logits
 from edgequant.quantize import as_recipe
 
@@ -217,7 +218,7 @@ def with_algorithm(recipe, algorithm: str, **params):
 
 def _reloads_identically(out: Path, model, float_model, ids: list[int]) -> bool:
     """Load the bundle just written and check it gives the quantized model's logits exactly."""
-    reloaded = edgequant.load(out, model=copy.deepcopy(float_model))
+    reloaded = edgequant.load(out, model=shallow_copy(float_model))  # no copy of the weights
     x = torch.tensor([ids])
     with torch.inference_mode():
         return bool(torch.equal(logits(reloaded, x), logits(model, x)))
@@ -299,7 +300,7 @@ def evaluate_bundle(
     if manifest.get("recipe") is None:  # before loading anything
         raise ValueError(f"{str(bundle)!r} records no recipe; cannot size it against float")
     float_model, float_tokenizer, info = load(reference)
-    model = edgequant.load(bundle, model=copy.deepcopy(float_model))
+    model = edgequant.load(bundle, model=shallow_copy(float_model))
     tokenizer = load_tokenizer(bundle) or float_tokenizer
     plan = edgequant.plan(float_model, model.edgequant_recipe)
     speed_ids, float_pass, float_speed = _float_side(

@@ -23,7 +23,6 @@ exactly; LiteRT's int4 block scales are fp16 numbers rounded to bf16 precision (
 
 from __future__ import annotations
 
-import copy
 import functools
 import gc
 import hashlib
@@ -38,6 +37,7 @@ import torch
 from torch import nn
 
 from edgequant._io import write_bytes_atomic
+from edgequant._modules import shallow_copy
 from edgequant.export.common import (
     check_out,
     default_max_seq_len,
@@ -109,19 +109,12 @@ def _content(weights: np.ndarray) -> tuple:
     return tuple(weights.shape), hashlib.sha256(np.ascontiguousarray(weights).data).digest()
 
 
-def _shallow_copy(model: nn.Module) -> nn.Module:
-    """A copy of ``model``'s modules that shares its parameters and buffers (modules are swapped
-    in the copy; no tensor is written)."""
-    shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
-    return copy.deepcopy(model, memo=shared)
-
-
 def _dequantized_copy(model: nn.Module) -> tuple[nn.Module, dict[str, _Stored]]:
     """A float copy to convert (each packed module's dequantized weights), and what each packed
     module stores (to find its op in the converted file and to write and check its values).
     ai-edge-quantizer's recovery only lays the quantized tensors out; edgequant's own integers
     and scales replace what it recovers (`_restore`)."""
-    model = _shallow_copy(model)
+    model = shallow_copy(model)
     packed, weights = {}, {}
     for fqn, module in list(packed_modules(model)):
         twin = float_twin(module)
@@ -481,7 +474,7 @@ def convert(
     problems = check_litert(decoder)
     refuse_or_warn(problems, "LiteRT", allow_fallback)
     if problems:
-        decoder = _shallow_copy(decoder)
+        decoder = shallow_copy(decoder)
         for p in problems:
             swap_module(decoder, p.fqn, float_twin(decoder.get_submodule(p.fqn)))
     if not 1 <= prefill_len <= max_seq_len:
