@@ -229,3 +229,65 @@ def test_an_unlisted_file_in_the_tokenizer_folder_is_refused(fresh_stories260k, 
         match=re.escape("holds file(s) the manifest does not list: ['special_tokens_map.json']"),
     ):
         load_tokenizer(path)
+
+
+def _edit_manifest(path, change):
+    manifest = json.loads((path / MANIFEST).read_text())
+    change(manifest)
+    (path / MANIFEST).write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["../outside.bin", "/etc/hostname", "tokenizer/../../outside.bin", "sub/model.safetensors",
+     "tokenizer/a/b", "tokenizer\\..\\x", "", "./model.safetensors", "tokenizer/"],
+)  # fmt: skip
+def test_manifest_files_outside_the_bundle_are_refused_before_reading(bundle, tmp_path, name):
+    # a file outside the folder is neither read nor reported: the error is the same whether
+    # the path exists or not
+    path, _, _ = bundle
+    (tmp_path / "outside.bin").write_bytes(b"secret")
+    entry = {"bytes": 6, "sha256": "0" * 64}
+    _edit_manifest(path, lambda m: m["files"].__setitem__(name, entry))
+    with pytest.raises(ValueError, match=re.escape(f"files[{name!r}]: a bundle lists only")):
+        read_manifest(path)
+
+
+def test_manifest_file_facts_are_validated_by_field(bundle):
+    path, _, _ = bundle
+    _edit_manifest(path, lambda m: m["files"][TENSORS].__setitem__("bytes", -1))
+    with pytest.raises(
+        ValueError, match=re.escape("files['model.safetensors'].bytes: must be a whole number")
+    ):
+        read_manifest(path)
+    _edit_manifest(path, lambda m: m["files"][TENSORS].update(bytes=1, sha256="../x"))
+    with pytest.raises(ValueError, match=re.escape(".sha256: must be 64 lowercase hex digits")):
+        read_manifest(path)
+    _edit_manifest(path, lambda m: m["files"].pop(TENSORS))
+    with pytest.raises(ValueError, match="files does not list 'model.safetensors'"):
+        read_manifest(path)
+
+
+def test_a_symlinked_bundle_file_is_refused(fresh_stories260k, tmp_path):
+    model, tokenizer = fresh_stories260k()
+    path = edgequant.save(model, tmp_path / "b", tokenizer=tokenizer)
+    (tmp_path / "elsewhere").mkdir()
+    file = next((path / "tokenizer").iterdir())
+    moved = tmp_path / "elsewhere" / file.name
+    file.rename(moved)
+    file.symlink_to(moved)  # same bytes, same hash: still refused
+    with pytest.raises(ValueError, match="is a symbolic link; a bundle holds its own files"):
+        read_manifest(path)
+
+
+def test_the_tokenizer_reads_only_listed_files(fresh_stories260k, tmp_path):
+    from edgequant.artifact import load_tokenizer
+
+    model, tokenizer = fresh_stories260k()
+    path = edgequant.save(model, tmp_path / "b", tokenizer=tokenizer)
+    _edit_manifest(path, lambda m: m["tokenizer"].__setitem__("files", ["../../etc/hostname"]))
+    with pytest.raises(ValueError, match="tokenizer must be .*listed under files"):
+        load_tokenizer(path)
+    _edit_manifest(path, lambda m: m.__setitem__("tokenizer", "hf"))
+    with pytest.raises(ValueError, match="tokenizer must be"):
+        load_tokenizer(path)

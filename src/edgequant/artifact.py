@@ -71,11 +71,24 @@ def load_tokenizer(path: str | Path):
     from edgequant.models.tokenizer import HFTokenizer
 
     path = Path(path)
-    record = read_manifest(path).get("tokenizer")
+    manifest = read_manifest(path)
+    record, listed = manifest.get("tokenizer"), manifest["files"]
     if record is None:
         return None
     folder = path / TOKENIZER_DIR
-    unlisted = sorted(p.name for p in folder.iterdir() if p.name not in record["files"])
+    names = record.get("files") if isinstance(record, dict) else None
+    if (
+        not isinstance(record, dict)
+        or record.get("kind") not in ("hf", "llama2c")
+        or not isinstance(names, list)
+        or not names
+        or any(not isinstance(n, str) or f"{TOKENIZER_DIR}/{n}" not in listed for n in names)
+    ):
+        raise ValueError(
+            f"{str(path / MANIFEST)!r}: tokenizer must be {{'kind': 'hf' or 'llama2c', 'files': "
+            f"[names listed under files as {TOKENIZER_DIR}/<name>]}}, got {record!r}"
+        )
+    unlisted = sorted(p.name for p in folder.iterdir() if p.name not in names)
     if unlisted:  # the tokenizer would read them, and the manifest vouches only for its own
         raise ValueError(
             f"{str(folder)!r} holds file(s) the manifest does not list: {unlisted}; remove them "
@@ -185,6 +198,33 @@ def check_writable(path: Path, overwrite: bool) -> None:
         )
 
 
+_HEX = frozenset("0123456789abcdef")
+
+
+def _check_listed(path: Path, manifest_path: Path, name: Any, facts: Any) -> None:
+    """A manifest's file entry names a file inside the bundle (``model.safetensors`` or
+    ``tokenizer/<name>``, no other folder, no ``..``, no absolute path, no link leaving the
+    folder) and gives its size and sha256; refused naming the entry otherwise."""
+    where = f"{str(manifest_path)!r}: files[{name!r}]"
+    parts = name.split("/") if isinstance(name, str) else []
+    plain = all(p and p not in (".", "..") and "\\" not in p and "\0" not in p for p in parts)
+    if not plain or not (parts == [TENSORS] or (len(parts) == 2 and parts[0] == TOKENIZER_DIR)):
+        raise ValueError(
+            f"{where}: a bundle lists only {TENSORS!r} and {TOKENIZER_DIR}/<name> files inside "
+            "its folder (no other folder, '..', absolute path or backslash)"
+        )
+    file = path / name
+    if file.is_symlink() or (path / parts[0]).is_symlink():
+        raise ValueError(f"{where}: is a symbolic link; a bundle holds its own files")
+    if not isinstance(facts, dict):
+        raise ValueError(f"{where}: must be a mapping with 'bytes' and 'sha256'")
+    size, digest = facts.get("bytes"), facts.get("sha256")
+    if type(size) is not int or size < 0:
+        raise ValueError(f"{where}.bytes: must be a whole number >= 0, got {size!r}")
+    if not isinstance(digest, str) or len(digest) != 64 or not set(digest) <= _HEX:
+        raise ValueError(f"{where}.sha256: must be 64 lowercase hex digits, got {digest!r}")
+
+
 def read_manifest(path: str | Path) -> dict[str, Any]:
     """The bundle's manifest, after checking that it and every file it lists are intact."""
     path = Path(path)
@@ -207,6 +247,10 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     missing = [k for k in ("files", "layers", "aliases") if not isinstance(manifest.get(k), dict)]
     if missing:
         raise ValueError(f"{str(manifest_path)!r} is corrupted: {missing} missing or not mappings")
+    if TENSORS not in manifest["files"]:
+        raise ValueError(f"{str(manifest_path)!r}: files does not list {TENSORS!r}")
+    for name, facts in manifest["files"].items():  # every name and fact before reading a file
+        _check_listed(path, manifest_path, name, facts)
     for name, facts in manifest["files"].items():
         file = path / name
         if not file.is_file():
