@@ -291,3 +291,22 @@ def test_the_tokenizer_reads_only_listed_files(fresh_stories260k, tmp_path):
     _edit_manifest(path, lambda m: m.__setitem__("tokenizer", "hf"))
     with pytest.raises(ValueError, match="tokenizer must be"):
         load_tokenizer(path)
+
+
+def test_overwrite_refuses_a_bundle_folder_holding_other_files(bundle, fresh_stories260k):
+    # a folder that claims to be a bundle (or is one, with a user's file added) keeps its files
+    path, _, _ = bundle
+    (path / "report.json").write_text("{}")  # the main job's: replaceable
+    (path / "notes.txt").write_text("mine")
+    (path / "data").mkdir()
+    model, _ = fresh_stories260k()
+    with pytest.raises(
+        FileExistsError,
+        match=re.escape("holds file(s) edgequant did not write: ['data', 'notes.txt']; "),
+    ):
+        edgequant.save(model, path, overwrite=True)
+    assert (path / "notes.txt").read_text() == "mine"
+    (path / "notes.txt").unlink()
+    (path / "data").rmdir()
+    edgequant.save(model, path, overwrite=True)
+    assert sorted(p.name for p in path.iterdir()) == [MANIFEST, TENSORS]

@@ -15,6 +15,7 @@ by name.
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -196,6 +197,38 @@ def check_writable(path: Path, overwrite: bool) -> None:
         raise FileExistsError(
             f"{str(path)!r} exists and is not an edgequant bundle; refusing to replace it"
         )
+    foreign = _not_written_by_edgequant(path)
+    if foreign:
+        raise FileExistsError(
+            f"{str(path)!r} holds file(s) edgequant did not write: {foreign[:8]}"
+            f"{' and more' if len(foreign) > 8 else ''}; overwrite would delete them: move them "
+            "out first"
+        )
+
+
+# what the main job writes beside a bundle's own files (edgequant.report)
+REPORT_FILES = (
+    "report.json", "report.md", "report.png", "compare.json", "compare.md", "compare.png",
+)  # fmt: skip
+
+
+def _not_written_by_edgequant(path: Path) -> list[str]:
+    """The entries of an existing bundle folder that are neither its listed files nor the main
+    job's reports (what ``overwrite`` would delete and edgequant cannot vouch for)."""
+    try:
+        listed = set(json.loads((path / MANIFEST).read_text()).get("files") or {})
+    except (OSError, ValueError, AttributeError):
+        listed = set()
+    ours = {MANIFEST, *REPORT_FILES, *listed}
+    out = []
+    for folder, dirs, files in os.walk(path):  # links are listed, never followed
+        for entry in [*dirs, *files]:
+            name = (Path(folder) / entry).relative_to(path).as_posix()
+            item = path / name
+            if name in ours or (name == TOKENIZER_DIR and item.is_dir() and not item.is_symlink()):
+                continue
+            out.append(name)
+    return sorted(out)
 
 
 _HEX = frozenset("0123456789abcdef")
