@@ -87,3 +87,49 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+_HELD: set[Path] = set()  # targets this process holds a writer's lock on
+
+
+@contextmanager
+def writer_lock(target: Path) -> Iterator[None]:
+    """Hold the one writer's lock of ``target`` while the block runs: a second edgequant process
+    writing the same target is refused at once, naming the holder's pid, instead of the two
+    mixing their files. The lock is ``.<name>.lock`` beside ``target`` (an exclusive ``flock``,
+    released by the kernel if the holder dies); re-entrant within one process."""
+    import fcntl
+
+    target = Path(os.path.abspath(target))
+    if target in _HELD:
+        yield
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    lock = target.with_name(f".{target.name}.lock")
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise FileExistsError(
+                f"{str(target)!r} is being written by another edgequant process (pid {holder}); "
+                "wait for it to finish or choose another path"
+            ) from None
+        try:  # the file may have been removed by its last holder between open and flock
+            same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        _HELD.add(target)
+        yield
+    finally:
+        _HELD.discard(target)
+        lock.unlink(missing_ok=True)
+        os.close(fd)

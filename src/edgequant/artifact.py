@@ -25,7 +25,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from edgequant import __version__
-from edgequant._io import publish_mode, replace_dir, sha256_file
+from edgequant._io import publish_mode, replace_dir, sha256_file, writer_lock
 from edgequant.layers import QuantizedEmbedding, QuantizedLinear, embed_scale_of, linear_weight
 from edgequant.quantize import _set_module
 from edgequant.recipe import Recipe
@@ -113,6 +113,11 @@ def save(model: nn.Module, path: str | Path, *, tokenizer=None, overwrite: bool 
     ['manifest.json', 'model.safetensors']
     """
     path = Path(path)
+    with writer_lock(path):
+        return _save(model, path, tokenizer, overwrite)
+
+
+def _save(model: nn.Module, path: Path, tokenizer, overwrite: bool) -> Path:
     check_writable(path, overwrite)
     state = model.state_dict()
     tensors: dict[str, torch.Tensor] = {}
@@ -184,6 +189,11 @@ def check_writable(path: Path, overwrite: bool) -> None:
     """Refuse a bundle path that exists, unless ``overwrite`` and it is an edgequant bundle
     (never replace some other folder or file)."""
     path = Path(path)
+    for parent in path.absolute().parents:
+        if parent.exists() and not parent.is_dir():
+            raise FileExistsError(
+                f"{str(parent)!r} is a file, not a folder: cannot write {str(path)!r} under it"
+            )
     if not path.exists():
         return
     if not overwrite:

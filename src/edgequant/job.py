@@ -126,11 +126,27 @@ def run(
     ``algorithm`` replaces every rule's algorithm (`edgequant.algorithms`); ``calibration`` is a
     source spec for `edgequant.calibration.parse` (``wikitext:128x512``, ``file:PATH:NxL``,
     ``model:NxL``)."""
+    from edgequant._io import writer_lock
+    from edgequant.artifact import check_writable
+
+    out = Path(out)
+    check_writable(out, overwrite)  # before any work; again under the lock
+    with writer_lock(out):  # one run per bundle: its reports describe its own bundle
+        return _run(
+            model_name, recipe, out, eval_windows=eval_windows, seq_len=seq_len, text=text,
+            overwrite=overwrite, compare_presets=compare_presets, algorithm=algorithm,
+            calibration=calibration,
+        )  # fmt: skip
+
+
+def _run(
+    model_name, recipe, out: Path, *, eval_windows, seq_len, text, overwrite, compare_presets,
+    algorithm, calibration,
+) -> dict[str, Any]:  # fmt: skip
     from edgequant.artifact import check_writable
     from edgequant.models import load
     from edgequant.report import write_compare, write_report
 
-    out = Path(out)
     check_writable(out, overwrite)
     recipe = as_recipe(recipe)
     if algorithm is not None:
