@@ -223,9 +223,28 @@ def test_nan_weight_is_named(fresh_stories260k):
     with torch.no_grad():
         model.layers[2].feed_forward.w3.weight[0, 0] = float("nan")
     with pytest.raises(
-        ValueError, match=re.escape("layers.2.feed_forward.w3: the weight has 1 NaN/Inf value(s)")
+        ValueError,
+        match=re.escape(
+            "the model has NaN/Inf values in layers.2.feed_forward.w3.weight (1 of 11008); "
+        ),
     ):
         edgequant.quantize(model, "int8-dynamic")
+
+
+def test_nan_outside_the_quantized_modules_is_refused_before_quantizing(fresh_stories260k):
+    # a norm is not quantized, but every logit computed through it is NaN
+    model, _ = fresh_stories260k()
+    with torch.no_grad():
+        model.norm.weight[3] = float("inf")
+        model.layers[0].attention_norm.weight[:2] = float("nan")
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            "NaN/Inf values in layers.0.attention_norm.weight (2 of 64), norm.weight (1 of 64);"
+        ),
+    ):
+        edgequant.quantize(model, "int8-dynamic")
+    assert type(model.layers[0].attention.wq).__name__ == "Linear"  # nothing was swapped
 
 
 def test_quantizing_twice_is_refused(fresh_stories260k):

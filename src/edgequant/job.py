@@ -22,7 +22,7 @@ import edgequant
 from edgequant import eval as ev
 from edgequant._modules import shallow_copy
 from edgequant.models.base import logits
-from edgequant.quantize import as_recipe
+from edgequant.quantize import as_recipe, check_finite
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +153,7 @@ def _run(
         recipe = with_algorithm(recipe, algorithm)
     _check_calibration(recipe, calibration)  # before any work
     float_model, tokenizer, info = load(model_name)
+    check_finite(float_model)  # before the float pass: a NaN would end in a misleading report
     calibration_data = None
     if calibration is not None:
         from edgequant.calibration import parse

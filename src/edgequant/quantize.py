@@ -16,6 +16,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
@@ -334,6 +335,7 @@ def quantize(model: nn.Module, recipe: Any, calibration=None) -> tuple[nn.Module
     ('QuantizedLinear', 'int8')
     """
     p = plan(model, recipe)
+    check_finite(model)
     packed: dict[str, nn.Module] = {}
     todo = [lp for lp in p if lp.scheme is not None and lp.scheme.weight != "fp32"]
     results = _calibrated(model, todo, calibration)
@@ -365,6 +367,37 @@ def quantize(model: nn.Module, recipe: Any, calibration=None) -> tuple[nn.Module
     if calibration is not None:
         model.edgequant_calibration = getattr(calibration, "source", "token batches given")
     return model, p
+
+
+def check_finite(model: nn.Module) -> None:
+    """Refuse a model with a NaN or infinite value in any float parameter or buffer, naming the
+    tensors: no result computed from it would mean anything.
+
+    >>> import torch
+    >>> m = nn.Linear(4, 2)
+    >>> with torch.no_grad():
+    ...     m.bias[1] = float("nan")
+    >>> check_finite(m)
+    Traceback (most recent call last):
+    ...
+    ValueError: the model has NaN/Inf values in bias (1 of 2); edgequant cannot quantize or \
+evaluate it (check the checkpoint it was loaded from)
+    """
+    bad = []
+    seen: set[int] = set()
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if id(t) in seen or not t.is_floating_point() or t.is_meta:
+            continue
+        seen.add(id(t))
+        n = int(t.numel() - torch.isfinite(t).sum())
+        if n:
+            bad.append(f"{name} ({n} of {t.numel()})")
+    if bad:
+        raise ValueError(
+            f"the model has NaN/Inf values in {', '.join(bad[:4])}"
+            f"{f' and {len(bad) - 4} more tensors' if len(bad) > 4 else ''}; edgequant cannot "
+            "quantize or evaluate it (check the checkpoint it was loaded from)"
+        )
 
 
 def _as_mse(scheme):
