@@ -293,3 +293,38 @@ def test_from_dict_other_errors_name_where():
 )
 def test_describe(scheme, text):
     assert scheme.describe() == text
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "name", "value", "allowed"),
+    [
+        ("mse", "steps", 0, "an integer in [1, 4096]"),
+        ("mse", "steps", 10**9, "an integer in [1, 4096]"),
+        ("mse", "min_ratio", float("nan"), "a number in (0.0, 1.0]"),
+        ("mse", "min_ratio", 0.0, "a number in (0.0, 1.0]"),
+        ("mse", "magnitude", -1.0, "a number in [0.0, 8.0]"),
+        ("hqq", "iters", -3, "an integer in [0, 1000]"),
+        ("hqq", "p", float("inf"), "a number in (0.0, 2.0]"),
+        ("hqq", "start", "zeros", "one of ['mse', 'minmax']"),
+        ("gptq", "damp", -0.01, "a number in (0.0, 10.0]"),
+        ("gptq", "scales", "max", "one of ['mse', 'minmax']"),
+        ("awq", "tokens", 0, "an integer in [1, 1000000]"),
+        ("smoothquant", "alpha", 1.5, "a number in [0.0, 1.0]"),
+    ],
+)
+def test_algorithm_parameters_out_of_range_are_refused(algorithm, name, value, allowed):
+    activation = "int8_dynamic" if algorithm == "smoothquant" else "none"
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            f"Scheme: {algorithm} parameter {name} {value!r} is not allowed; allowed: {allowed}"
+        ),
+    ):
+        Scheme("int8", activation=activation, algorithm=algorithm, algorithm_params={name: value})
+
+
+def test_algorithm_parameters_at_their_bounds_are_accepted():
+    Scheme("int8", algorithm="mse", algorithm_params={"steps": 1, "min_ratio": 1.0})
+    Scheme("int8", algorithm="hqq", algorithm_params={"iters": 0, "magnitude": 8})
+    Scheme("int8", activation="int8_dynamic", algorithm="smoothquant",
+           algorithm_params={"alpha": 0.0})  # fmt: skip

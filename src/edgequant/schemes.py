@@ -44,6 +44,48 @@ ALGORITHMS: dict[str, dict[str, type]] = {
     },
     "smoothquant": {"alpha": float, "grid": int, "tokens": int},
 }
+# The values each parameter may take: (low, high) inclusive, low excluded where marked "(",
+# or the allowed strings. The bounds keep out what cannot mean anything (NaN, negatives) and
+# what would only exhaust the machine (a million search steps).
+PARAM_RANGES: dict[str, tuple] = {
+    "steps": (1, 4096),
+    "min_ratio": ("(", 0.0, 1.0),
+    "magnitude": (0.0, 8.0),
+    "iters": (0, 1000),
+    "p": ("(", 0.0, 2.0),
+    "beta": ("(", 0.0, 1e6),
+    "kappa": (1.0, 10.0),
+    "start": ("mse", "minmax"),
+    "damp": ("(", 0.0, 10.0),
+    "block": (1, 65536),
+    "scales": ("mse", "minmax"),
+    "grid": (1, 1000),
+    "tokens": (1, 1_000_000),
+    "alpha": (0.0, 1.0),
+}
+
+
+def _param_range_error(name: str, value: Any) -> str | None:
+    """What is wrong with an algorithm parameter's value, or None (its type is checked
+    before)."""
+    import math
+
+    allowed = PARAM_RANGES.get(name)
+    if allowed is None or isinstance(value, bool):
+        return None
+    if isinstance(value, str):
+        return None if value in allowed else f"one of {list(allowed)}"
+    open_low = allowed[0] == "("
+    low, high = allowed[1:] if open_low else allowed
+    kind = "an integer" if isinstance(low, int) else "a number"
+    text = f"{kind} in {'(' if open_low else '['}{low}, {high}]"
+    if isinstance(value, float) and not math.isfinite(value):
+        return text
+    if value < low or value > high or (open_low and value == low):
+        return text
+    return None
+
+
 # Algorithms that need calibration data (`edgequant.calibration`).
 NEEDS_CALIBRATION = ("gptq", "awq", "smoothquant")
 # Algorithms that rescale a linear's input channels and fold the inverse into the op before it.
@@ -110,6 +152,9 @@ algorithm_params=())
                 ok = True
             if not ok:
                 raise bad(f"{self.algorithm} parameter {name}", value, f"a {kind.__name__}")
+            wrong = _param_range_error(name, value)
+            if wrong:
+                raise bad(f"{self.algorithm} parameter {name}", value, wrong)
         if self.algorithm != "minmax" and self.granularity == "per_tensor":
             raise ValueError(
                 f"Scheme: algorithm {self.algorithm!r} works per channel or per group, not "
