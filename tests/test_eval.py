@@ -371,3 +371,19 @@ def test_timed_decode_path_matches_full_recompute(stories260k, tiny_hf_llama):
         hf_tokens, kv_cache = _greedy(tiny_hf_llama, list(range(1, 17)), 8)
         assert kv_cache is True
         assert _greedy(_NoCache(tiny_hf_llama), list(range(1, 17)), 8) == (hf_tokens, False)
+
+
+def test_text_files_that_are_folders_or_not_utf8_are_refused_by_name(tmp_path):
+    from edgequant.eval import tokenize_file
+
+    class Chars:
+        def encode(self, text, bos=False):
+            return [ord(c) for c in text]
+
+    (tmp_path / "ok.txt").write_text("héllo")
+    assert tokenize_file(Chars(), tmp_path / "ok.txt") == [104, 233, 108, 108, 111]
+    with pytest.raises(ValueError, match=re.escape(f"text file {str(tmp_path)!r} is a folder")):
+        tokenize_file(Chars(), tmp_path)
+    (tmp_path / "latin.txt").write_bytes(b"h\xe9llo")
+    with pytest.raises(ValueError, match=r"latin.txt' is not UTF-8 text: byte 1 is 0xe9"):
+        tokenize_file(Chars(), tmp_path / "latin.txt")

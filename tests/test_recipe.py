@@ -384,3 +384,43 @@ def test_bad_layers_value_names_the_field(layers, shown):
         Recipe.from_yaml(text)
     assert str(info.value).startswith("recipe: rules[0]: layers must be "), str(info.value)
     assert shown in str(info.value)
+
+
+def test_a_yaml_alias_bomb_is_refused_before_it_expands(tmp_path):
+    # nine levels of nine aliases: 9**9 (387 million) values from under 300 bytes
+    lines = ['a0: &a0 ["x", "x", "x", "x", "x", "x", "x", "x", "x"]']
+    for i in range(1, 10):
+        lines.append(f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]")
+    lines.append("rules: [{scheme: {weight: int8}}]")
+    path = tmp_path / "bomb.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=r"bomb.yaml: expands to more than 100000 values"):
+        Recipe.load(path)
+
+
+def test_deep_nesting_is_refused_by_name(tmp_path):
+    deep_json = tmp_path / "deep.json"
+    deep_json.write_text("[" * 50000 + "]" * 50000)
+    with pytest.raises(ValueError, match=r"deep.json: nested deeper than 32 levels"):
+        Recipe.load(deep_json)
+    deep_yaml = tmp_path / "deep.yaml"
+    deep_yaml.write_text("rules: " + "[" * 40 + "]" * 40 + "\n")
+    with pytest.raises(ValueError, match=r"deep.yaml: nested deeper than 32 levels"):
+        Recipe.load(deep_yaml)
+
+
+def test_oversized_folder_and_non_utf8_recipe_files_are_refused_by_name(tmp_path):
+    big = tmp_path / "big.yaml"
+    big.write_text("# " + "x" * (1 << 20) + "\n")
+    with pytest.raises(ValueError, match=r"recipe file '.*big.yaml' is \d+ bytes; at most 1048576"):
+        Recipe.load(big)
+    folder = tmp_path / "folder.yaml"
+    folder.mkdir()
+    with pytest.raises(ValueError, match=r"recipe file '.*folder.yaml' is a folder, not a text"):
+        Recipe.load(folder)
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes(b"name: caf\xe9\nrules: []\n")
+    with pytest.raises(
+        ValueError, match=r"recipe file '.*latin.yaml' is not UTF-8 text: byte 9 is 0xe9"
+    ):
+        Recipe.load(latin)

@@ -40,6 +40,26 @@ def atomic_path(path: Path) -> Iterator[Path]:
         raise
 
 
+def read_text_file(path: Path, what: str, max_bytes: int | None = None) -> str:
+    """A UTF-8 text file's contents; a folder, an oversized file or bytes that are not UTF-8
+    are refused naming the file (and the byte offset)."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{what} {str(path)!r} is a folder, not a text file")
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {str(path)!r} does not exist")
+    size = path.stat().st_size
+    if max_bytes is not None and size > max_bytes:
+        raise ValueError(f"{what} {str(path)!r} is {size} bytes; at most {max_bytes} are read")
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"{what} {str(path)!r} is not UTF-8 text: byte {e.start} is {data[e.start]:#04x}"
+        ) from None
+
+
 def write_bytes_atomic(path: Path, data: bytes) -> Path:
     """Write ``data`` as ``path`` via `atomic_path`; returns ``path``. Whether ``path`` may be
     replaced is the caller's check (e.g. `edgequant.export.common.check_out`)."""

@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from edgequant._io import read_text_file
+
 EVAL_TOKENS = 64 * 512  # the evaluation windows' span that calibration stays clear of
 
 
@@ -67,7 +69,7 @@ def from_text(
     text itself), after its first ``skip_tokens`` tokens."""
     _check_counts(n, seq_len)
     path = Path(text) if isinstance(text, Path) or _is_file(str(text)) else None
-    body = path.read_text(encoding="utf-8") if path is not None else str(text)
+    body = read_text_file(path, "calibration text") if path is not None else str(text)
     ids = tokenizer.encode(body, bos=False)[skip_tokens:]
     label = name or (str(path) if path is not None else f"{len(body)} characters of text")
     if len(ids) < seq_len:

@@ -72,10 +72,12 @@ def default_text() -> Path:
 
 def tokenize_file(tokenizer: Any, path: str | Path) -> list[int]:
     """Token ids of a whole UTF-8 text file: ``tokenizer.encode(text, bos=False)``."""
+    from edgequant._io import read_text_file
+
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"text file not found: {path}")
-    ids = tokenizer.encode(path.read_text(encoding="utf-8"), bos=False)
+    ids = tokenizer.encode(read_text_file(path, "text file"), bos=False)
     log.info("tokenized %s: %d tokens", path, len(ids))
     return ids
 

@@ -232,27 +232,38 @@ class Recipe:
 
     @classmethod
     def from_json(cls, text: str, where: str = "recipe") -> Recipe:
+        _check_size(text, where)
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
             raise ValueError(f"{where}: not valid JSON: {e}") from None
+        except RecursionError:
+            raise ValueError(f"{where}: nested deeper than {MAX_DEPTH} levels") from None
+        _check_tree(data, where)
         return cls.from_dict(data, where=where)
 
     @classmethod
     def from_yaml(cls, text: str, where: str = "recipe") -> Recipe:
+        _check_size(text, where)
         try:
+            _check_yaml_nodes(yaml.compose(text, Loader=yaml.SafeLoader), where)
             data = yaml.safe_load(text)
         except yaml.YAMLError as e:
             raise ValueError(f"{where}: not valid YAML: {e}") from None
+        except RecursionError:
+            raise ValueError(f"{where}: nested deeper than {MAX_DEPTH} levels") from None
+        _check_tree(data, where)
         return cls.from_dict(data, where=where)
 
     @classmethod
     def load(cls, path: str | Path) -> Recipe:
         """Read a ``.json``, ``.yaml`` or ``.yml`` recipe file."""
+        from edgequant._io import read_text_file
+
         path = Path(path)
-        if not path.is_file():
+        if not path.exists():
             raise FileNotFoundError(f"recipe file {str(path)!r} does not exist")
-        text = path.read_text()
+        text = read_text_file(path, "recipe file", max_bytes=MAX_RECIPE_BYTES)
         if path.suffix == ".json":
             return cls.from_json(text, where=str(path))
         if path.suffix in (".yaml", ".yml"):
@@ -277,3 +288,68 @@ class Recipe:
             target = "float (left as is)" if r.scheme is None else r.scheme.describe()
             lines.append(f"[{i}] {r.selector()} -> {target}")
         return "\n".join(lines)
+
+
+# A recipe is a few rules: these bounds refuse files that could only exhaust memory or the stack
+# (a YAML alias bomb expands to billions of nodes from a few hundred bytes).
+MAX_RECIPE_BYTES = 1 << 20
+MAX_DEPTH = 32
+MAX_NODES = 100_000
+
+
+def _check_size(text: str, where: str) -> None:
+    if len(text) > MAX_RECIPE_BYTES:
+        raise ValueError(
+            f"{where}: {len(text)} characters; a recipe is at most {MAX_RECIPE_BYTES} (a few rules)"
+        )
+
+
+def _check_yaml_nodes(root, where: str) -> None:
+    """Refuse a YAML document whose aliases expand to more than `MAX_NODES` nodes, before they
+    are expanded (each node's expanded size is computed once)."""
+    if root is None:
+        return
+    sizes: dict[int, int] = {}
+    order, stack = [], [(root, 0)]
+    while stack:  # children before parents, without recursion
+        node, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise ValueError(f"{where}: nested deeper than {MAX_DEPTH} levels")
+        if id(node) in sizes:
+            continue
+        sizes[id(node)] = 0
+        order.append(node)
+        for child in _yaml_children(node):
+            stack.append((child, depth + 1))
+    for node in reversed(order):
+        sizes[id(node)] = 1 + sum(sizes[id(c)] for c in _yaml_children(node))
+        if sizes[id(node)] > MAX_NODES:
+            raise ValueError(
+                f"{where}: expands to more than {MAX_NODES} values (YAML aliases?); a recipe "
+                "is a few rules"
+            )
+
+
+def _yaml_children(node) -> list:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    return []
+
+
+def _check_tree(data: Any, where: str) -> None:
+    """Refuse parsed data nested deeper than `MAX_DEPTH` or holding more than `MAX_NODES`
+    values."""
+    count, stack = 0, [(data, 0)]
+    while stack:
+        item, depth = stack.pop()
+        count += 1
+        if depth > MAX_DEPTH:
+            raise ValueError(f"{where}: nested deeper than {MAX_DEPTH} levels")
+        if count > MAX_NODES:
+            raise ValueError(f"{where}: more than {MAX_NODES} values; a recipe is a few rules")
+        if isinstance(item, dict):
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item)
