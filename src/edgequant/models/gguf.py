@@ -185,6 +185,7 @@ def load(path: str | Path, use_cache: bool = True):
         log.info("loaded %s from the cache %s", path.name, cached)
         return model, tokenizer, {**info, "config": model.config.to_dict(), "cache": str(cached)}
 
+    open_reader(path, tokenizer=True)  # a readable file with a vocabulary, before any work
     config, state = read_weights(path)
     model = build_model(config, state)
     tokenizer = HFTokenizer.from_gguf(path)
@@ -195,17 +196,57 @@ def load(path: str | Path, use_cache: bool = True):
 
 def read_weights(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """``(config, float state dict)`` of a GGUF file, without the tokenizer or any cache."""
-    from gguf import GGUFReader
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"GGUF file {str(path)!r} does not exist")
-    try:
-        reader = GGUFReader(str(path))
-    except (ValueError, OSError) as e:
-        raise ValueError(f"{str(path)!r} is not a readable GGUF file: {e}") from None
+    reader = open_reader(path)
     config = read_config(reader)
     return config, read_state_dict(reader, config)
+
+
+def open_reader(path: Path, tokenizer: bool = False):
+    """gguf-py's reader over ``path``, after checking what it read: a header whose counts or
+    lengths run past the file (gguf-py raises whatever numpy raises), tensors outside the data
+    or overlapping each other, a dimension of 0 and (``tokenizer``) a file without a vocabulary
+    are refused as ``ValueError`` naming the file."""
+    import struct
+
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(str(path))
+    except (ValueError, OSError, IndexError, KeyError, TypeError, OverflowError, struct.error,
+            MemoryError) as e:  # fmt: skip
+        raise ValueError(
+            f"{str(path)!r} is not a readable GGUF file: {type(e).__name__}: {e}"
+        ) from None
+    size = path.stat().st_size
+    spans = []
+    for t in reader.tensors:
+        dims = [int(d) for d in t.shape.tolist()]
+        if not dims or min(dims) <= 0:
+            raise ValueError(
+                f"{str(path)!r}: tensor {t.name!r} has shape {dims}; every dimension must be >= 1"
+            )
+        start, end = int(t.data_offset), int(t.data_offset) + int(t.n_bytes)
+        if start < 0 or end > size:
+            raise ValueError(
+                f"{str(path)!r}: tensor {t.name!r} spans bytes {start}..{end} of a {size}-byte file"
+            )
+        spans.append((start, end, t.name))
+    spans.sort()
+    for (_, end, name), (start, _, other) in zip(spans, spans[1:], strict=False):
+        if start < end:
+            raise ValueError(
+                f"{str(path)!r}: tensors {name!r} and {other!r} overlap in the file "
+                f"(byte {start} < {end})"
+            )
+    if tokenizer and "tokenizer.ggml.tokens" not in reader.fields:
+        raise ValueError(
+            f"{str(path)!r} has no tokenizer (no tokenizer.ggml.tokens); edgequant needs the "
+            "vocabulary stored in the GGUF file"
+        )
+    return reader
 
 
 def _write_cache(cached: Path, config: dict, state: dict[str, torch.Tensor], tokenizer) -> None:
