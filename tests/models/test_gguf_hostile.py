@@ -59,7 +59,8 @@ def test_overlapping_tensors_are_refused(tmp_path):
     path = tmp_path / "overlap.gguf"
     _write(path)
     _patch(path, "t1", "offset", _offset(path, "t0") + 32)
-    with pytest.raises(ValueError, match=re.escape(f"{str(path)!r}: tensors 't0' and 't1' overlap")):
+    overlap = f"{str(path)!r}: tensors 't0' and 't1' overlap"
+    with pytest.raises(ValueError, match=re.escape(overlap)):
         eq_gguf.open_reader(path)
 
 
