@@ -34,6 +34,15 @@ def _load(path: Path, what: str, read):
 
     if not path.is_file():
         raise FileNotFoundError(f".pte file {str(path)!r} does not exist")
+    with open(path, "rb") as f:
+        head = f.read(8)
+    # ExecuTorch's flatbuffer identifier ("ET12"): a file without it aborts the process inside
+    # the runtime (its error log fails on the bytes it quotes), so it never gets there
+    if len(head) < 8 or head[4:6] != b"ET" or not head[6:8].isdigit():
+        raise ValueError(
+            f"{str(path)!r} is not a loadable {what}: no ExecuTorch program identifier "
+            f"(bytes 4-8 are {head[4:8]!r}, expected b'ET' and two digits)"
+        )
     try:
         return read(Runtime.get().load_program(str(path)))
     except (RuntimeError, ValueError) as e:
