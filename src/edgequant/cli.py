@@ -444,6 +444,19 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError, FileNotFoundError, FileExistsError, NotImplementedError) as e:
         print(f"edgequant {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except OSError as e:  # permission, read-only or full disk: one line, the file named
+        print(f"edgequant {args.command}: error: {_os_error(e)}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except RecursionError:
+        print(f"edgequant {args.command}: error: an input is nested too deeply", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+def _os_error(e: OSError) -> str:
+    """``'<file>': <reason>`` for an OSError (both files of a failed rename)."""
+    reason = e.strerror or str(e)
+    files = [f for f in (e.filename, e.filename2) if f is not None]
+    return f"{' -> '.join(repr(str(f)) for f in files)}: {reason}" if files else reason
 
 
 if __name__ == "__main__":

@@ -45,12 +45,17 @@ def _text_ids(tokenizer, text: str | Path | None) -> tuple[list[int], str]:
 def _speed_ids(tokenizer, text: str | Path | None) -> list[int]:
     """A prompt for the speed measurement: the start of the evaluation text (or a built-in
     text without one), ``SPEED_PROMPT_TOKENS`` long."""
-    try:
-        path = Path(text) if text else ev.default_text()
-        with open(path, encoding="utf-8") as f:
-            start = f.read(SPEED_PROMPT_TOKENS * 32)  # enough characters for the tokens
-    except FileNotFoundError:
-        start = SPEED_TEXT
+    from edgequant._io import read_text_file
+
+    chars = SPEED_PROMPT_TOKENS * 32  # enough characters for the tokens
+    if text:  # the user's file: a folder or non-UTF-8 bytes are refused naming it
+        start = read_text_file(Path(text), "text file")[:chars]
+    else:
+        try:
+            with open(ev.default_text(), encoding="utf-8") as f:
+                start = f.read(chars)
+        except FileNotFoundError:
+            start = SPEED_TEXT
     return tokenizer.encode(start, bos=False)[:SPEED_PROMPT_TOKENS]
 
 
@@ -131,6 +136,10 @@ def run(
 
     out = Path(out)
     check_writable(out, overwrite)  # before any work; again under the lock
+    if text is not None:  # a folder, a missing file or non-UTF-8 bytes: before any work
+        from edgequant._io import read_text_file
+
+        read_text_file(Path(text), "text file")
     with writer_lock(out):  # one run per bundle: its reports describe its own bundle
         return _run(
             model_name, recipe, out, eval_windows=eval_windows, seq_len=seq_len, text=text,
