@@ -130,3 +130,31 @@ def test_a_folder_with_only_a_pickle_and_no_config_says_pickle(tmp_path):
     (tmp_path / "pytorch_model.bin").write_bytes(b"PK\x03\x04zip")
     with pytest.raises(ValueError, match="holds only pickle checkpoints \\(pytorch_model.bin\\)"):
         load(tmp_path)
+
+
+def test_a_folder_whose_weights_do_not_fit_its_config_is_refused(tmp_path):
+    # transformers would initialise the missing tensor at random and only warn
+    from safetensors.torch import load_file, save_file
+
+    _tiny_hf_folder(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    state = load_file(str(weights))
+    del state["model.layers.0.mlp.down_proj.weight"]
+    save_file(state, str(weights), metadata={"format": "pt"})
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            "the weights do not fit config.json: missing: ['model.layers.0.mlp.down_proj.weight']"
+        ),
+    ):
+        load(tmp_path)
+
+
+def test_a_folder_whose_safetensors_header_lies_is_refused(tmp_path):
+    _tiny_hf_folder(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[:8] = (len(data) * 4).to_bytes(8, "little")  # a header longer than the file
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"the model cannot be loaded \(\w*Error"):
+        load(tmp_path)

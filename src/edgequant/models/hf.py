@@ -54,9 +54,30 @@ def load(folder: str | Path):
     folder = Path(folder)
     check_folder(folder)
     tokenizer = HFTokenizer.load(folder)
-    model = AutoModelForCausalLM.from_pretrained(
-        str(folder), local_files_only=True, use_safetensors=True, dtype=torch.float32
-    ).eval()
+    try:
+        model, loading = AutoModelForCausalLM.from_pretrained(
+            str(folder), local_files_only=True, use_safetensors=True, dtype=torch.float32,
+            output_loading_info=True,
+        )  # fmt: skip
+    except Exception as e:  # transformers and safetensors raise many types on damaged files
+        reason = (str(e).strip().splitlines() or [""])[0][:300]
+        raise ValueError(
+            f"{str(folder)!r}: the model cannot be loaded ({type(e).__name__}: {reason})"
+        ) from None
+    # transformers initialises what the files lack at random and only warns: refuse instead
+    wrong = {
+        "missing": loading.get("missing_keys") or [],
+        "of another shape": [k[0] if isinstance(k, tuple) else k
+                             for k in loading.get("mismatched_keys") or []],
+    }  # fmt: skip
+    wrong = {what: sorted(keys) for what, keys in wrong.items() if keys}
+    if wrong:
+        raise ValueError(
+            f"{str(folder)!r}: the weights do not fit config.json: "
+            + "; ".join(f"{what}: {keys[:4]}{' ...' if len(keys) > 4 else ''}"
+                        for what, keys in wrong.items())
+        )  # fmt: skip
+    model.eval()
     info = {"family": "hf", "format": "hf", "source": str(folder), "config": model.config.to_dict()}
     return model, tokenizer, info
 
