@@ -185,6 +185,30 @@ def _save(model: nn.Module, path: Path, tokenizer, overwrite: bool) -> Path:
     return path
 
 
+def _check_fields(manifest: dict[str, Any], where: Path) -> None:
+    """Every manifest field `load` reads has the type it needs; refused naming the field."""
+
+    def refuse(field: str, value: Any, allowed: str) -> ValueError:
+        return ValueError(f"{str(where)!r}: {field} must be {allowed}, got {value!r}"[:500])
+
+    for fqn, facts in manifest["layers"].items():
+        if not isinstance(facts, dict) or facts.get("kind") not in ("linear", "embedding"):
+            raise refuse(f"layers[{fqn!r}]", facts, "{'kind': 'linear' or 'embedding', ...}")
+        if not isinstance(facts.get("scheme"), dict):
+            raise refuse(f"layers[{fqn!r}].scheme", facts.get("scheme"), "a mapping")
+    for name, target in manifest["aliases"].items():
+        if not isinstance(target, str):
+            raise refuse(f"aliases[{name!r}]", target, "a tensor name")
+    info = manifest.get("model")
+    if info is not None and not (
+        isinstance(info, dict) and isinstance(info.get("family"), str)
+        and isinstance(info.get("config"), dict)
+    ):  # fmt: skip
+        raise refuse("model", info, "null or {'family': name, 'config': mapping}")
+    if not isinstance(manifest.get("recipe"), (dict, type(None))):
+        raise refuse("recipe", manifest.get("recipe"), "null or a recipe mapping")
+
+
 def check_writable(path: Path, overwrite: bool) -> None:
     """Refuse a bundle path that exists, unless ``overwrite`` and it is an edgequant bundle
     (never replace some other folder or file)."""
@@ -323,6 +347,7 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
     """
     path = Path(path)
     manifest = read_manifest(path)
+    _check_fields(manifest, path / MANIFEST)
     if model is None:
         info = manifest.get("model")
         families = _families()
@@ -331,7 +356,13 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
                 f"{str(path)!r} does not record a model family edgequant can build "
                 f"({', '.join(families)}); pass the float model: load(path, model=...)"
             )
-        model = families[info["family"]](info["config"])
+        try:
+            model = families[info["family"]](info["config"])
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise ValueError(
+                f"{str(path / MANIFEST)!r}: model.config cannot build a {info['family']} model "
+                f"({type(e).__name__}: {e})"
+            ) from None
     # Swap in empty packed modules; tied ones share the first one's buffers.
     aliases: dict[str, str] = manifest["aliases"]
     built: dict[str, nn.Module] = {}
@@ -341,13 +372,19 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
             module = model.get_submodule(fqn)
         except AttributeError:
             raise ValueError(f"the model has no module {fqn!r} that the bundle quantized") from None
-        if facts["kind"] == "embedding":
-            new = QuantizedEmbedding(
-                module.num_embeddings, module.embedding_dim, scheme, embed_scale_of(module)
-            )
-        else:
-            rows, cols = linear_weight(module).shape
-            new = QuantizedLinear(cols, rows, scheme, bias=module.bias is not None)
+        try:
+            if facts["kind"] == "embedding":
+                new = QuantizedEmbedding(
+                    module.num_embeddings, module.embedding_dim, scheme, embed_scale_of(module)
+                )
+            else:
+                rows, cols = linear_weight(module).shape
+                new = QuantizedLinear(cols, rows, scheme, bias=module.bias is not None)
+        except (AttributeError, TypeError, ValueError) as e:
+            raise ValueError(
+                f"{MANIFEST}: layers.{fqn}: a {facts['kind']} of this scheme does not fit the "
+                f"model's {type(module).__name__} ({type(e).__name__}: {e})"
+            ) from None
         built[fqn] = new
     for fqn, new in built.items():
         for buf in new.packed_buffers():
@@ -359,8 +396,18 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
         _set_module(model, fqn, new)
     state = load_file(str(path / TENSORS))
     for name, target in aliases.items():
+        if target not in state:
+            raise ValueError(
+                f"{MANIFEST}: aliases[{name!r}] names {target!r}, which {TENSORS} does not hold"
+            )
         state[name] = state[target]
-    model.load_state_dict(state, strict=True, assign=True)  # replaced, not written into
+    try:
+        model.load_state_dict(state, strict=True, assign=True)  # replaced, not written into
+    except RuntimeError as e:
+        reason = " ".join(str(e).split())[:400]
+        raise ValueError(
+            f"{str(path)!r}: the bundle's tensors do not fit the model: {reason}"
+        ) from None
     if manifest.get("recipe") is not None:
         model.edgequant_recipe = Recipe.from_dict(manifest["recipe"], where=f"{MANIFEST}: recipe")
     return model.eval()

@@ -124,11 +124,19 @@ algorithm_params=())
         def bad(field: str, value: Any, allowed: Any) -> ValueError:
             return ValueError(f"Scheme: {field} {value!r} is not allowed; allowed: {allowed}")
 
+        for field in ("weight", "granularity", "scale_dtype", "activation", "algorithm"):
+            if not isinstance(getattr(self, field), str):
+                raise bad(field, getattr(self, field), "a name (string)")
         params = self.algorithm_params
+        if isinstance(params, dict) and not all(isinstance(k, str) for k in params):
+            raise bad("algorithm_params", params, "a mapping of parameter names to values")
         if isinstance(params, dict):
             params = tuple(sorted(params.items()))
-        elif isinstance(params, (tuple, list)):
-            params = tuple(sorted(tuple(pair) for pair in params))
+        elif isinstance(params, (tuple, list)) and all(
+            isinstance(pair, (tuple, list)) and len(pair) == 2 and isinstance(pair[0], str)
+            for pair in params
+        ):
+            params = tuple(sorted((tuple(pair) for pair in params), key=lambda pair: pair[0]))
         else:
             raise bad("algorithm_params", params, "a mapping of parameter names to values")
         object.__setattr__(self, "algorithm_params", params)
