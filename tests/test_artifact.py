@@ -310,3 +310,12 @@ def test_overwrite_refuses_a_bundle_folder_holding_other_files(bundle, fresh_sto
     (path / "data").rmdir()
     edgequant.save(model, path, overwrite=True)
     assert sorted(p.name for p in path.iterdir()) == [MANIFEST, TENSORS]
+
+
+def test_an_edited_config_asking_for_a_huge_model_is_refused_before_allocating(bundle):
+    path, _, _ = bundle
+    _edit_manifest(path, lambda m: m["model"]["config"].update(dim=2**16, hidden_dim=2**18))
+    with pytest.raises(
+        ValueError, match=r"model.config describes \d+\.\d GB of float weights, which model"
+    ):
+        edgequant.load(path)

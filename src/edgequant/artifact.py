@@ -185,6 +185,20 @@ def _save(model: nn.Module, path: Path, tokenizer, overwrite: bool) -> Path:
     return path
 
 
+def _check_model_size(build, config: dict[str, Any], path: Path) -> None:
+    """Refuse a ``model.config`` describing a float model far larger than the bundle's tensors
+    could fill (an edited manifest would otherwise allocate it), measured on the meta device."""
+    with torch.device("meta"):
+        skeleton = build(config)
+    float_bytes = sum(p.numel() * 4 for p in skeleton.parameters())
+    stored = (path / TENSORS).stat().st_size
+    if float_bytes > 16 * stored + (1 << 30):  # 2-bit weights are 1/16 of fp32
+        raise ValueError(
+            f"model.config describes {float_bytes / 1e9:.1f} GB of float weights, which "
+            f"{TENSORS} ({stored / 1e6:.1f} MB) cannot fill"
+        )
+
+
 def _check_fields(manifest: dict[str, Any], where: Path) -> None:
     """Every manifest field `load` reads has the type it needs; refused naming the field."""
 
@@ -357,6 +371,7 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
                 f"({', '.join(families)}); pass the float model: load(path, model=...)"
             )
         try:
+            _check_model_size(families[info["family"]], info["config"], path)
             model = families[info["family"]](info["config"])
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ValueError(
