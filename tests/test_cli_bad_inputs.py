@@ -97,6 +97,58 @@ def _case(tmp_path, name):
         manifest["files"]["model.safetensors"]["bytes"] = "many"
         (path / "manifest.json").write_text(json.dumps(manifest))
         return ["inspect", str(path)], ".bytes: must be a whole number >= 0, got 'many'"
+    if name == "bundle manifest nested deeply":
+        from edgequant.models import load
+
+        path = edgequant.save(load("stories260k")[0], t / "bundle")
+        (path / "manifest.json").write_text("[" * 100000 + "]" * 100000)
+        return ["inspect", str(path)], "is corrupted (nested too deeply)"
+    if name == "model is a symlink loop":
+        (t / "loop").symlink_to(t / "loop")
+        return ["plan", "--model", str(t / "loop"), "--recipe", "fp16"], "nor an existing path"
+    if name == "recipe absurd steps":
+        (t / "s.yaml").write_text(
+            "rules: [{scheme: {weight: int8, algorithm: mse, "
+            "algorithm_params: {steps: 10000000000}}}]"
+        )
+        return ["plan", "--model", "stories260k", "--recipe", str(t / "s.yaml")], (
+            "allowed: an integer in [1, 4096]"
+        )
+    if name == "overwrite a bundle holding user files":
+        from edgequant.models import load
+
+        path = edgequant.save(load("stories260k")[0], t / "bundle")
+        (path / "notes.txt").write_text("mine")
+        return ["quantize", "--model", "stories260k", "--recipe", "fp16", "--out", str(path),
+                "--overwrite"], "holds file(s) edgequant did not write: ['notes.txt']"  # fmt: skip
+    if name == "bundle tokenizer names an outside file":
+        from edgequant.models import load
+
+        model, tokenizer, _ = load("stories260k")
+        path = edgequant.save(model, t / "bundle", tokenizer=tokenizer)
+        manifest = json.loads((path / "manifest.json").read_text())
+        manifest["tokenizer"]["files"] = ["../../../etc/hostname"]
+        (path / "manifest.json").write_text(json.dumps(manifest))
+        return ["generate", "--artifact", str(path), "--max-new-tokens", "2"], "tokenizer must be"
+    if name == "model GGUF with overlapping tensors":
+        import struct
+
+        import numpy as np
+
+        import gguf
+
+        writer = gguf.GGUFWriter(str(t / "o.gguf"), "llama")
+        writer.add_tensor("a", np.ones((4, 8), np.float32))
+        writer.add_tensor("b", np.ones((4, 8), np.float32))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        data = bytearray((t / "o.gguf").read_bytes())
+        at = data.index(struct.pack("<Q", 1) + b"b") + 9 + 4 + 16 + 4  # b's offset field
+        struct.pack_into("<Q", data, at, 0)
+        (t / "o.gguf").write_bytes(bytes(data))
+        return ["plan", "--model", str(t / "o.gguf"), "--recipe", "fp16"], "overlap in the file"
     raise AssertionError(name)
 
 
@@ -105,6 +157,9 @@ CASES = [
     "recipe deep JSON", "model GGUF without vocabulary", "model GGUF of random bytes",
     "pte of random bytes", "out under a file", "text is a folder",
     "bundle lists a file outside itself", "bundle manifest bytes edited",
+    "bundle manifest nested deeply", "model is a symlink loop", "recipe absurd steps",
+    "overwrite a bundle holding user files", "bundle tokenizer names an outside file",
+    "model GGUF with overlapping tensors",
 ]  # fmt: skip
 
 

@@ -318,6 +318,8 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
         manifest = json.loads(manifest_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{str(manifest_path)!r} is corrupted (not valid JSON: {e})") from None
+    except RecursionError:
+        raise ValueError(f"{str(manifest_path)!r} is corrupted (nested too deeply)") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ValueError(f"{str(manifest_path)!r} is not an edgequant bundle manifest")
     if manifest.get("format_version") != FORMAT_VERSION:
