@@ -74,6 +74,16 @@ def _case(tmp_path, name):
         return ["eval", "--pte", str(t / "r.pte"), "--model", "stories260k"], (
             "no ExecuTorch program identifier"
         )
+    if name == "tflite of random bytes":
+        (t / "r.tflite").write_bytes(b"\0\0\0\0TFL3" + random.Random(0).randbytes(4000))
+        return ["eval", "--tflite", str(t / "r.tflite"), "--model", "stories260k"], (
+            "is not a loadable LiteRT decoder"
+        )
+    if name == "gguf program of random bytes":
+        (t / "p.gguf").write_bytes(b"GGUF" + random.Random(1).randbytes(4000))
+        return ["eval", "--gguf", str(t / "p.gguf"), "--model", "stories260k"], (
+            "is not a readable GGUF file"
+        )
     if name == "out under a file":
         (t / "f").write_text("x")
         return ["quantize", "--model", "stories260k", "--recipe", "fp16", "--out",
@@ -155,7 +165,8 @@ def _case(tmp_path, name):
 CASES = [
     "recipe is a folder", "recipe alias bomb", "recipe not UTF-8", "recipe NaN parameter",
     "recipe deep JSON", "model GGUF without vocabulary", "model GGUF of random bytes",
-    "pte of random bytes", "out under a file", "text is a folder",
+    "pte of random bytes", "tflite of random bytes", "gguf program of random bytes",
+    "out under a file", "text is a folder",
     "bundle lists a file outside itself", "bundle manifest bytes edited",
     "bundle manifest nested deeply", "model is a symlink loop", "recipe absurd steps",
     "overwrite a bundle holding user files", "bundle tokenizer names an outside file",
