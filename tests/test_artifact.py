@@ -319,3 +319,17 @@ def test_an_edited_config_asking_for_a_huge_model_is_refused_before_allocating(b
         ValueError, match=r"model.config describes \d+\.\d GB of float weights, which model"
     ):
         edgequant.load(path)
+
+
+def test_a_tied_float_head_stays_tied_after_loading(tmp_path):
+    # a skeleton whose head and embedding are one Parameter keeps them one (exporters read the
+    # tie from the object: GGUF writes no output.weight for a tied head)
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"emb": nn.Embedding(16, 8), "head": nn.Linear(8, 16, bias=False)})
+    model.head.weight = model.emb.weight
+    path = edgequant.save(model, tmp_path / "b")
+    skeleton = nn.ModuleDict({"emb": nn.Embedding(16, 8), "head": nn.Linear(8, 16, bias=False)})
+    skeleton.head.weight = skeleton.emb.weight
+    loaded = edgequant.load(path, model=skeleton)
+    assert loaded.head.weight is loaded.emb.weight
+    assert torch.equal(loaded.emb.weight, model.emb.weight)

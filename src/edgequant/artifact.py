@@ -418,6 +418,12 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
                 f"{MANIFEST}: aliases[{name!r}] names {target!r}, which {TENSORS} does not hold"
             )
         state[name] = state[target]
+    # tensors the skeleton shares between modules (a tied embedding and head) stay one tensor:
+    # assign gives each name its own Parameter
+    shared: dict[int, list[str]] = {}
+    for name, t in [*model.named_parameters(remove_duplicate=False),
+                    *model.named_buffers(remove_duplicate=False)]:  # fmt: skip
+        shared.setdefault(id(t), []).append(name)
     try:
         model.load_state_dict(state, strict=True, assign=True)  # replaced, not written into
     except RuntimeError as e:
@@ -425,6 +431,12 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
         raise ValueError(
             f"{str(path)!r}: the bundle's tensors do not fit the model: {reason}"
         ) from None
+    for first, *others in (names for names in shared.values() if len(names) > 1):
+        owner, _, attr = first.rpartition(".")
+        tensor = getattr(model.get_submodule(owner), attr)
+        for name in others:
+            owner, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(owner), attr, tensor)
     if manifest.get("recipe") is not None:
         model.edgequant_recipe = Recipe.from_dict(manifest["recipe"], where=f"{MANIFEST}: recipe")
     return model.eval()
