@@ -84,6 +84,7 @@ def weights_only(model):
     """``model`` with its packed modules' activation quantization off while inside: what a GGUF
     file of it computes (llama.cpp quantizes activations itself, in blocks of 32; see
     docs/gguf.md). Yields False when no module quantizes activations."""
+    from edgequant import kernels
     from edgequant.layers import QuantizedLinear
 
     changed = [
@@ -93,9 +94,13 @@ def weights_only(model):
     ]
     for m, scheme in changed:
         m.scheme = dataclasses.replace(scheme, activation="none")
+    # the reference kernels (float activations, fp32 matmul): a layer's fast kernel is chosen
+    # once and cached, and the int4 weight-only one computes in bf16
+    kernels.use_reference(bool(changed))
     try:
         yield bool(changed)
     finally:
+        kernels.use_reference(False)
         for m, scheme in changed:
             m.scheme = scheme
 
