@@ -40,6 +40,45 @@ def atomic_path(path: Path) -> Iterator[Path]:
         raise
 
 
+MAX_JSON_DEPTH = 64
+
+
+def check_nesting(text: str, where: str, max_depth: int = MAX_JSON_DEPTH) -> None:
+    """Refuse text whose ``[``/``{`` nesting (outside strings) is deeper than ``max_depth``,
+    before a parser sees it: Python's C JSON decoder recurses on the C stack, and with the
+    recursion limit raised (torch.export raises it) deep nesting crashed the process instead of
+    raising RecursionError."""
+    depth, in_string, escaped = 0, False, False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            if depth > max_depth:
+                raise ValueError(f"{where}: nested deeper than {max_depth} levels")
+        elif ch in "]}":
+            depth -= 1
+
+
+def load_json(text: str, where: str, max_depth: int = MAX_JSON_DEPTH):
+    """``json.loads(text)`` of untrusted text: nesting checked first (`check_nesting`); invalid
+    JSON is a ValueError naming ``where``."""
+    import json
+
+    check_nesting(text, where, max_depth)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: not valid JSON: {e}") from None
+
+
 def read_text_file(path: Path, what: str, max_bytes: int | None = None) -> str:
     """A UTF-8 text file's contents; a folder, an oversized file or bytes that are not UTF-8
     are refused naming the file (and the byte offset)."""

@@ -25,7 +25,14 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from edgequant import __version__
-from edgequant._io import publish_mode, replace_dir, sha256_file, writer_lock
+from edgequant._io import (
+    check_nesting,
+    load_json,
+    publish_mode,
+    replace_dir,
+    sha256_file,
+    writer_lock,
+)
 from edgequant.layers import QuantizedEmbedding, QuantizedLinear, embed_scale_of, linear_weight
 from edgequant.quantize import _set_module
 from edgequant.recipe import Recipe
@@ -238,7 +245,9 @@ def check_writable(path: Path, overwrite: bool) -> None:
         raise FileExistsError(f"{str(path)!r} exists; pass overwrite=True to replace it")
     manifest = path / MANIFEST
     try:
-        is_bundle = path.is_dir() and json.loads(manifest.read_text()).get("format") == FORMAT
+        is_bundle = (
+            path.is_dir() and load_json(manifest.read_text(), str(manifest)).get("format") == FORMAT
+        )
     except (OSError, ValueError, AttributeError):
         is_bundle = False
     if not is_bundle:
@@ -264,7 +273,7 @@ def _not_written_by_edgequant(path: Path) -> list[str]:
     """The entries of an existing bundle folder that are neither its listed files nor the main
     job's reports (what ``overwrite`` would delete and edgequant cannot vouch for)."""
     try:
-        listed = set(json.loads((path / MANIFEST).read_text()).get("files") or {})
+        listed = set(load_json((path / MANIFEST).read_text(), MANIFEST).get("files") or {})
     except (OSError, ValueError, AttributeError):
         listed = set()
     ours = {MANIFEST, *REPORT_FILES, *listed}
@@ -315,11 +324,17 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     if not manifest_path.is_file():
         raise FileNotFoundError(f"{str(manifest_path)!r} is missing: not an edgequant bundle")
     try:
-        manifest = json.loads(manifest_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        text = manifest_path.read_text()
+    except UnicodeDecodeError as e:
         raise ValueError(f"{str(manifest_path)!r} is corrupted (not valid JSON: {e})") from None
-    except RecursionError:
+    try:  # nesting first: the C decoder recurses on the C stack
+        check_nesting(text, str(manifest_path))
+    except ValueError:
         raise ValueError(f"{str(manifest_path)!r} is corrupted (nested too deeply)") from None
+    try:
+        manifest = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{str(manifest_path)!r} is corrupted (not valid JSON: {e})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ValueError(f"{str(manifest_path)!r} is not an edgequant bundle manifest")
     if manifest.get("format_version") != FORMAT_VERSION:

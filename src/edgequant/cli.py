@@ -176,13 +176,15 @@ def _llama_quantized(args: argparse.Namespace, model, tokenizer, options: dict) 
 
 def _source_gguf(artifact: str) -> str | None:
     """The GGUF file the bundle's model was loaded from (its report.json), if it still exists."""
-    import json
+    from edgequant._io import load_json
 
     report = Path(artifact) / "report.json"
     if not report.is_file():
         return None
-    source = json.loads(report.read_text()).get("model_source")
-    return source if source and source.endswith(".gguf") and Path(source).is_file() else None
+    data = load_json(report.read_text(), str(report))
+    source = data.get("model_source") if isinstance(data, dict) else None
+    is_gguf = isinstance(source, str) and source.endswith(".gguf") and Path(source).is_file()
+    return source if is_gguf else None
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

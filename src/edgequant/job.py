@@ -322,7 +322,12 @@ def evaluate_bundle(
             raise ValueError(
                 f"{str(bundle)!r} has no report.json naming its float model; pass --model"
             )
-        reference = json.loads(report_path.read_text())["model"]
+        from edgequant._io import load_json
+
+        report = load_json(report_path.read_text(), str(report_path))
+        reference = report.get("model") if isinstance(report, dict) else None
+        if not isinstance(reference, str):
+            raise ValueError(f"{str(report_path)!r} names no float model; pass --model")
     if manifest.get("recipe") is None:  # before loading anything
         raise ValueError(f"{str(bundle)!r} records no recipe; cannot size it against float")
     float_model, float_tokenizer, info = load(reference)

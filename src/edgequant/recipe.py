@@ -232,19 +232,19 @@ class Recipe:
 
     @classmethod
     def from_json(cls, text: str, where: str = "recipe") -> Recipe:
+        from edgequant._io import load_json
+
         _check_size(text, where)
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{where}: not valid JSON: {e}") from None
-        except RecursionError:
-            raise ValueError(f"{where}: nested deeper than {MAX_DEPTH} levels") from None
+        data = load_json(text, where, max_depth=MAX_DEPTH)
         _check_tree(data, where)
         return cls.from_dict(data, where=where)
 
     @classmethod
     def from_yaml(cls, text: str, where: str = "recipe") -> Recipe:
+        from edgequant._io import check_nesting
+
         _check_size(text, where)
+        check_nesting(text, where, max_depth=MAX_DEPTH)  # flow collections, before parsing
         try:
             _check_yaml_nodes(yaml.compose(text, Loader=yaml.SafeLoader), where)
             data = yaml.safe_load(text)
