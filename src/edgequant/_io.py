@@ -1,4 +1,6 @@
-"""Safe file writing: temporary name, then rename; never overwrite silently."""
+"""Safe file I/O: writes via a temporary name and a rename (never overwriting silently), one
+writer per target, and readers of untrusted text and JSON that refuse what would crash or
+exhaust the process."""
 
 from __future__ import annotations
 
