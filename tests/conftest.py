@@ -118,3 +118,28 @@ def assert_equal_but_rounding_ties(got, want, *, tol: float = 1e-4, ties: int = 
     off = [(i, round(float(d), 4)) for i, d in enumerate(per_position) if d >= tol]
     assert len(off) <= ties, f"positions beyond {tol}: {off}"
     assert float(per_position.amax()) < 0.5
+
+
+@pytest.fixture(scope="session")
+def value_error_in_child():
+    """`value_error_in_child_process`, for readers whose bad input once crashed the process."""
+    return value_error_in_child_process
+
+
+def value_error_in_child_process(imports: str, call: str, path, setup: str = "") -> str:
+    """Run ``call(path)`` in a child Python (after ``setup``, then ``imports``) and return what
+    it printed: the ValueError it raised. The child must exit normally, so a crash or an abort
+    fails the test without taking the test run with it."""
+    import subprocess
+    import sys
+
+    code = (
+        f"import sys\n{setup}\n{imports}\n"
+        f"try:\n    {call}(sys.argv[1])\n"
+        "except ValueError as e:\n    print('ValueError:', e)\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    return run.stdout

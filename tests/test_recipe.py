@@ -426,27 +426,14 @@ def test_oversized_folder_and_non_utf8_recipe_files_are_refused_by_name(tmp_path
         Recipe.load(latin)
 
 
-def test_deep_json_is_refused_even_with_a_raised_recursion_limit(tmp_path):
+def test_deep_json_is_refused_even_with_a_raised_recursion_limit(tmp_path, value_error_in_child):
     # torch.export raises the recursion limit; Python's C JSON decoder then overflowed the C
     # stack on deep nesting (a segfault in the full suite). A child process, so that a crash
     # cannot take the test run with it.
-    import subprocess
-    import sys
-
     deep = tmp_path / "deep.json"
     deep.write_text("[" * 200000 + "]" * 200000)
-    code = (
-        "import sys\n"
-        "sys.setrecursionlimit(10**6)\n"
-        "from edgequant.recipe import Recipe\n"
-        "from edgequant.artifact import read_manifest\n"
-        "try:\n"
-        "    Recipe.load(sys.argv[1])\n"
-        "except ValueError as e:\n"
-        "    print('ValueError:', e)\n"
-    )
-    run = subprocess.run(
-        [sys.executable, "-c", code, str(deep)], capture_output=True, text=True, timeout=120
-    )
-    assert run.returncode == 0, run.stderr[-2000:]
-    assert "deep.json: nested deeper than 32 levels" in run.stdout
+    out = value_error_in_child(
+        "from edgequant.recipe import Recipe", "Recipe.load", deep,
+        setup="sys.setrecursionlimit(10**6)",
+    )  # fmt: skip
+    assert "deep.json: nested deeper than 32 levels" in out

@@ -274,26 +274,13 @@ def test_calibrated_algorithms_survive_export(stories260k, tmp_path, algorithm):
 
 
 @pytest.mark.parametrize("head", [b"", b"\x3c\x00\x00\x00ET12"])
-def test_random_bytes_are_an_error_not_an_abort(tmp_path, head):
+def test_random_bytes_are_an_error_not_an_abort(tmp_path, head, value_error_in_child):
     """ExecuTorch aborted the whole process on a file without its identifier (its error log
     fails on the bytes it quotes); with the identifier and garbage after it, its verifier
     refuses. Run in a child process: an abort must not take the test run with it."""
     import random
-    import subprocess
-    import sys
 
     bad = tmp_path / "random.pte"
     bad.write_bytes(head + random.Random(0).randbytes(4096))
-    code = (
-        "import sys\n"
-        "from edgequant.export.pte_runtime import PteModel\n"
-        "try:\n"
-        "    PteModel(sys.argv[1])\n"
-        "except ValueError as e:\n"
-        "    print('ValueError:', e)\n"
-    )
-    run = subprocess.run(
-        [sys.executable, "-c", code, str(bad)], capture_output=True, text=True, timeout=300
-    )
-    assert run.returncode == 0, run.stderr[-2000:]
-    assert f"ValueError: {str(bad)!r} is not a loadable ExecuTorch LLM program" in run.stdout
+    out = value_error_in_child("from edgequant.export.pte_runtime import PteModel", "PteModel", bad)
+    assert f"ValueError: {str(bad)!r} is not a loadable ExecuTorch LLM program" in out
