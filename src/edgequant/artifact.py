@@ -245,16 +245,15 @@ def check_writable(path: Path, overwrite: bool) -> None:
         raise FileExistsError(f"{str(path)!r} exists; pass overwrite=True to replace it")
     manifest = path / MANIFEST
     try:
-        is_bundle = (
-            path.is_dir() and load_json(manifest.read_text(), str(manifest)).get("format") == FORMAT
-        )
-    except (OSError, ValueError, AttributeError):
-        is_bundle = False
-    if not is_bundle:
+        found = load_json(manifest.read_text(), str(manifest)) if path.is_dir() else None
+    except (OSError, ValueError):
+        found = None
+    if not (isinstance(found, dict) and found.get("format") == FORMAT):
         raise FileExistsError(
             f"{str(path)!r} exists and is not an edgequant bundle; refusing to replace it"
         )
-    foreign = _not_written_by_edgequant(path)
+    listed = found.get("files")
+    foreign = _not_written_by_edgequant(path, listed if isinstance(listed, dict) else {})
     if foreign:
         raise FileExistsError(
             f"{str(path)!r} holds file(s) edgequant did not write: {foreign[:8]}"
@@ -269,13 +268,10 @@ REPORT_FILES = (
 )  # fmt: skip
 
 
-def _not_written_by_edgequant(path: Path) -> list[str]:
-    """The entries of an existing bundle folder that are neither its listed files nor the main
-    job's reports (what ``overwrite`` would delete and edgequant cannot vouch for)."""
-    try:
-        listed = set(load_json((path / MANIFEST).read_text(), MANIFEST).get("files") or {})
-    except (OSError, ValueError, AttributeError):
-        listed = set()
+def _not_written_by_edgequant(path: Path, listed) -> list[str]:
+    """The entries of an existing bundle folder that are neither the files its manifest lists
+    (``listed``) nor the main job's reports (what ``overwrite`` would delete and edgequant
+    cannot vouch for)."""
     ours = {MANIFEST, *REPORT_FILES, *listed}
     out = []
     for folder, dirs, files in os.walk(path):  # links are listed, never followed
