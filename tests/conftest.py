@@ -110,13 +110,19 @@ def equal_but_rounding_ties():
     return assert_equal_but_rounding_ties
 
 
-def assert_equal_but_rounding_ties(got, want, *, tol: float = 1e-4, ties: int = 1) -> None:
+def assert_equal_but_rounding_ties(
+    got, want, *, tol: float = 1e-4, ties: int = 1, through_attention: bool = False
+) -> None:
     """``got`` equals ``want`` ([1, T, vocab] logits) within ``tol`` at every position but at
     most ``ties``: where an int8 activation lands on a rounding tie, two correct int8 kernels
-    may round it apart, and that position's logits move by about 0.1."""
+    may round it apart, and that position's logits move by about 0.1. With
+    ``through_attention`` the positions off may also be one run to the end: a tie in the input
+    of a key or value projection reaches every later position that attends to it."""
     per_position = (got - want).abs().amax(dim=-1).reshape(-1)
     off = [(i, round(float(d), 4)) for i, d in enumerate(per_position) if d >= tol]
-    assert len(off) <= ties, f"positions beyond {tol}: {off}"
+    first = off[0][0] if off else 0
+    run_to_end = [i for i, _ in off] == list(range(first, len(per_position)))
+    assert len(off) <= ties or (through_attention and run_to_end), f"positions beyond {tol}: {off}"
     assert float(per_position.amax()) < 0.5
 
 

@@ -99,6 +99,7 @@ def measure(
 ) -> dict[str, Any]:
     """Quality, size and speed of one quantized model against its float model."""
     out: dict[str, Any] = dict(ev.size_report(plan))
+    out["bytes_by_role"] = plan.to_dict()["by_role"]
     if float_pass is not None:
         windows = float_pass["windows"]
         with torch.inference_mode():
@@ -292,6 +293,7 @@ def compare(float_model, tokenizer, info, float_pass, speed_ids, float_speed) ->
         model, plan = edgequant.quantize(copy.deepcopy(float_model), name)
         measured = measure(float_model, model, plan, float_pass, speed_ids)
         measured.pop("layers")
+        measured.pop("bytes_by_role")
         float_row["quantized_bytes"] = measured["float_bytes"]
         rows.append({"recipe": name, **measured})
         del model

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import difflib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -76,6 +76,9 @@ class Plan:
     bytes_before: int  # float bytes of all weights, a tied tensor counted once
     bytes_after: int  # stored bytes after quantization, shared storage counted once
     n_weights: int = 0  # weight values, a tied tensor counted once
+    # role -> [weights, bytes before, bytes after], counted as the totals are (a tied tensor
+    # under the role of its first module, usually the embedding)
+    by_role: dict[str, list[int]] = field(default_factory=dict)
 
     def __iter__(self):
         return iter(self.layers)
@@ -95,6 +98,10 @@ class Plan:
             "bytes_before": self.bytes_before,
             "bytes_after": self.bytes_after,
             "n_weights": self.n_weights,
+            "by_role": {
+                role: dict(zip(("n_weights", "bytes_before", "bytes_after"), v, strict=True))
+                for role, v in self.by_role.items()
+            },
             "layers": [lp.to_dict() for lp in self.layers],
         }
 
@@ -120,6 +127,20 @@ class Plan:
             f"weights: {self.bytes_before / 2**20:.3f} MiB -> {self.bytes_after / 2**20:.3f} MiB "
             f"({ratio:.2f}x smaller)"
         )
+        if self.by_role:
+            lines += ["", self.role_table()]
+        return "\n".join(lines)
+
+    def role_table(self) -> str:
+        """Weights and bytes per role, with each role's share of the stored bytes: how much of
+        the model the embedding is (most of a small Gemma's, with its 262,144 tokens)."""
+        head = f"{'role':<12} {'weights':>12} {'float MiB':>10} {'stored MiB':>11} {'share':>6}"
+        lines = [head, "-" * len(head)]
+        for role, (n, before, after) in self.by_role.items():
+            share = 100 * after / max(self.bytes_after, 1)
+            lines.append(
+                f"{role:<12} {n:>12,} {before / 2**20:>10.3f} {after / 2**20:>11.3f} {share:>5.1f}%"
+            )
         return "\n".join(lines)
 
 
@@ -271,6 +292,7 @@ def plan(model: nn.Module, recipe: Any) -> Plan:
 
     layers = []
     before_total = after_total = n_weights = 0
+    by_role: dict[str, list[int]] = {}
     for members in groups.values():
         float_counted = False
         for i, fqn in enumerate(members):
@@ -280,13 +302,17 @@ def plan(model: nn.Module, recipe: Any) -> Plan:
             before = weight.numel() * weight.element_size()
             scheme, rule = decided[fqn]
             after = _after_bytes(scheme, rows, cols, before)
-            before_total += before if i == 0 else 0
-            n_weights += rows * cols if i == 0 else 0
+            counted = [rows * cols, before, 0] if i == 0 else [0, 0, 0]
             if _stored_as(scheme) is None:  # the float tensor is held once however many use it
-                after_total += 0 if float_counted else after
+                counted[2] = 0 if float_counted else after
                 float_counted = True
             elif fqn not in tied_to:
-                after_total += after
+                counted[2] = after
+            n_weights += counted[0]
+            before_total += counted[1]
+            after_total += counted[2]
+            role = by_role.setdefault(roles[fqn][0] or "other", [0, 0, 0])
+            role[:] = [a + b for a, b in zip(role, counted, strict=True)]
             layers.append(
                 LayerPlan(
                     fqn=fqn,
@@ -309,6 +335,7 @@ def plan(model: nn.Module, recipe: Any) -> Plan:
         bytes_before=before_total,
         bytes_after=after_total,
         n_weights=n_weights,
+        by_role={role: v for role, v in by_role.items() if any(v)},
     )
 
 

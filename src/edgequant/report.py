@@ -101,6 +101,23 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         table(summary_rows(report)),
         "",
+    ]
+    by_role = report.get("bytes_by_role") or {}
+    if by_role:
+        total = sum(r["bytes_after"] for r in by_role.values()) or 1
+        lines += [
+            "## Bytes by role",
+            "",
+            "| role | weights | float MiB | stored MiB | share of stored |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for role, r in by_role.items():
+            lines.append(
+                f"| {role} | {r['n_weights']:,} | {r['bytes_before'] / 2**20:.2f} | "
+                f"{r['bytes_after'] / 2**20:.2f} | {100 * r['bytes_after'] / total:.1f}% |"
+            )
+        lines.append("")
+    lines += [
         "## Lowest weight SQNR",
         "",
         "| module | role | layer | scheme | SQNR dB |",

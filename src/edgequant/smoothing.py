@@ -10,7 +10,8 @@ graph is unchanged; only the values the quantizer sees move.
 
 The groups are the decoder's (`edgequant.models.families.base.SMOOTHING`), found under the
 decoder's own names (llama2.c) or under each family's Hugging Face names (Llama, Qwen2, Qwen3,
-SmolLM). Gemma's norms multiply by ``1 + weight`` and are refused.
+SmolLM, Gemma 3). Gemma's norms multiply by ``1 + weight``: the fold keeps ``1 + weight``
+divided by ``s``.
 """
 
 from __future__ import annotations
@@ -21,18 +22,24 @@ import torch
 from torch import nn
 
 
-def _patterns() -> dict[str, list[tuple[str, tuple[str, ...], bool]]]:
-    """(producer, consumers, through attention) per naming, relative to a decoder layer: the
-    decoder's own names (llama2.c), then each family's Hugging Face names."""
+def _patterns() -> dict[str, tuple[list[tuple[str, tuple[str, ...], bool]], set[str]]]:
+    """Per naming, relative to a decoder layer: the groups' (producer, consumers, through
+    attention) and every module name a layer of that naming has; the decoder's own names
+    (llama2.c), then each family's Hugging Face names."""
     from edgequant.models.families import FAMILIES
     from edgequant.models.families.base import SMOOTHING
 
     by_pattern: dict[tuple, list[str]] = {}
+    layer_names: dict[tuple, set[str]] = {}
     for family in FAMILIES.values():
-        by_pattern.setdefault(tuple(family.smoothing()), []).append(family.name)
-    out = {"llama2c (edgequant's decoder)": list(SMOOTHING)}
+        pattern = tuple(family.smoothing())
+        by_pattern.setdefault(pattern, []).append(family.name)
+        inside = {hf.split("{}.", 1)[1] for key, hf in family.names.items() if "{}" in key}
+        layer_names.setdefault(pattern, set()).update(inside)
+    own = {k.split("{}.", 1)[1] for k in FAMILIES["gemma3"].names if "{}" in k}
+    out = {"llama2c (edgequant's decoder)": (list(SMOOTHING), own)}
     for pattern, names in by_pattern.items():
-        out[f"Hugging Face {' / '.join(names)}"] = list(pattern)
+        out[f"Hugging Face {' / '.join(names)}"] = (list(pattern), layer_names[pattern])
     return out
 
 
@@ -50,21 +57,24 @@ class Group:
 def groups(layer: nn.Module) -> list[Group]:
     """The foldable groups of one decoder layer (empty when its family is unknown)."""
     names = dict(layer.named_modules())
-    for pattern in _patterns().values():
-        if all(p in names and all(c in names for c in cs) for p, cs, _ in pattern):
-            out = []
-            for producer, consumers, through_attention in pattern:
-                parent = names[producer.rsplit(".", 1)[0]]
-                tie = (
-                    _tie(names[producer], names[consumers[0]], parent)
-                    if through_attention
-                    else None
-                )
-                out.append(Group(producer, consumers, tie))
-            for g in out:
-                _check_producer(g.producer, names[g.producer])
-            return out
-    return []
+    # every naming whose groups the layer has; the one that names most of the layer wins (a
+    # Gemma layer also has a "post_attention_layernorm", which in Llama's naming feeds the MLP)
+    matching = [
+        (len(known & set(names)), pattern)
+        for pattern, known in _patterns().values()
+        if all(p in names and all(c in names for c in cs) for p, cs, _ in pattern)
+    ]
+    if not matching:
+        return []
+    _, pattern = max(matching, key=lambda m: m[0])
+    out = []
+    for producer, consumers, through_attention in pattern:
+        parent = names[producer.rsplit(".", 1)[0]]
+        tie = _tie(names[producer], names[consumers[0]], parent) if through_attention else None
+        out.append(Group(producer, consumers, tie))
+    for g in out:
+        _check_producer(g.producer, names[g.producer])
+    return out
 
 
 def family_names() -> list[str]:
@@ -88,11 +98,19 @@ def _check_producer(name: str, module: nn.Module) -> None:
     if isinstance(module, nn.Linear):
         return
     kind = type(module).__name__
-    if "Gemma" in kind or not kind.endswith("RMSNorm") or not hasattr(module, "weight"):
+    if not kind.endswith("RMSNorm") or not hasattr(module, "weight"):
         raise ValueError(
-            f"cannot fold scales into {name} ({kind}): only an RMSNorm that multiplies by its "
-            "weight, or a linear, can absorb them (Gemma's norms multiply by 1 + weight)"
+            f"cannot fold scales into {name} ({kind}): only an RMSNorm (multiplying by its "
+            "weight, or by 1 + weight as Gemma's) or a linear can absorb them"
         )
+
+
+def norm_offset(module: nn.Module) -> float:
+    """What an RMSNorm adds to its weight before multiplying: 1 for Gemma's, else 0."""
+    offset = getattr(module, "offset", None)  # edgequant's RMSNorm says
+    if offset is not None:
+        return float(offset)
+    return 1.0 if type(module).__name__.startswith("Gemma") else 0.0
 
 
 @torch.no_grad()
@@ -108,11 +126,12 @@ def fold(layer: nn.Module, group: Group, s: torch.Tensor) -> None:
         w.copy_((w.double() * inverse[:, None]).to(w.dtype))
         if producer.bias is not None:
             producer.bias.copy_((producer.bias.double() * inverse).to(producer.bias.dtype))
-    else:
-        producer.weight.copy_((producer.weight.double() * inverse).to(producer.weight.dtype))
+    else:  # a norm multiplying by offset + w: offset + w' = (offset + w) / s
+        w, offset = producer.weight, norm_offset(producer)
+        w.copy_(((w.double() + offset) * inverse - offset).to(w.dtype))
     for name in group.consumers:
         w = layer.get_submodule(name).weight
         w.copy_((w.double() * s.double()[None, :]).to(w.dtype))
 
 
-__all__ = ["Group", "family_names", "fold", "groups"]
+__all__ = ["Group", "family_names", "fold", "groups", "norm_offset"]

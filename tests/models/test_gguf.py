@@ -118,7 +118,10 @@ def test_unsupported_architecture_is_named(tmp_path):
     writer.write_tensors_to_file()
     writer.close()
     with pytest.raises(
-        ValueError, match=re.escape("GGUF architecture 'falcon' is not supported; supported: llama")
+        ValueError,
+        match=re.escape(
+            "GGUF architecture 'falcon' is not supported; supported: gemma3, llama, qwen2, qwen3"
+        ),
     ):
         eq_gguf.read_weights(path)
 

@@ -75,8 +75,8 @@ def test_an_architecture_no_family_covers_is_named():
         transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64, n_positions=32)
     )
     with pytest.raises(ValueError, match=r"^architecture 'gpt2' is not supported; supported: "
-                       r"llama, qwen2, qwen3$"):  # fmt: skip
+                       r"gemma3_text, llama, qwen2, qwen3$"):  # fmt: skip
         decoder_of(gpt2)
-    with pytest.raises(ValueError, match=r"^GGUF architecture 'gemma3' is not supported; "
-                       r"supported: llama, qwen2, qwen3$"):  # fmt: skip
-        for_gguf_arch("gemma3")
+    with pytest.raises(ValueError, match=r"^GGUF architecture 'gpt2' is not supported; "
+                       r"supported: gemma3, llama, qwen2, qwen3$"):  # fmt: skip
+        for_gguf_arch("gpt2")

@@ -19,6 +19,7 @@ from pathlib import Path
 from torch import nn
 
 from edgequant.layers import QuantizedEmbedding, QuantizedLinear
+from edgequant.models.decoder import ScaledEmbedding
 from edgequant.schemes import Scheme
 
 log = logging.getLogger(__name__)
@@ -62,9 +63,10 @@ def float_twin(module: nn.Module) -> nn.Module:
     its bias): what a backend runs in float for a module it cannot hold as stored."""
     weight = module.dequantized_weight()
     if isinstance(module, QuantizedEmbedding):
-        out = nn.Embedding(*weight.shape, _weight=weight.clone())
-        if module.embed_scale is not None:
-            raise NotImplementedError("scaled embeddings are not exported yet")
+        if module.embed_scale is None:
+            return nn.Embedding(*weight.shape, _weight=weight.clone())
+        out = ScaledEmbedding(*weight.shape, module.embed_scale)  # Gemma: rows * sqrt(dim)
+        out.weight = nn.Parameter(weight.clone(), requires_grad=False)
         return out
     out = nn.Linear(weight.shape[1], weight.shape[0], bias=module.bias is not None)
     out.weight = nn.Parameter(weight.clone(), requires_grad=False)

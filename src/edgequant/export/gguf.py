@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -104,13 +105,17 @@ def _tensors(lay: Layout, allow_requant: bool) -> tuple[list[_Tensor], list]:
     refused: list[tuple[str, tuple[Scheme, int]]] = []
     requant: list[tuple[str, str, float]] = []
     spec = lay.spec
+    q_scale = _q_scale(lay)
     for module, fqn, base in lay.modules:
         permute = None
-        heads = {"attn_q": spec.n_heads, "attn_k": spec.n_kv_heads}.get(base.rsplit(".", 1)[-1])
+        kind = base.rsplit(".", 1)[-1]
+        heads = {"attn_q": spec.n_heads, "attn_k": spec.n_kv_heads}.get(kind)
         if heads and lay.family.permute_qk:
             permute = functools.partial(permute_qk, n_head=heads)
         if isinstance(module, RMSNorm):  # llama.cpp multiplies by the stored weight itself
             values = module.weight.detach().float() + module.offset
+            if kind == "attn_q_norm" and q_scale != 1.0:
+                values = values * q_scale
             layers.append(_Tensor(f"{base}.weight", values.numpy(), "F32", fqn))
             continue
         data, kind = encode(fqn, module, permute, allow_requant, requant)
@@ -141,6 +146,23 @@ def _tensors(lay: Layout, allow_requant: bool) -> tuple[list[_Tensor], list]:
     for fqn, target, db in requant:
         log.warning("%s re-quantized to %s: %.1f dB against edgequant's values", fqn, target, db)
     return layers, requant
+
+
+def _q_scale(lay: Layout) -> float:
+    """The factor on q that makes llama.cpp's attention scale the spec's: 1 when they agree;
+    else folded into the q norm (q scaled before RoPE scales the logits alike), and refused
+    for a family without one."""
+    spec = lay.spec
+    runtime = lay.family.gguf_attention_scale(spec)
+    if math.isclose(spec.scale, runtime, rel_tol=1e-7):
+        return 1.0
+    if not spec.qk_norm:
+        raise ValueError(
+            f"llama.cpp's {lay.family.gguf_arch!r} scales attention logits by {runtime:.6g}, "
+            f"the model by {spec.scale:.6g}; without a q norm to carry the difference GGUF "
+            "cannot hold it"
+        )
+    return spec.scale / runtime
 
 
 def _tied(embedding: nn.Module | None, output: nn.Module | None) -> bool:
@@ -192,6 +214,7 @@ def to_gguf(
             f"llama3 rope scaling has no GGUF form in llama.cpp's {lay.family.gguf_arch!r} "
             "architecture (edgequant writes it as rope_freqs for llama only)"
         )
+    lay.family.gguf_metadata(None, spec)  # refuses what the architecture cannot run, first
     tensors, requant = _tensors(lay, allow_requant)
     if tokenizer_gguf is None and tokenizer is None:
         raise ValueError(
@@ -217,6 +240,7 @@ def to_gguf(
         if spec.rope_scaling is not None and spec.rope_scaling.type == "linear":
             writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
             writer.add_rope_scaling_factor(spec.rope_scaling.factor)
+        lay.family.gguf_metadata(writer, spec)
         writer.add_vocab_size(spec.vocab_size)
         writer.add_file_type(file_type(tensors))
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)

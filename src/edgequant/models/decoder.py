@@ -40,6 +40,7 @@ from torch import Tensor, nn
 from edgequant.models.spec import DecoderSpec, RopeScaling
 
 Attend = Callable[[int, Tensor, Tensor, Tensor], Tensor]  # (layer, q, k, v) -> y [B, T, H, D]
+Activation = Callable[[Tensor], Tensor]
 Rope = tuple[Tensor, Tensor]  # cos, sin [T, 1, rotary_dim]
 
 
@@ -61,6 +62,20 @@ class RMSNorm(nn.Module):
     def extra_repr(self) -> str:
         offset = f", offset={self.offset}" if self.offset else ""
         return f"{tuple(self.weight.shape)}, eps={self.eps}{offset}"
+
+
+class ScaledEmbedding(nn.Embedding):
+    """An embedding whose rows are multiplied by ``embed_scale`` (Gemma: sqrt(dim)), as
+    transformers' ``*ScaledWordEmbedding``: the factor belongs to the module, so a quantized
+    embedding (`edgequant.layers.QuantizedEmbedding`) and an adopted Hugging Face one keep it."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, embed_scale: float) -> None:
+        super().__init__(num_embeddings, embedding_dim)
+        self.embed_scale = embed_scale
+
+    def forward(self, ids: Tensor) -> Tensor:
+        rows = super().forward(ids)
+        return rows * torch.tensor(self.embed_scale, dtype=rows.dtype)
 
 
 # ---- RoPE ------------------------------------------------------------------------------------
@@ -174,13 +189,22 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(hidden, dim, bias=bias)
         self.fused, self.gelu = spec.fused_gate_up, spec.activation == "gelu_tanh"
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, gelu: Activation | None = None) -> Tensor:
         if self.fused:
             gate, up = self.w13(x).chunk(2, dim=-1)
         else:
             gate, up = self.w1(x), self.w3(x)
-        gate = F.gelu(gate, approximate="tanh") if self.gelu else F.silu(gate)
+        if self.gelu:
+            gate = F.gelu(gate, approximate="tanh") if gelu is None else gelu(gate)
+        else:
+            gate = F.silu(gate)
         return self.w2(gate * up)
+
+
+def gelu_tanh(x: Tensor) -> Tensor:
+    """GELU's tanh approximation written out: for a runtime whose GELU kernel ignores
+    ``approximate="tanh"`` (XNNPACK computes the erf form, up to 5e-4 away)."""
+    return 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x * x * x)))
 
 
 class Block(nn.Module):
@@ -196,12 +220,14 @@ class Block(nn.Module):
             self.post_attention_norm = RMSNorm(spec.dim, eps, offset)
             self.post_ffn_norm = RMSNorm(spec.dim, eps, offset)
 
-    def forward(self, x: Tensor, rope: Rope, attend: Attend, layer: int) -> Tensor:
+    def forward(
+        self, x: Tensor, rope: Rope, attend: Attend, layer: int, gelu: Activation | None = None
+    ) -> Tensor:
         a = self.attention(self.attention_norm(x), rope, attend, layer)
         if self.sandwich:
             a = self.post_attention_norm(a)
         h = x + a
-        f = self.feed_forward(self.ffn_norm(h))
+        f = self.feed_forward(self.ffn_norm(h), gelu)
         if self.sandwich:
             f = self.post_ffn_norm(f)
         return h + f
@@ -295,24 +321,32 @@ class Decoder(nn.Module):
     def __init__(self, spec: DecoderSpec) -> None:
         super().__init__()
         self.spec = spec
-        self.tok_embeddings = nn.Embedding(spec.vocab_size, spec.dim)
+        if spec.embedding_scale is None:
+            self.tok_embeddings = nn.Embedding(spec.vocab_size, spec.dim)
+        else:  # the module scales its rows itself (see ScaledEmbedding)
+            self.tok_embeddings = ScaledEmbedding(spec.vocab_size, spec.dim, spec.embedding_scale)
         self.layers = nn.ModuleList(Block(spec) for _ in range(spec.n_layers))
         self.norm = RMSNorm(spec.dim, spec.norm_eps, spec.norm_offset)
         self.output = nn.Linear(spec.dim, spec.vocab_size, bias=False)
         if spec.tied_embedding:
             self.output.weight = self.tok_embeddings.weight
 
-    def run(self, tokens: Tensor, ropes: tuple[Rope, Rope | None], attend: Attend) -> Tensor:
+    def run(
+        self,
+        tokens: Tensor,
+        ropes: tuple[Rope, Rope | None],
+        attend: Attend,
+        gelu: Activation | None = None,
+    ) -> Tensor:
         """Logits ``[B, T, vocab]`` of ``tokens [B, T]`` given the RoPE tables of their
         positions (global, and local for sliding-window layers) and an ``attend``: the body
-        every runtime shares."""
+        every runtime shares. ``gelu`` replaces ``F.gelu(approximate="tanh")`` for a runtime
+        that needs it written otherwise (`gelu_tanh`)."""
         spec = self.spec
-        h = self.tok_embeddings(tokens)  # [B, T, dim]
-        if spec.embedding_scale is not None:
-            h = h * torch.tensor(spec.embedding_scale, dtype=h.dtype)
+        h = self.tok_embeddings(tokens)  # [B, T, dim], times embedding_scale where set
         for i, block in enumerate(self.layers):
             rope = ropes[1] if spec.is_local(i) else ropes[0]
-            h = block(h, rope, attend, i)
+            h = block(h, rope, attend, i, gelu)
         logits = self.output(self.norm(h))  # [B, T, vocab]
         if spec.final_logit_softcap is not None:
             cap = spec.final_logit_softcap
@@ -380,7 +414,9 @@ __all__ = [
     "FeedForward",
     "KVCache",
     "RMSNorm",
+    "ScaledEmbedding",
     "apply_rope",
+    "gelu_tanh",
     "inv_frequencies",
     "rope_tables",
 ]

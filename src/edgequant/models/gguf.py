@@ -134,6 +134,8 @@ def read_state_dict(reader, config: dict[str, Any]) -> dict[str, torch.Tensor]:
         proj = name.rsplit(".", 2)[-2]
         if family.permute_qk and proj in heads and ".self_attn." in name:
             w = unpermute_qk(w, heads[proj])
+        if family.gguf_norm_shift and tensor.name.endswith("norm.weight"):
+            w = w - family.gguf_norm_shift  # llama.cpp's gemma stores 1 + w
         out[name] = w.contiguous()
     return out
 
@@ -157,7 +159,13 @@ def build_model(config: dict[str, Any], state: dict[str, torch.Tensor]):
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     for name, module in list(model.named_modules()):
-        if any(b.is_meta for b in module.buffers(recurse=False)):
+        if not any(b.is_meta for b in module.buffers(recurse=False)):
+            continue
+        if hasattr(module, "scalar_embed_scale"):  # Gemma's scaled embedding: its factor
+            module.register_buffer(
+                "embed_scale", torch.tensor(module.scalar_embed_scale), persistent=False
+            )
+        else:  # RoPE tables
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, type(module)(config=cfg))
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]

@@ -8,7 +8,7 @@ Adding a family is a file here (its `Family`: spec, names, GGUF architecture) an
 >>> for_model_type("mamba")
 Traceback (most recent call last):
 ...
-ValueError: architecture 'mamba' is not supported; supported: llama, qwen2, qwen3
+ValueError: architecture 'mamba' is not supported; supported: gemma3_text, llama, qwen2, qwen3
 """
 
 from __future__ import annotations
@@ -18,12 +18,14 @@ import logging
 from torch import nn
 
 from edgequant.models.decoder import Decoder
-from edgequant.models.families import llama, qwen2, qwen3
+from edgequant.models.families import gemma3, llama, qwen2, qwen3
 from edgequant.models.families.base import Family
 
 log = logging.getLogger(__name__)
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (llama.FAMILY, qwen2.FAMILY, qwen3.FAMILY)}
+FAMILIES: dict[str, Family] = {
+    f.name: f for f in (llama.FAMILY, qwen2.FAMILY, qwen3.FAMILY, gemma3.FAMILY)
+}
 _DECODER_FAMILIES = {"llama2c": "llama"}  # edgequant's own Decoder subclasses
 
 

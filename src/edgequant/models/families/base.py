@@ -5,6 +5,7 @@ and Qwen3 use (`LLAMA_STYLE`), adoption of a Hugging Face model's own modules in
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -12,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from edgequant.layers import embed_scale_of
 from edgequant.models.decoder import Decoder, RMSNorm
 from edgequant.models.spec import ROPE_TYPES, DecoderSpec, RopeScaling
 from edgequant.roles import is_quantizable, is_quantized
@@ -35,6 +37,14 @@ LLAMA_STYLE = {
     "layers.{}.feed_forward.w3": "model.layers.{}.mlp.up_proj",
 }
 
+# Gemma 3: a norm before and after each branch; q/k norms as Qwen3's
+GEMMA_STYLE = {
+    **LLAMA_STYLE,
+    "layers.{}.post_attention_norm": "model.layers.{}.post_attention_layernorm",
+    "layers.{}.ffn_norm": "model.layers.{}.pre_feedforward_layernorm",
+    "layers.{}.post_ffn_norm": "model.layers.{}.post_feedforward_layernorm",
+}
+
 # Where AWQ / SmoothQuant scales fold, in decoder names inside one block: (producer,
 # consumers, through attention). Valid wherever the block has these modules (q/k norms and
 # biases sit after the projections and do not change the fold).
@@ -55,7 +65,12 @@ class Family:
     ``permute_qk`` says whether llama.cpp's RoPE wants q/k rows in adjacent-pair order (its
     ``llama`` rope type) rather than rotate-half (``neox``); ``hf_config(get, tensors)`` builds
     a Hugging Face config dict from GGUF metadata (``get(key)`` reads ``<arch>.<key>``);
-    ``gguf_tensors(spec)`` gives extra tensors llama.cpp reads (Llama 3's ``rope_freqs``)."""
+    ``gguf_tensors(spec)`` gives extra tensors llama.cpp reads (Llama 3's ``rope_freqs``);
+    ``gguf_metadata(writer, spec)`` refuses what llama.cpp's architecture cannot run and adds
+    its own keys (Gemma 3's sliding window; with ``writer`` None it only checks);
+    ``gguf_attention_scale(spec)`` is the scale llama.cpp puts on attention logits (a different
+    one in the spec is folded into the q norm, or refused); ``gguf_norm_shift`` is added to
+    every norm weight on the way to GGUF (Gemma's ``1 + w``) and taken off on the way back."""
 
     name: str
     model_types: tuple[str, ...]
@@ -67,6 +82,9 @@ class Family:
     gguf_tensors: Callable[[DecoderSpec], dict] = lambda spec: {}
     gguf_config_tensors: tuple[str, ...] = ()  # GGUF tensors hf_config reads, not weights
     gguf_pre: str = "default"  # llama.cpp's pre-tokenizer for a byte-level BPE tokenizer
+    gguf_metadata: Callable[[Any, DecoderSpec], None] = lambda writer, spec: None
+    gguf_attention_scale: Callable[[DecoderSpec], float] = lambda spec: spec.head_dim**-0.5
+    gguf_norm_shift: float = 0.0
 
     def hf_name(self, decoder_name: str) -> str | None:
         """The Hugging Face module name of a decoder module name (None: it has none)."""
@@ -127,9 +145,15 @@ class Family:
                 )
             if isinstance(module, RMSNorm):
                 module.weight = source.weight
-            else:
-                parent, _, child = name.rpartition(".")
-                setattr(decoder.get_submodule(parent) if parent else decoder, child, source)
+                continue
+            if name == "tok_embeddings" and not _same_scale(embed_scale_of(source), spec):
+                raise ValueError(
+                    f"{type(model).__name__}'s embedding scales its rows by "
+                    f"{embed_scale_of(source)}; the {self.name} family expects "
+                    f"{spec.embedding_scale}"
+                )
+            parent, _, child = name.rpartition(".")
+            setattr(decoder.get_submodule(parent) if parent else decoder, child, source)
         left = [n for n, t in [*decoder.named_parameters(), *decoder.named_buffers()] if t.is_meta]
         if left:
             raise AssertionError(f"not carried over from the Hugging Face model: {left}")
@@ -146,16 +170,27 @@ _ROLES = {
 }
 
 
+def _same_scale(scale: float | None, spec: DecoderSpec) -> bool:
+    want = spec.embedding_scale
+    if scale is None or want is None:
+        return scale is want
+    return math.isclose(scale, want, rel_tol=1e-6)  # transformers holds it in float32
+
+
 def _is_leaf(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, nn.Embedding, RMSNorm))
 
 
-def rope_scaling(config: Any) -> tuple[float, RopeScaling | None, float]:
-    """``(rope_theta, scaling, partial_rotary_factor)`` from a Hugging Face config."""
-    params = dict(getattr(config, "rope_parameters", None) or {})
-    legacy = getattr(config, "rope_scaling", None)
-    if isinstance(legacy, dict) and not params:
-        params = dict(legacy)
+def rope_scaling(
+    config: Any, params: dict | None = None
+) -> tuple[float, RopeScaling | None, float]:
+    """``(rope_theta, scaling, partial_rotary_factor)`` from a Hugging Face config (or from
+    ``params``, one entry of a config's per-layer-type ``rope_parameters``)."""
+    if params is None:
+        params = dict(getattr(config, "rope_parameters", None) or {})
+        legacy = getattr(config, "rope_scaling", None)
+        if isinstance(legacy, dict) and not params:
+            params = dict(legacy)
     theta = params.get("rope_theta") or getattr(config, "rope_theta", None) or 10000.0
     partial = params.get("partial_rotary_factor") or getattr(config, "partial_rotary_factor", 1.0)
     kind = params.get("rope_type") or params.get("type") or "default"
@@ -174,17 +209,21 @@ def rope_scaling(config: Any) -> tuple[float, RopeScaling | None, float]:
     return float(theta), scaling, float(partial)
 
 
-def hf_spec(config: Any, **family_fields) -> DecoderSpec:
-    """The fields every Llama-like Hugging Face config holds, plus ``family_fields``."""
+def hf_spec(config: Any, rope_params: dict | None = None, **family_fields) -> DecoderSpec:
+    """The fields every Llama-like Hugging Face config holds, plus ``family_fields``; RoPE from
+    ``rope_params`` where the family passes them (else the config's ``rope_parameters``).
+    Sliding-window layers are refused unless the family reads them (``sliding_window`` among
+    ``family_fields``)."""
     c = config
-    if getattr(c, "use_sliding_window", False) or any(
+    sliding = getattr(c, "use_sliding_window", False) or any(
         t != "full_attention" for t in (getattr(c, "layer_types", None) or [])
-    ):
+    )
+    if sliding and "sliding_window" not in family_fields:
         raise NotImplementedError(
             f"{c.model_type} with sliding-window layers (use_sliding_window / layer_types) is "
             "not supported yet"
         )
-    theta, scaling, partial = rope_scaling(c)
+    theta, scaling, partial = rope_scaling(c, rope_params)
     heads = c.num_attention_heads
     return DecoderSpec(
         vocab_size=c.vocab_size,
@@ -237,4 +276,12 @@ def gguf_config(get: Callable[[str], Any], tensors: set[str], model_type: str) -
     }
 
 
-__all__ = ["LLAMA_STYLE", "SMOOTHING", "Family", "gguf_config", "hf_spec", "rope_scaling"]
+__all__ = [
+    "GEMMA_STYLE",
+    "LLAMA_STYLE",
+    "SMOOTHING",
+    "Family",
+    "gguf_config",
+    "hf_spec",
+    "rope_scaling",
+]
