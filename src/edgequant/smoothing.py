@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 
-def _patterns() -> dict[str, tuple[list[tuple[str, tuple[str, ...], bool]], set[str]]]:
+def _patterns() -> dict[str, tuple[list[tuple[str, tuple[str, ...], bool, str | None]], set[str]]]:
     """Per naming, relative to a decoder layer: the groups' (producer, consumers, through
     attention) and every module name a layer of that naming has; the decoder's own names
     (llama2.c), then each family's Hugging Face names."""
@@ -52,6 +52,7 @@ class Group:
     producer: str
     consumers: tuple[str, ...]
     tie: tuple[int, int] | None = None
+    rows: tuple[int, int] | None = None  # the producer's rows feeding the consumers (packed)
 
 
 def groups(layer: nn.Module) -> list[Group]:
@@ -62,16 +63,23 @@ def groups(layer: nn.Module) -> list[Group]:
     matching = [
         (len(known & set(names)), pattern)
         for pattern, known in _patterns().values()
-        if all(p in names and all(c in names for c in cs) for p, cs, _ in pattern)
+        if all(p in names and all(c in names for c in cs) for p, cs, _, _ in pattern)
     ]
     if not matching:
         return []
     _, pattern = max(matching, key=lambda m: m[0])
     out = []
-    for producer, consumers, through_attention in pattern:
+    for producer, consumers, through_attention, part in pattern:
         parent = names[producer.rsplit(".", 1)[0]]
-        tie = _tie(names[producer], names[consumers[0]], parent) if through_attention else None
-        out.append(Group(producer, consumers, tie))
+        rows = None
+        if part == "last":  # a packed producer: only its last rows feed the consumers
+            total, width = names[producer].weight.shape[0], names[consumers[0]].weight.shape[1]
+            feeding = width if not through_attention else (total - width) // 2  # up; v
+            rows = (total - feeding, total)
+        tie = (
+            _tie(names[producer], names[consumers[0]], parent, rows) if through_attention else None
+        )
+        out.append(Group(producer, consumers, tie, rows))
     for g in out:
         _check_producer(g.producer, names[g.producer])
     return out
@@ -81,8 +89,11 @@ def family_names() -> list[str]:
     return list(_patterns())
 
 
-def _tie(v: nn.Module, o: nn.Module, attention: nn.Module) -> tuple[int, int] | None:
-    n_rep = o.weight.shape[1] // v.weight.shape[0]
+def _tie(
+    v: nn.Module, o: nn.Module, attention: nn.Module, rows: tuple[int, int] | None = None
+) -> tuple[int, int] | None:
+    v_rows = v.weight.shape[0] if rows is None else rows[1] - rows[0]
+    n_rep = o.weight.shape[1] // v_rows
     if n_rep == 1:
         return None
     head_dim = getattr(attention, "head_dim", None)
@@ -122,10 +133,12 @@ def fold(layer: nn.Module, group: Group, s: torch.Tensor) -> None:
         n_rep, head_dim = group.tie
         inverse = inverse.view(-1, n_rep, head_dim)[:, 0].reshape(-1)
     if isinstance(producer, nn.Linear):
-        w = producer.weight
+        lo, hi = group.rows or (0, producer.weight.shape[0])
+        w = producer.weight[lo:hi]  # a view: the packed producer's other rows stay
         w.copy_((w.double() * inverse[:, None]).to(w.dtype))
         if producer.bias is not None:
-            producer.bias.copy_((producer.bias.double() * inverse).to(producer.bias.dtype))
+            b = producer.bias[lo:hi]
+            b.copy_((b.double() * inverse).to(b.dtype))
     else:  # a norm multiplying by offset + w: offset + w' = (offset + w) / s
         w, offset = producer.weight, norm_offset(producer)
         w.copy_(((w.double() + offset) * inverse - offset).to(w.dtype))

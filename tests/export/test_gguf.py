@@ -189,7 +189,7 @@ def test_an_architecture_without_a_mapping_is_named(tmp_path):
     cfg = transformers.GPT2Config(n_embd=64, n_layer=1, n_head=2, vocab_size=128, n_positions=32)
     model = transformers.GPT2LMHeadModel(cfg)
     with pytest.raises(ValueError, match=r"^architecture 'gpt2' is not supported; supported: "
-                       r"gemma3_text, llama, qwen2, qwen3$"):  # fmt: skip
+                       r"gemma3_text, llama, phi3, qwen2, qwen3$"):  # fmt: skip
         gg.to_gguf(model, tmp_path / "g.gguf", tokenizer_gguf="x.gguf")
 
 

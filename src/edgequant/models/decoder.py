@@ -81,8 +81,12 @@ class ScaledEmbedding(nn.Embedding):
 # ---- RoPE ------------------------------------------------------------------------------------
 
 
-def inv_frequencies(spec: DecoderSpec, theta: float | None = None) -> Tensor:
-    """RoPE's ``rotary_dim / 2`` inverse frequencies (float32), rope scaling applied.
+def inv_frequencies(
+    spec: DecoderSpec, theta: float | None = None, context: int | None = None
+) -> Tensor:
+    """RoPE's ``rotary_dim / 2`` inverse frequencies (float32), rope scaling applied
+    (LongRoPE's factors chosen by ``context``, the tokens the sequence or cache may hold:
+    default ``spec.max_seq_len``).
 
     >>> spec = DecoderSpec(vocab_size=4, dim=8, n_layers=1, n_heads=1, n_kv_heads=1,
     ...                    head_dim=8, hidden_dim=8, max_seq_len=4, rope_theta=10000.0)
@@ -91,8 +95,12 @@ def inv_frequencies(spec: DecoderSpec, theta: float | None = None) -> Tensor:
     """
     dim = spec.rotary_dim
     theta = spec.rope_theta if theta is None else theta
-    inv = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)  # [R/2]
-    return _scaled(inv, spec.rope_scaling)
+    shape = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim  # [R/2]
+    scaling = spec.rope_scaling
+    if scaling is not None and scaling.type == "longrope":  # as transformers writes it
+        factors = torch.tensor(scaling.factors(context or spec.max_seq_len), dtype=torch.float32)
+        return 1.0 / (factors * theta**shape)
+    return _scaled(1.0 / theta**shape, scaling)
 
 
 def _scaled(inv: Tensor, scaling: RopeScaling | None) -> Tensor:
@@ -113,19 +121,32 @@ def _scaled(inv: Tensor, scaling: RopeScaling | None) -> Tensor:
 
 
 def rope_tables(
-    spec: DecoderSpec, length: int, *, start: int = 0, local: bool = False, device=None
+    spec: DecoderSpec,
+    length: int,
+    *,
+    start: int = 0,
+    local: bool = False,
+    device=None,
+    context: int | None = None,
 ) -> Rope:
     """cos and sin ``[length, 1, rotary_dim]`` (float32) of positions ``start ..
-    start + length - 1``, for global layers or (``local``) Gemma 3's local ones."""
+    start + length - 1``, for global layers or (``local``) Gemma 3's local ones. ``context``
+    (default ``start + length``) picks LongRoPE's factors."""
+    context = context or start + length
     if local and spec.rope_local_theta:  # Gemma 3's local layers: their own base, unscaled
         inv = inv_frequencies(spec.replace(rope_scaling=None), spec.rope_local_theta)
     else:
-        inv = inv_frequencies(spec)
+        inv = inv_frequencies(spec, context=context)
     inv = inv.to(device)
     positions = torch.arange(start, start + length, device=device).float()  # [T]
     angles = torch.outer(positions, inv)  # [T, R/2]
     angles = torch.cat([angles, angles], dim=-1)[:, None, :]  # [T, 1, R]
-    return angles.cos(), angles.sin()
+    cos, sin = angles.cos(), angles.sin()
+    scaling = spec.rope_scaling
+    own_base = local and spec.rope_local_theta  # Gemma's local layers: no scaling at all
+    if not own_base and scaling is not None and scaling.attention_factor != 1.0:  # LongRoPE
+        cos, sin = cos * scaling.attention_factor, sin * scaling.attention_factor
+    return cos, sin
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -353,10 +374,13 @@ class Decoder(nn.Module):
             logits = torch.tanh(logits / cap) * cap
         return logits
 
-    def ropes(self, length: int, start: int = 0, device=None) -> tuple[Rope, Rope | None]:
-        """The RoPE tables `run` takes, for positions ``start .. start + length - 1``."""
+    def ropes(
+        self, length: int, start: int = 0, device=None, context: int | None = None
+    ) -> tuple[Rope, Rope | None]:
+        """The RoPE tables `run` takes, for positions ``start .. start + length - 1`` of a
+        sequence or cache of ``context`` tokens (default ``start + length``)."""
         spec = self.spec
-        glob = rope_tables(spec, length, start=start, device=device)
+        glob = rope_tables(spec, length, start=start, device=device, context=context)
         local = None
         if spec.sliding_window_pattern is not None:
             local = rope_tables(spec, length, start=start, local=True, device=device)
@@ -397,9 +421,10 @@ class Decoder(nn.Module):
             raise ValueError(f"the cache holds batch {cache.batch}, got batch {tokens.shape[0]}")
         T, device = tokens.shape[1], tokens.device
         dtype = self.norm.weight.dtype
+        context = T if cache is None else cache.max_len  # LongRoPE's factors go by it
         ropes = tuple(
             None if r is None else (r[0].to(dtype), r[1].to(dtype))
-            for r in self.ropes(T, start_pos, device)
+            for r in self.ropes(T, start_pos, device, context)
         )
         attend = EagerAttention(self.spec, T, start_pos, cache, device)
         return self.run(tokens, ropes, attend).float()

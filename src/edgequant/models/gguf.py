@@ -1,6 +1,6 @@
 """Load a GGUF file (llama.cpp's format) as a float Hugging Face model plus its tokenizer.
 
-The architecture (``general.architecture``: llama, qwen2, qwen3) picks the family file
+The architecture (``general.architecture``: llama, qwen2, qwen3, gemma3, phi3) picks the family file
 (`edgequant.models.families`), which builds the transformers config from the metadata. Weights
 are read and dequantized with the ``gguf`` package, renamed from llama.cpp's tensor names to
 Hugging Face's with gguf-py's ``TensorNameMap``, and, for architectures whose RoPE pairs
@@ -68,6 +68,8 @@ def read_config(reader) -> dict[str, Any]:
     config = family.hf_config(get, {t.name: t for t in reader.tensors})
     config["bos_token_id"] = _field(reader, "tokenizer.ggml.bos_token_id")
     config["eos_token_id"] = _field(reader, "tokenizer.ggml.eos_token_id")
+    config["pad_token_id"] = _field(reader, "tokenizer.ggml.padding_token_id")  # Phi3Config's
+    # default (32000) is outside a smaller vocabulary
     return config
 
 

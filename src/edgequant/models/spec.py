@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields
 
-ROPE_TYPES = ("default", "linear", "llama3")  # what the decoder computes
+ROPE_TYPES = ("default", "linear", "llama3", "longrope")  # what the decoder computes
 ACTIVATIONS = ("silu", "gelu_tanh")
 
 
@@ -33,7 +33,10 @@ class RopeScaling:
     - ``linear``: positions divided by ``factor``;
     - ``llama3`` (Llama 3.1 / 3.2): low frequencies divided by ``factor``, high ones kept, a
       smooth ramp between, set by ``low_freq_factor``, ``high_freq_factor`` and
-      ``original_max_seq_len``.
+      ``original_max_seq_len``;
+    - ``longrope`` (Phi-3, Phi-4-mini): each frequency divided by its own factor, from
+      ``long_factor`` when the context is longer than ``original_max_seq_len``, else from
+      ``short_factor``; cos and sin multiplied by ``attention_factor``.
     """
 
     type: str
@@ -41,6 +44,9 @@ class RopeScaling:
     low_freq_factor: float | None = None
     high_freq_factor: float | None = None
     original_max_seq_len: int | None = None
+    short_factor: tuple[float, ...] | None = None
+    long_factor: tuple[float, ...] | None = None
+    attention_factor: float = 1.0
 
     def __post_init__(self) -> None:
         if self.type not in ROPE_TYPES or self.type == "default":
@@ -62,6 +68,27 @@ class RopeScaling:
                     "llama3 rope scaling needs high_freq_factor > low_freq_factor > 0, got "
                     f"{self.high_freq_factor} and {self.low_freq_factor}"
                 )
+        if self.type == "longrope":
+            missing = [
+                name
+                for name in ("short_factor", "long_factor", "original_max_seq_len")
+                if getattr(self, name) is None
+            ]
+            if missing:
+                raise ValueError(f"longrope rope scaling needs {', '.join(missing)}")
+            if len(self.short_factor) != len(self.long_factor):
+                raise ValueError(
+                    f"longrope short_factor has {len(self.short_factor)} values and long_factor "
+                    f"{len(self.long_factor)}; one per rotated frequency each"
+                )
+            factors = (*self.short_factor, *self.long_factor, self.attention_factor)
+            if not all(math.isfinite(f) and f > 0 for f in factors):
+                raise ValueError("longrope factors and attention_factor must be positive numbers")
+
+    def factors(self, context: int) -> tuple[float, ...]:
+        """LongRoPE's per-frequency divisors for a context of ``context`` tokens."""
+        long = context > self.original_max_seq_len
+        return self.long_factor if long else self.short_factor
 
 
 @dataclass(frozen=True)
@@ -128,6 +155,17 @@ class DecoderSpec:
             )
         if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
             problems.append(f"rope_scaling must be a RopeScaling, got {self.rope_scaling!r}")
+        elif (
+            self.rope_scaling is not None
+            and self.rope_scaling.type == "longrope"
+            and len(self.rope_scaling.short_factor) != self.rotary_dim // 2
+            and self.rotary_dim % 2 == 0
+        ):
+            problems.append(
+                f"longrope has {len(self.rope_scaling.short_factor)} factors; head_dim="
+                f"{self.head_dim} with partial_rotary={self.partial_rotary} rotates "
+                f"{self.rotary_dim // 2} frequencies"
+            )
         if (self.sliding_window is None) != (self.sliding_window_pattern is None):
             problems.append(
                 f"sliding_window={self.sliding_window} and sliding_window_pattern="

@@ -8,7 +8,7 @@ Adding a family is a file here (its `Family`: spec, names, GGUF architecture) an
 >>> for_model_type("mamba")
 Traceback (most recent call last):
 ...
-ValueError: architecture 'mamba' is not supported; supported: gemma3_text, llama, qwen2, qwen3
+ValueError: architecture 'mamba' is not supported; supported: gemma3_text, llama, phi3, qwen2, qwen3
 """
 
 from __future__ import annotations
@@ -18,15 +18,26 @@ import logging
 from torch import nn
 
 from edgequant.models.decoder import Decoder
-from edgequant.models.families import gemma3, llama, qwen2, qwen3
+from edgequant.models.families import gemma3, llama, phi3, qwen2, qwen3
 from edgequant.models.families.base import Family
 
 log = logging.getLogger(__name__)
 
 FAMILIES: dict[str, Family] = {
-    f.name: f for f in (llama.FAMILY, qwen2.FAMILY, qwen3.FAMILY, gemma3.FAMILY)
+    f.name: f for f in (llama.FAMILY, qwen2.FAMILY, qwen3.FAMILY, gemma3.FAMILY, phi3.FAMILY)
 }
 _DECODER_FAMILIES = {"llama2c": "llama"}  # edgequant's own Decoder subclasses
+
+
+# variants of supported families the decoder cannot express: what is missing
+NOT_EXPRESSIBLE = {
+    "gemma3n": "Gemma 3n's per-layer embeddings, AltUp and LAuReL blocks",
+    "gemma3n_text": "Gemma 3n's per-layer embeddings, AltUp and LAuReL blocks",
+    "phimoe": "a mixture-of-experts MLP (Phi-3.5-MoE)",
+    "gemma3": "the multimodal Gemma3ForConditionalGeneration (its text model, model_type "
+    "gemma3_text, is supported)",
+    "gemma2": "Gemma 2's attention logit softcapping and its 1:1 local/global pattern",
+}
 
 
 def supported() -> str:
@@ -38,6 +49,12 @@ def for_model_type(model_type: str) -> Family:
     for family in FAMILIES.values():
         if model_type in family.model_types:
             return family
+    missing = NOT_EXPRESSIBLE.get(model_type)
+    if missing is not None:
+        raise ValueError(
+            f"architecture {model_type!r} is not supported: edgequant's decoder has no "
+            f"{missing}; supported: {supported()}"
+        )
     raise ValueError(f"architecture {model_type!r} is not supported; supported: {supported()}")
 
 
@@ -47,6 +64,12 @@ def for_gguf_arch(arch: str) -> Family:
         if family.gguf_arch == arch:
             return family
     archs = ", ".join(sorted(f.gguf_arch for f in FAMILIES.values()))
+    missing = NOT_EXPRESSIBLE.get(arch)
+    if missing is not None:
+        raise ValueError(
+            f"GGUF architecture {arch!r} is not supported: edgequant's decoder has no "
+            f"{missing}; supported: {archs}"
+        )
     raise ValueError(f"GGUF architecture {arch!r} is not supported; supported: {archs}")
 
 
@@ -98,6 +121,7 @@ _warned: set[str] = set()
 
 __all__ = [
     "FAMILIES",
+    "NOT_EXPRESSIBLE",
     "Family",
     "decoder_of",
     "eager_decoder",

@@ -45,14 +45,36 @@ GEMMA_STYLE = {
     "layers.{}.post_ffn_norm": "model.layers.{}.post_feedforward_layernorm",
 }
 
+# Phi-3 / Phi-4-mini: one qkv projection, one gate_up projection (the decoder's wqkv, w13)
+PHI3_STYLE = {
+    "tok_embeddings": "model.embed_tokens",
+    "norm": "model.norm",
+    "output": "lm_head",
+    "layers.{}.attention_norm": "model.layers.{}.input_layernorm",
+    "layers.{}.attention.wqkv": "model.layers.{}.self_attn.qkv_proj",
+    "layers.{}.attention.wo": "model.layers.{}.self_attn.o_proj",
+    "layers.{}.ffn_norm": "model.layers.{}.post_attention_layernorm",
+    "layers.{}.feed_forward.w13": "model.layers.{}.mlp.gate_up_proj",
+    "layers.{}.feed_forward.w2": "model.layers.{}.mlp.down_proj",
+}
+
 # Where AWQ / SmoothQuant scales fold, in decoder names inside one block: (producer,
-# consumers, through attention). Valid wherever the block has these modules (q/k norms and
+# consumers, through attention, the producer's rows that feed the consumers: None for all,
+# "last" for the rows past the consumer's input width, as the v rows of a packed qkv and the
+# up rows of a packed gate_up). Valid wherever the block has these modules (q/k norms and
 # biases sit after the projections and do not change the fold).
 SMOOTHING = (
-    ("attention_norm", ("attention.wq", "attention.wk", "attention.wv"), False),
-    ("attention.wv", ("attention.wo",), True),
-    ("ffn_norm", ("feed_forward.w1", "feed_forward.w3"), False),
-    ("feed_forward.w3", ("feed_forward.w2",), False),
+    ("attention_norm", ("attention.wq", "attention.wk", "attention.wv"), False, None),
+    ("attention.wv", ("attention.wo",), True, None),
+    ("ffn_norm", ("feed_forward.w1", "feed_forward.w3"), False, None),
+    ("feed_forward.w3", ("feed_forward.w2",), False, None),
+)
+# Phi-3's packed projections: v is the last kv_dim rows of qkv, up the last half of gate_up
+SMOOTHING_PACKED = (
+    ("attention_norm", ("attention.wqkv",), False, None),
+    ("attention.wqkv", ("attention.wo",), True, "last"),
+    ("ffn_norm", ("feed_forward.w13",), False, None),
+    ("feed_forward.w13", ("feed_forward.w2",), False, "last"),
 )
 
 
@@ -85,6 +107,7 @@ class Family:
     gguf_metadata: Callable[[Any, DecoderSpec], None] = lambda writer, spec: None
     gguf_attention_scale: Callable[[DecoderSpec], float] = lambda spec: spec.head_dim**-0.5
     gguf_norm_shift: float = 0.0
+    smoothing_groups: tuple = SMOOTHING  # in decoder names (SMOOTHING_PACKED for Phi-3)
 
     def hf_name(self, decoder_name: str) -> str | None:
         """The Hugging Face module name of a decoder module name (None: it has none)."""
@@ -117,13 +140,17 @@ class Family:
             if fqn in modules and (is_quantizable(modules[fqn]) or is_quantized(modules[fqn]))
         }
 
-    def smoothing(self) -> list[tuple[str, tuple[str, ...], bool]]:
-        """`SMOOTHING` in the Hugging Face model's names, relative to one of its blocks."""
+    def smoothing(self) -> list[tuple[str, tuple[str, ...], bool, str | None]]:
+        """`smoothing_groups` in the Hugging Face model's names, relative to one of its
+        blocks."""
 
         def inside(name: str) -> str:
             return self.names[f"layers.{{}}.{name}"].split("{}.", 1)[1]
 
-        return [(inside(p), tuple(inside(c) for c in cs), t) for p, cs, t in SMOOTHING]
+        return [
+            (inside(p), tuple(inside(c) for c in cs), t, rows)
+            for p, cs, t, rows in self.smoothing_groups
+        ]
 
     def adopt(self, model: nn.Module) -> Decoder:
         """A `Decoder` holding ``model``'s own modules (quantized or not): its linears and
@@ -198,7 +225,11 @@ def rope_scaling(
         return float(theta), None, float(partial)
     if kind not in ROPE_TYPES:
         raise ValueError(f"rope type {kind!r} is not supported; supported: {', '.join(ROPE_TYPES)}")
-    original = params.get("original_max_position_embeddings")
+    original = params.get("original_max_position_embeddings") or getattr(
+        config, "original_max_position_embeddings", None
+    )
+    if kind == "longrope":
+        return float(theta), _longrope(config, params, original), float(partial)
     scaling = RopeScaling(
         kind,
         factor=float(params.get("factor", 1.0)),
@@ -207,6 +238,25 @@ def rope_scaling(
         original_max_seq_len=None if original is None else int(original),
     )
     return float(theta), scaling, float(partial)
+
+
+def _longrope(config: Any, params: dict, original: int | None) -> RopeScaling:
+    """Phi-3's LongRoPE, with transformers' defaults: ``factor`` the trained context over the
+    original one, ``attention_factor`` sqrt(1 + ln(factor) / ln(original)) when it is > 1."""
+    if original is None:
+        raise ValueError("longrope rope scaling needs original_max_position_embeddings")
+    factor = params.get("factor") or config.max_position_embeddings / original
+    attention = params.get("attention_factor")
+    if attention is None:
+        attention = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(original))
+    return RopeScaling(
+        "longrope",
+        factor=float(factor),
+        original_max_seq_len=int(original),
+        short_factor=tuple(float(f) for f in params["short_factor"]),
+        long_factor=tuple(float(f) for f in params["long_factor"]),
+        attention_factor=float(attention),
+    )
 
 
 def hf_spec(config: Any, rope_params: dict | None = None, **family_fields) -> DecoderSpec:
@@ -279,7 +329,9 @@ def gguf_config(get: Callable[[str], Any], tensors: set[str], model_type: str) -
 __all__ = [
     "GEMMA_STYLE",
     "LLAMA_STYLE",
+    "PHI3_STYLE",
     "SMOOTHING",
+    "SMOOTHING_PACKED",
     "Family",
     "gguf_config",
     "hf_spec",
