@@ -75,7 +75,13 @@ def test_quantize_runs_the_main_job(stories260k, tmp_path, capsys):
     assert report["quantized_bytes"] == 143712 and abs(report["bits_per_weight"] - 4.433) < 1e-3
     assert report["float_perplexity"] < report["perplexity"]
     assert len(report["layers"]) == 37
-    assert (out / "report.md").read_text().startswith("# edgequant report: stories260k")
+    by_role = report["bytes_by_role"]
+    assert list(by_role) == ["embedding", "attention", "feedforward"]
+    assert sum(r["bytes_after"] for r in by_role.values()) == report["quantized_bytes"]
+    assert sum(r["n_weights"] for r in by_role.values()) == report["n_weights"]
+    md = (out / "report.md").read_text()
+    assert md.startswith("# edgequant report: stories260k")
+    assert "## Bytes by role" in md and "| embedding | 32,768 | 0.12 | 0.02 | 12.8% |" in md
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     assert main(["inspect", str(out), "--layers"]) == 0
@@ -119,8 +125,15 @@ def test_generate_reproduces_the_reference_story(stories260k, capsys):
 
 
 def test_plan_prints_a_table(stories260k, capsys):
-    assert main(["plan", "--model", "stories260k", "--recipe", "int8-dynamic"]) == 0
-    assert "output" in capsys.readouterr().out
+    assert (
+        main(["plan", "--model", "stories260k", "--recipe", "examples/stories260k-8da4w.yaml"]) == 0
+    )
+    out = capsys.readouterr().out
+    assert "output" in out
+    # bytes per role: the tied embedding/head counted once, under the embedding; shares of the
+    # 0.137 MiB total
+    assert "embedding          32,768      0.125       0.018  12.8%" in out
+    assert "feedforward       165,120      0.630       0.087  63.1%" in out
 
 
 def test_user_errors_exit_2_with_the_message(stories260k, tmp_path, capsys):
