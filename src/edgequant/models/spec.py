@@ -56,26 +56,14 @@ class RopeScaling:
         if not (math.isfinite(self.factor) and self.factor > 0):
             raise ValueError(f"RopeScaling.factor must be a positive number, got {self.factor!r}")
         if self.type == "llama3":
-            missing = [
-                name
-                for name in ("low_freq_factor", "high_freq_factor", "original_max_seq_len")
-                if getattr(self, name) is None
-            ]
-            if missing:
-                raise ValueError(f"llama3 rope scaling needs {', '.join(missing)}")
+            self._need("low_freq_factor", "high_freq_factor", "original_max_seq_len")
             if not self.high_freq_factor > self.low_freq_factor > 0:
                 raise ValueError(
                     "llama3 rope scaling needs high_freq_factor > low_freq_factor > 0, got "
                     f"{self.high_freq_factor} and {self.low_freq_factor}"
                 )
         if self.type == "longrope":
-            missing = [
-                name
-                for name in ("short_factor", "long_factor", "original_max_seq_len")
-                if getattr(self, name) is None
-            ]
-            if missing:
-                raise ValueError(f"longrope rope scaling needs {', '.join(missing)}")
+            self._need("short_factor", "long_factor", "original_max_seq_len")
             if len(self.short_factor) != len(self.long_factor):
                 raise ValueError(
                     f"longrope short_factor has {len(self.short_factor)} values and long_factor "
@@ -84,6 +72,11 @@ class RopeScaling:
             factors = (*self.short_factor, *self.long_factor, self.attention_factor)
             if not all(math.isfinite(f) and f > 0 for f in factors):
                 raise ValueError("longrope factors and attention_factor must be positive numbers")
+
+    def _need(self, *names: str) -> None:
+        missing = [name for name in names if getattr(self, name) is None]
+        if missing:
+            raise ValueError(f"{self.type} rope scaling needs {', '.join(missing)}")
 
     def factors(self, context: int) -> tuple[float, ...]:
         """LongRoPE's per-frequency divisors for a context of ``context`` tokens."""
