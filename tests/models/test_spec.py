@@ -158,3 +158,24 @@ def test_longrope_is_read_from_a_phi3_config_and_checked():
     with pytest.raises(ValueError, match="longrope short_factor has 2 values and long_factor 1"):
         RopeScaling("longrope", short_factor=(1.0, 2.0), long_factor=(1.0,),
                     original_max_seq_len=16)  # fmt: skip
+
+
+def test_a_phi3_window_shorter_than_its_context_makes_every_layer_local():
+    config = transformers.Phi3Config(
+        hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2,
+        vocab_size=64, pad_token_id=0, max_position_embeddings=64, sliding_window=8,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.Phi3ForCausalLM(config).eval()
+    decoder = decoder_of(model)
+    assert [decoder.spec.is_local(i) for i in range(2)] == [True, True]
+    ids = torch.randint(0, 64, (1, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want, got = model(ids).logits, decoder(ids)
+        windowless = decoder_of(
+            transformers.Phi3ForCausalLM(transformers.Phi3Config(
+                **{**config.to_dict(), "sliding_window": None})).eval()
+        )  # fmt: skip
+        windowless.load_state_dict(decoder.state_dict())
+        assert (windowless(ids) - want).abs().max() > 1e-3  # the window matters at 24 tokens
+    assert (got - want).abs().max() < 1e-5
