@@ -36,7 +36,7 @@ def _patterns() -> dict[str, tuple[list[tuple[str, tuple[str, ...], bool, str | 
         by_pattern.setdefault(pattern, []).append(family.name)
         inside = {hf.split("{}.", 1)[1] for key, hf in family.names.items() if "{}" in key}
         layer_names.setdefault(pattern, set()).update(inside)
-    own = {k.split("{}.", 1)[1] for k in FAMILIES["gemma3"].names if "{}" in k}
+    own = {k.split("{}.", 1)[1] for f in FAMILIES.values() for k in f.names if "{}" in k}
     out = {"llama2c (edgequant's decoder)": (list(SMOOTHING), own)}
     for pattern, names in by_pattern.items():
         out[f"Hugging Face {' / '.join(names)}"] = (list(pattern), layer_names[pattern])

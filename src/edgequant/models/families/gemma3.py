@@ -77,11 +77,15 @@ def spec(config: Any) -> DecoderSpec:
     )
 
 
+def gguf_query_scalar(n_layers: int, dim: int, n_heads: int, head_dim: int) -> int:
+    """The ``query_pre_attn_scalar`` llama.cpp's gemma3 implies: ``head_dim``, but
+    ``hidden / heads`` for its 27B (62 layers)."""
+    return dim // n_heads if n_layers == 62 else head_dim
+
+
 def gguf_attention_scale(spec: DecoderSpec) -> float:
-    """The scale llama.cpp's gemma3 puts on attention logits (its 27B, 62 layers, differs)."""
-    if spec.n_layers == 62:
-        return (spec.dim // spec.n_heads) ** -0.5
-    return spec.head_dim**-0.5
+    """The scale llama.cpp's gemma3 puts on attention logits."""
+    return gguf_query_scalar(spec.n_layers, spec.dim, spec.n_heads, spec.head_dim) ** -0.5
 
 
 def gguf_metadata(writer, spec: DecoderSpec) -> None:
@@ -119,11 +123,12 @@ def hf_config(get, tensors: dict) -> dict:
             for i in range(config["num_hidden_layers"])
         ],
         # the q norm carries any other scale (see gguf_attention_scale)
-        query_pre_attn_scalar=(
-            config["hidden_size"] // config["num_attention_heads"]
-            if config["num_hidden_layers"] == 62
-            else head_dim
-        ),
+        query_pre_attn_scalar=gguf_query_scalar(
+            config["num_hidden_layers"],
+            config["hidden_size"],
+            config["num_attention_heads"],
+            head_dim,
+        ),  # fmt: skip
         rope_parameters={
             "full_attention": global_rope,
             "sliding_attention": {"rope_type": "default", "rope_theta": GGUF_LOCAL_THETA},
