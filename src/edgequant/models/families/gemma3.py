@@ -128,7 +128,7 @@ def hf_config(get, tensors: dict) -> dict:
             config["hidden_size"],
             config["num_attention_heads"],
             head_dim,
-        ),  # fmt: skip
+        ),
         rope_parameters={
             "full_attention": global_rope,
             "sliding_attention": {"rope_type": "default", "rope_theta": GGUF_LOCAL_THETA},
