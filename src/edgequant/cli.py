@@ -3,7 +3,8 @@
 Verbs: ``recipes`` (list presets or print one as a recipe file), ``plan`` (what a recipe would
 do to a model), ``quantize`` (the main job: quantize, save, evaluate, report), ``eval`` (measure
 a saved bundle), ``generate`` (text from a model or a bundle), ``inspect`` (check and summarise
-a bundle).
+a bundle), ``export`` (a bundle as a runtime's file), ``calibrate-speed`` (this machine's kernel
+efficiencies for predicted speeds).
 """
 
 from __future__ import annotations
@@ -37,7 +38,42 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from edgequant.models import load
 
     model, _, _ = load(args.model)
-    print(edgequant.plan(model, args.recipe).table())
+    plan = edgequant.plan(model, args.recipe)
+    print(plan.table())
+    if args.targets:
+        from edgequant import speed, targets
+        from edgequant.models.families import decoder_of
+
+        names = targets.parse(args.targets)
+        spec = decoder_of(model).spec
+        table, source = speed.efficiency()
+        predicted = speed.predict(plan, spec, names, max_seq_len=min(512, spec.max_seq_len),
+                                  table=table)  # fmt: skip
+        print(f"\npredicted decode speed (kernel efficiencies: {source}):")
+        for name, p in predicted.items():
+            print(
+                f"  {name:<7} {p['predicted_decode_tokens_per_s']:7.1f} tok/s  "
+                f"({p['token_bytes'] / 2**20:.1f} MiB per token at "
+                f"{p['bandwidth_gb_s']:.1f} GB/s)"
+            )
+    return 0
+
+
+def cmd_calibrate_speed(args: argparse.Namespace) -> int:
+    from edgequant import speed
+
+    result = speed.calibrate(rounds=args.rounds)
+    print(f"machine: {result['machine']}")
+    print("| runtime | kind | decode tok/s | MiB per token | GB/s | efficiency |")
+    print("|---|---|---:|---:|---:|---:|")
+    for runtime, kinds in result["measured"].items():
+        for kind, m in kinds.items():
+            print(
+                f"| {runtime} | {kind} | {m['decode_tokens_per_s']:.1f} | "
+                f"{m['token_bytes'] / 2**20:.1f} | {m['bandwidth_gb_s']:.1f} | "
+                f"{m['efficiency']:.3f} |"
+            )
+    print(f"wrote {speed.calibration_path()}")
     return 0
 
 
@@ -61,9 +97,12 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         compare_presets=args.compare,
         algorithm=args.algorithm,
         calibration=args.calibration,
+        targets=args.targets,
+        allow_fallback=args.allow_fallback,
+        speed_rounds=args.speed_rounds,
     )
     print(f"model: {report['model_source']}")
-    print(f"bundle: {args.out}  (report.json, report.md, report.png)")
+    print(f"bundle: {args.out}  (report.json, report.md, report.png, report.html)")
     if not report["bundle_reloads_identically"]:
         print("CHECK FAILED: the saved bundle, reloaded, gives different logits", file=sys.stderr)
         return EXIT_CHECK_FAILED
@@ -76,6 +115,19 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if args.compare:
         rows = json.loads((Path(args.out) / "compare.json").read_text())
         print(f"\nall presets (compare.md, compare.png):\n{table(rows)}")
+    skipped = {}
+    if report.get("targets"):
+        from edgequant.report import target_table
+
+        print("\ndeployed files, each measured in its own runtime:")
+        print(target_table(report))
+        skipped = {n: r["skipped"] for n, r in report["targets"].items() if "skipped" in r}
+        for name, reason in skipped.items():
+            print(f"skipped {name}: {reason}", file=sys.stderr)
+    print(f"\nrecipe card: {Path(args.out) / 'report.html'}")
+    if skipped and args.strict:
+        print(f"--strict: {len(skipped)} target(s) skipped", file=sys.stderr)
+        return EXIT_CHECK_FAILED
     return 0
 
 
@@ -316,6 +368,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="show what a recipe would do to each module")
     p.add_argument("--model", required=True, help=model_help)
     p.add_argument("--recipe", required=True, help=recipe_help)
+    p.add_argument(
+        "--targets", help="also predict decode tok/s in these runtimes: pte, tflite, gguf or all"
+    )
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("quantize", help="the main job: quantize, save, evaluate, report")
@@ -335,8 +390,36 @@ def build_parser() -> argparse.ArgumentParser:
         "WikiText-2 past the evaluation windows), file:PATH[:NxL], model[:NxL] (the float "
         "model's own samples)",
     )
+    p.add_argument(
+        "--targets",
+        help="also write, evaluate and time the model in each runtime: any of pte, tflite, gguf "
+        "(comma-separated) or all",
+    )
+    p.add_argument(
+        "--allow-fallback",
+        action="store_true",
+        help="with --targets: write a target that cannot run some layers as stored (pte/tflite "
+        "keep them float, gguf re-quantizes them) instead of skipping it",
+    )
+    p.add_argument(
+        "--strict", action="store_true", help="with --targets: exit 3 when a target is skipped"
+    )
+    p.add_argument(
+        "--speed-rounds",
+        type=_count(1),
+        default=3,
+        help="with --targets: interleaved speed rounds per file, the median reported (3)",
+    )
     add_eval_options(p)
     p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser(
+        "calibrate-speed",
+        help="measure this machine's kernel efficiency per runtime and scheme, for predicted "
+        "speeds (a few minutes; cached per machine)",
+    )
+    p.add_argument("--rounds", type=_count(1), default=3, help="interleaved speed rounds (3)")
+    p.set_defaults(func=cmd_calibrate_speed)
 
     p = sub.add_parser("eval", help="measure a bundle or a .pte against its float model")
     p.add_argument("bundle", nargs="?", help="bundle folder")

@@ -126,12 +126,23 @@ def run(
     compare_presets: bool = False,
     algorithm: str | None = None,
     calibration: str | None = None,
+    targets: str | list[str] | None = None,
+    allow_fallback: bool = False,
+    speed_rounds: int = 3,
 ) -> dict[str, Any]:
     """Quantize ``model_name`` with ``recipe``, save to ``out``, evaluate, write the reports.
 
     ``algorithm`` replaces every rule's algorithm (`edgequant.algorithms`); ``calibration`` is a
     source spec for `edgequant.calibration.parse` (``wikitext:128x512``, ``file:PATH:NxL``,
-    ``model:NxL``)."""
+    ``model:NxL``). ``targets`` (``"pte,tflite,gguf"``, ``"all"``; `edgequant.targets`) also
+    writes the model for each runtime into ``out``, evaluates each file in its runtime on the
+    same windows and times them interleaved (``speed_rounds`` rounds, medians); a target that
+    cannot hold the recipe is skipped with the reason unless ``allow_fallback``."""
+    from edgequant import targets as tg
+
+    target_names = tg.parse(targets)  # an unknown name: before any work
+    if isinstance(speed_rounds, bool) or not isinstance(speed_rounds, int) or speed_rounds < 1:
+        raise ValueError(f"speed_rounds must be a positive int, got {speed_rounds!r}")
     from edgequant._io import writer_lock
     from edgequant.artifact import check_writable
 
@@ -145,13 +156,14 @@ def run(
         return _run(
             model_name, recipe, out, eval_windows=eval_windows, seq_len=seq_len, text=text,
             overwrite=overwrite, compare_presets=compare_presets, algorithm=algorithm,
-            calibration=calibration,
+            calibration=calibration, targets=target_names, allow_fallback=allow_fallback,
+            speed_rounds=speed_rounds,
         )  # fmt: skip
 
 
 def _run(
     model_name, recipe, out: Path, *, eval_windows, seq_len, text, overwrite, compare_presets,
-    algorithm, calibration,
+    algorithm, calibration, targets, allow_fallback, speed_rounds,
 ) -> dict[str, Any]:  # fmt: skip
     from edgequant.artifact import check_writable
     from edgequant.models import load
@@ -202,11 +214,55 @@ def _run(
     }
     if float_pass is None:
         report.update(eval_windows=0, seq_len=seq_len)
+    report["recipe_resolved"] = [lp.to_dict() for lp in plan]
+    if targets:
+        report.update(_deploy(model, plan, tokenizer, info, targets, out, float_pass, speed_ids,
+                              allow_fallback=allow_fallback, rounds=speed_rounds))  # fmt: skip
     write_report(report, out)
     if compare_presets:
         rows = compare(float_model, tokenizer, info, float_pass, speed_ids, float_speed)
         write_compare(rows, out, model_name, highlight=recipe.name)
     return report
+
+
+def _deploy(
+    model, plan, tokenizer, info, names, out, float_pass, speed_ids, *, allow_fallback, rounds
+) -> dict[str, Any]:
+    """The report's ``targets`` (each runtime's file, measured there), ``predicted`` decode
+    speeds and the greedy ``answers`` of the eager model and of each file."""
+    from edgequant import speed, targets
+    from edgequant.models.families import decoder_of
+
+    spec = decoder_of(model).spec
+    position = SPEED_PROMPT_TOKENS + SPEED_NEW_TOKENS // 2
+    max_seq_len = min(max(512, seq_len_of(float_pass)), spec.max_seq_len)
+    table, source = speed.efficiency()
+    predicted = speed.predict(plan, spec, names, position=position, max_seq_len=max_seq_len,
+                              table=table)  # fmt: skip
+    for name, p in predicted.items():
+        log.info("%s: predicted decode %.1f tok/s", name, p["predicted_decode_tokens_per_s"])
+    rows = targets.run(
+        model, tokenizer, names, out, n_weights=plan.n_weights, float_pass=float_pass,
+        speed_ids=speed_ids, new_tokens=SPEED_NEW_TOKENS, source=info["source"],
+        allow_fallback=allow_fallback, rounds=rounds,
+        predicted={n: p["predicted_decode_tokens_per_s"] for n, p in predicted.items()},
+    )  # fmt: skip
+    with torch.inference_mode():
+        eager_answer = targets.answer(model, tokenizer)
+    return {
+        "targets": rows,
+        "speed_model": {"efficiency_from": source, "predicted": predicted},
+        "answers": {
+            "prompt": targets.ANSWER_PROMPT,
+            "eager": eager_answer,
+            **{n: r["answer"] for n, r in rows.items() if "answer" in r},
+        },
+    }
+
+
+def seq_len_of(float_pass: dict[str, Any] | None) -> int:
+    """The evaluation windows' length (0 without evaluation)."""
+    return 0 if float_pass is None else int(float_pass["windows"].shape[1])
 
 
 def _check_calibration(recipe, calibration: str | None) -> None:
@@ -349,16 +405,6 @@ def evaluate_bundle(
     return [float_row, {**measured, "recipe": name}]
 
 
-def _for_speed(program):
-    """The program as its runtime's own tools run it: a GGUF file with llama.cpp computing the
-    last position's logits only (the evaluation needs them all)."""
-    from edgequant.export.gguf_runtime import GgufModel
-
-    if isinstance(program, GgufModel):
-        return GgufModel(program.path, n_ctx=program.args.max_seq_len, last_only=True)
-    return program
-
-
 def evaluate_program(
     path: str | Path,
     *,
@@ -383,7 +429,9 @@ def evaluate_program(
     speed_ids, float_pass, float_speed = _float_side(
         float_model, tokenizer, info, eval_windows, seq_len, text, context
     )
-    program_speed = _speed(_for_speed(program), speed_ids, context)
+    from edgequant.targets import for_speed
+
+    program_speed = _speed(for_speed(program), speed_ids, context)
     rows = [
         _float_row(float_speed),
         {

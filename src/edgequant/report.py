@@ -102,6 +102,13 @@ def markdown(report: dict[str, Any]) -> str:
         table(summary_rows(report)),
         "",
     ]
+    if report.get("targets"):
+        lines += [
+            "## Deployed files, each measured in its own runtime",
+            "",
+            target_table(report),
+            "",
+        ]
     by_role = report.get("bytes_by_role") or {}
     if by_role:
         total = sum(r["bytes_after"] for r in by_role.values()) or 1
@@ -129,6 +136,22 @@ def markdown(report: dict[str, Any]) -> str:
             f"{layer['scheme']} | {layer['sqnr_db']:.2f} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def target_table(report: dict[str, Any]) -> str:
+    """Markdown: the eager model (float, quantized) and each deployed file, as the card shows
+    them; a skipped target's row says why."""
+    from edgequant.card import TARGET_COLUMNS, cell, target_rows
+
+    head = ["model", "runs in"] + [h for _, h, _ in TARGET_COLUMNS]
+    lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * len(TARGET_COLUMNS)]
+    for name, where, row in target_rows(report):
+        if "skipped" in row:
+            cells = [f"skipped: {row['skipped']}"] + [""] * (len(TARGET_COLUMNS) - 1)
+        else:
+            cells = [cell(k, row.get(k), f) for k, _, f in TARGET_COLUMNS]
+        lines.append("| " + " | ".join([name, where, *cells]) + " |")
+    return "\n".join(lines)
 
 
 def _plot(layers: list[dict], points: list[dict], highlight: str | None, path: Path) -> None:
@@ -175,11 +198,15 @@ def _plot(layers: list[dict], points: list[dict], highlight: str | None, path: P
 
 
 def write_report(report: dict[str, Any], out: Path) -> None:
-    """``report.json``, ``report.md`` and ``report.png`` in ``out`` (written atomically)."""
+    """``report.json``, ``report.md``, ``report.png`` and the recipe card ``report.html`` in
+    ``out`` (each written atomically)."""
+    from edgequant.card import write_card
+
     out = Path(out)
     atomic_write_text(out / "report.json", json.dumps(report, indent=2) + "\n", overwrite=True)
     atomic_write_text(out / "report.md", markdown(report), overwrite=True)
     _plot(report["layers"], [], None, out / "report.png")
+    write_card(report, out)
 
 
 def write_compare(rows: list[dict], out: Path, model: str, highlight: str | None) -> None:

@@ -59,6 +59,19 @@ def exact_type(scheme: Scheme | None) -> str | None:
     return None
 
 
+def gguf_problem(module) -> tuple[str, str] | None:
+    """Why GGUF cannot hold this packed module's values exactly, and the nearest type that can
+    (the shape `edgequant.export.common.unsupported` takes)."""
+    if exact_type(module.scheme) is not None:
+        return None
+    nearest = nearest_scheme(module.scheme, module.cols)
+    return (
+        f"GGUF has no exact type for {module.scheme.describe()} (exact: Q4_0, Q8_0, F16, BF16, "
+        "F32)",
+        f"{nearest.describe()} ({exact_type(nearest)})",
+    )
+
+
 def nearest_scheme(scheme: Scheme, cols: int = 32) -> Scheme:
     """The exact GGUF scheme closest to ``scheme`` for a weight of ``cols`` input features:
     int4 g32 sym fp16 (Q4_0) up to 4 bits, int8 g32 sym fp16 (Q8_0) above, fp16 (F16) when 32

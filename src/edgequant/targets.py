@@ -1,0 +1,229 @@
+"""The main job's deployed files: the quantized model written for each runtime (``.pte`` for
+ExecuTorch, ``.tflite`` for LiteRT, ``.gguf`` for llama.cpp), each evaluated in its runtime on
+the eager model's windows and timed in its runtime, interleaved.
+
+    names = parse("all")                            # ['pte', 'tflite', 'gguf']
+    rows = run(model, tokenizer, names, out, source=info["source"], float_pass=..., ...)
+
+A target that cannot hold the recipe as stored is skipped with the reason (`check`), unless
+``allow_fallback`` keeps such layers in float (``.pte``, ``.tflite``) or re-quantizes them to
+the nearest exact GGUF type.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from edgequant import eval as ev
+from edgequant._progress import progress_bar
+
+log = logging.getLogger(__name__)
+
+# name -> (runtime, file name written in the bundle folder)
+TARGETS: dict[str, tuple[str, str]] = {
+    "pte": ("ExecuTorch (XNNPACK)", "model.pte"),
+    "tflite": ("LiteRT (XNNPACK)", "model.tflite"),
+    "gguf": ("llama.cpp", "model.gguf"),
+}
+SPEED_ROUNDS = 3  # interleaved rounds per file; the median is reported
+ANSWER_PROMPT = "What is the capital of France?"
+ANSWER_TOKENS = 32
+
+
+def parse(text: str | Sequence[str] | None) -> list[str]:
+    """Target names from ``"pte,tflite,gguf"``, ``"all"`` or a list, in the order given,
+    without repeats.
+
+    >>> parse("gguf,pte"), parse("all")
+    (['gguf', 'pte'], ['pte', 'tflite', 'gguf'])
+    >>> parse("onnx")
+    Traceback (most recent call last):
+    ...
+    ValueError: unknown target 'onnx'; targets: pte, tflite, gguf (or all)
+    """
+    if text is None:
+        return []
+    items = text.split(",") if isinstance(text, str) else list(text)
+    names: list[str] = []
+    for item in (i.strip() for i in items):
+        if item == "all":
+            names += [n for n in TARGETS if n not in names]
+        elif item not in TARGETS:
+            raise ValueError(f"unknown target {item!r}; targets: {', '.join(TARGETS)} (or all)")
+        elif item not in names:
+            names.append(item)
+    if not names:
+        raise ValueError(f"no target named; targets: {', '.join(TARGETS)} (or all)")
+    return names
+
+
+def check(model: nn.Module, target: str) -> str | None:
+    """Why ``target`` cannot hold the packed ``model`` as stored (None: it can): the first
+    module its runtime cannot run exactly, and how many there are."""
+    from edgequant.export.common import unsupported
+
+    if target == "pte":
+        from edgequant.export.pte import xnnpack_problem as problem_of
+    elif target == "tflite":
+        from edgequant.export.litert import litert_problem as problem_of
+    else:
+        from edgequant.export.gguf_blocks import gguf_problem as problem_of
+    problems = unsupported(model, problem_of)
+    if not problems:
+        return None
+    first = problems[0]
+    more = f" (and {len(problems) - 1} more module(s))" if len(problems) > 1 else ""
+    return (
+        f"{TARGETS[target][0]} cannot run {first.fqn} ({first.scheme.describe()}) as stored"
+        f"{more}: {first.reason}; nearest exact: {first.nearest}"
+    )
+
+
+def write(
+    model: nn.Module,
+    tokenizer,
+    target: str,
+    path: Path,
+    *,
+    source: str | None = None,
+    max_seq_len: int | None = None,
+    allow_fallback: bool = False,
+) -> Path:
+    """Write the packed ``model`` as ``target`` to ``path`` (replacing a file the job wrote
+    before). ``source`` is the model's GGUF file, whose tokenizer a ``.gguf`` copies."""
+    from edgequant.export import to_gguf, to_pte, to_tflite
+
+    if target == "pte":
+        bos, eos = getattr(tokenizer, "bos_id", None), getattr(tokenizer, "eos_id", None)
+        return to_pte(
+            model, path, max_seq_len=max_seq_len, bos_id=bos, eos_id=eos,
+            allow_fallback=allow_fallback, overwrite=True,
+        )  # fmt: skip
+    if target == "tflite":
+        return to_tflite(
+            model, path, max_seq_len=max_seq_len, allow_fallback=allow_fallback, overwrite=True
+        )
+    from_source = source is not None and str(source).endswith(".gguf") and Path(source).is_file()
+    return to_gguf(
+        model, path, tokenizer=None if from_source else tokenizer,
+        tokenizer_gguf=source if from_source else None, allow_requant=allow_fallback,
+        overwrite=True,
+    )  # fmt: skip
+
+
+def for_speed(program):
+    """The program as its runtime's own tools run it: llama.cpp computing the last position's
+    logits only (the evaluation needs them all)."""
+    from edgequant.export.gguf_runtime import GgufModel
+
+    if isinstance(program, GgufModel):
+        return GgufModel(program.path, n_ctx=program.args.max_seq_len, last_only=True)
+    return program
+
+
+def speeds(
+    programs: dict[str, Any], prompt_ids: list[int], new_tokens: int, rounds: int = SPEED_ROUNDS
+) -> dict[str, dict[str, float]]:
+    """Prefill and decode tokens/s of each program: ``rounds`` rounds, every program once per
+    round in turn (so drift in the machine's speed touches all alike), the median of each.
+    Every program prefills the same prompt and decodes exactly ``new_tokens`` tokens."""
+    runs: dict[str, list[dict]] = {name: [] for name in programs}
+    steps = [(r, name) for r in range(rounds) for name in programs]
+    for _, name in progress_bar(steps, len(steps), "speed", "run"):
+        runs[name].append(ev.speed(programs[name], prompt_ids, new_tokens))
+    return {
+        name: {
+            "decode_tokens_per_s": statistics.median(r["decode_tokens_per_s"] for r in rs),
+            "prefill_tokens_per_s": statistics.median(r["prefill_tokens_per_s"] for r in rs),
+            "speed_rounds": rounds,
+        }
+        for name, rs in runs.items()
+    }
+
+
+def answer(model, tokenizer, prompt: str = ANSWER_PROMPT) -> str:
+    """The greedy answer of ``model`` (eager or a program) to one chat prompt."""
+    from edgequant.generate import generate
+
+    return generate(model, tokenizer, prompt, max_new_tokens=ANSWER_TOKENS).text
+
+
+def run(
+    model: nn.Module,
+    tokenizer,
+    names: Sequence[str],
+    out: Path,
+    *,
+    n_weights: int,
+    float_pass: dict[str, Any] | None,
+    speed_ids: list[int],
+    new_tokens: int,
+    source: str | None = None,
+    allow_fallback: bool = False,
+    rounds: int = SPEED_ROUNDS,
+    predicted: dict[str, float] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Write, evaluate and time each target; ``{name: row}``, where a skipped target's row is
+    ``{"skipped": reason}``. ``n_weights`` (the plan's weight count) turns a file's bytes into
+    bits per weight; ``predicted`` holds each target's predicted decode tokens/s."""
+    from edgequant.export import load_program
+    from edgequant.export.common import default_max_seq_len
+
+    seq_len = 0 if float_pass is None else int(float_pass["windows"].shape[1])
+    need = max(seq_len, len(speed_ids) + new_tokens)
+    max_seq_len = default_max_seq_len(model, preferred=max(need, 512))
+    rows: dict[str, dict[str, Any]] = {}
+    programs: dict[str, Any] = {}
+    for name in names:
+        reason = check(model, name)
+        if reason and not allow_fallback:
+            log.warning("target %s skipped: %s (--allow-fallback writes it anyway)", name, reason)
+            rows[name] = {"runtime": TARGETS[name][0], "skipped": reason}
+            continue
+        path = Path(out) / TARGETS[name][1]
+        log.info("writing %s", path)
+        try:
+            write(
+                model, tokenizer, name, path, source=source, max_seq_len=max_seq_len,
+                allow_fallback=allow_fallback,
+            )  # fmt: skip
+        except (ValueError, NotImplementedError) as e:  # e.g. an architecture GGUF cannot hold
+            log.warning("target %s skipped: %s", name, e)
+            rows[name] = {"runtime": TARGETS[name][0], "skipped": str(e)}
+            continue
+        size = path.stat().st_size
+        row: dict[str, Any] = {
+            "runtime": TARGETS[name][0],
+            "path": str(path),
+            "bytes": size,
+            "bits_per_weight": size * 8 / n_weights if n_weights else None,
+            "fallback": reason,
+        }
+        program = load_program(path)
+        if float_pass is not None:
+            windows = float_pass["windows"]
+            with torch.inference_mode():
+                logits = torch.stack([program(w[None])[0] for w in windows])
+            measured = ev.compare(float_pass["logits"], logits, windows)
+            row.update(
+                perplexity=measured["perplexity"],
+                kl_divergence=measured["kl_divergence"],
+                top1_agreement=measured["top1_agreement"],
+            )
+            del logits
+        row["answer"] = answer(program, tokenizer)
+        rows[name], programs[name] = row, for_speed(program)
+    if programs:
+        for name, speed in speeds(programs, speed_ids, new_tokens, rounds).items():
+            rows[name].update(speed)
+    for name, row in rows.items():
+        if "skipped" not in row:
+            row["predicted_decode_tokens_per_s"] = (predicted or {}).get(name)
+    return rows
