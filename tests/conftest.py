@@ -149,3 +149,22 @@ def value_error_in_child_process(imports: str, call: str, path, setup: str = "")
     )
     assert run.returncode == 0, run.stderr[-2000:]
     return run.stdout
+
+
+@pytest.fixture(scope="session")
+def deployed(stories260k, tmp_path_factory):
+    """``(bundle folder, report)`` of one main-job run on stories260K with every target:
+    ``quantize --recipe examples/stories260k-deploy.yaml --targets all`` (2 windows of 64
+    tokens, one speed round)."""
+    import json
+
+    from edgequant.cli import main
+
+    out = tmp_path_factory.mktemp("deployed") / "bundle"
+    args = [
+        "quantize", "--model", "stories260k", "--recipe", "examples/stories260k-deploy.yaml",
+        "--out", str(out), "--targets", "all", "--eval-windows", "2", "--seq-len", "64",
+        "--speed-rounds", "1",
+    ]  # fmt: skip
+    assert main(args) == 0
+    return out, json.loads((out / "report.json").read_text())

@@ -262,9 +262,11 @@ def check_writable(path: Path, overwrite: bool) -> None:
         )
 
 
-# what the main job writes beside a bundle's own files (edgequant.report)
+# what the main job writes beside a bundle's own files (edgequant.report, edgequant.card and
+# the files of edgequant.targets.TARGETS)
 REPORT_FILES = (
-    "report.json", "report.md", "report.png", "compare.json", "compare.md", "compare.png",
+    "report.json", "report.md", "report.png", "report.html", "compare.json", "compare.md",
+    "compare.png", "model.pte", "model.tflite", "model.gguf",
 )  # fmt: skip
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import html
 import io
+import re
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,7 @@ def _svg(fig) -> str:
     buf = io.StringIO()
     fig.savefig(buf, format="svg")
     text = buf.getvalue()
+    text = re.sub(r"<metadata>.*?</metadata>", "", text, flags=re.S)  # RDF names, a date
     return text[text.index("<svg") :]  # drop the XML prolog and doctype
 
 

@@ -193,12 +193,23 @@ def _recipe(runtime: str, k: str):
 
 
 def calibrate(
-    runtimes=RUNTIMES, *, rounds: int = 3, folder: str | Path | None = None
+    runtimes=RUNTIMES,
+    *,
+    kinds=KINDS,
+    rounds: int = 3,
+    shape: dict[str, Any] | None = None,
+    store: bool = True,
 ) -> dict[str, Any]:
-    """Measure this machine's `efficiency` table and store it at `calibration_path`: each
-    runtime runs the calibration model in each kind; efficiency = bytes a token reads / (read
-    bandwidth x measured seconds per token), the KV cache's share taken at the fp32
-    efficiency. Takes a few minutes."""
+    """Measure this machine's `efficiency` table and (``store``) write it to
+    `calibration_path`: each runtime runs the calibration model (`CALIBRATION_SHAPE`, or
+    ``shape``) in each of ``kinds`` (``fp32`` first: the KV cache's share is taken at its
+    efficiency); efficiency = bytes a token reads / (read bandwidth x measured seconds per
+    token). Takes a few minutes with the defaults."""
+    if list(kinds)[:1] != ["fp32"] or not set(kinds) <= set(KINDS):
+        raise ValueError(f"kinds must start with 'fp32' and be among {KINDS}, got {kinds!r}")
+    unknown = sorted(set(runtimes) - set(RUNTIMES))
+    if unknown:
+        raise ValueError(f"unknown runtime(s) {unknown}; runtimes: {', '.join(RUNTIMES)}")
     import copy
     import dataclasses
     import tempfile
@@ -215,7 +226,7 @@ def calibrate(
 
     source = default_model_path()
     reference, tokenizer, _ = load(source)
-    spec = dataclasses.replace(decoder_of(reference).spec, **CALIBRATION_SHAPE)
+    spec = dataclasses.replace(decoder_of(reference).spec, **(shape or CALIBRATION_SHAPE))
     del reference
     torch.manual_seed(0)
     model = Decoder(spec).eval()
@@ -226,8 +237,8 @@ def calibrate(
     position = SPEED_PROMPT_TOKENS + SPEED_NEW_TOKENS // 2
     measured: dict[str, dict[str, Any]] = {r: {} for r in runtimes}
     table: dict[str, dict[str, float]] = {r: {} for r in runtimes}
-    with tempfile.TemporaryDirectory(dir=folder) as tmp:
-        jobs = [(r, k) for r in runtimes for k in KINDS]
+    with tempfile.TemporaryDirectory() as tmp:
+        jobs = [(r, k) for r in runtimes for k in kinds]
         programs, plans = {}, {}
         for runtime, k in progress_bar(jobs, len(jobs), "write", "file"):
             quantized, plan = edgequant.quantize(copy.deepcopy(model), _recipe(runtime, k))
@@ -244,7 +255,7 @@ def calibrate(
             prompt, SPEED_NEW_TOKENS, rounds,
         )  # fmt: skip
     for runtime in runtimes:
-        for k in KINDS:  # fp32 first: the KV cache's share needs its efficiency
+        for k in kinds:  # fp32 first: the KV cache's share needs its efficiency
             read = token_bytes(plans[(runtime, k)], spec, runtime, position, 512)
             bandwidth = read_bandwidth(read.total)
             seconds = 1.0 / timed[f"{runtime}/{k}"]["decode_tokens_per_s"]
@@ -260,14 +271,19 @@ def calibrate(
                 "bandwidth_gb_s": bandwidth / 1e9,
                 "efficiency": eff,
             }
+    for runtime in runtimes:  # kinds not measured keep the defaults
+        table[runtime] = {**DEFAULT_EFFICIENCY[runtime], **table[runtime]}
+    for runtime in set(RUNTIMES) - set(runtimes):
+        table[runtime] = dict(DEFAULT_EFFICIENCY[runtime])
     result = {
         "machine": machine_key(),
-        "model": {"shape": CALIBRATION_SHAPE, "vocab_size": spec.vocab_size, "seed": 0},
+        "model": {"shape": shape or CALIBRATION_SHAPE, "vocab_size": spec.vocab_size, "seed": 0},
         "efficiency": table,
         "measured": measured,
         "rounds": rounds,
     }
-    path = calibration_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(result, indent=2) + "\n", overwrite=True)
+    if store:
+        path = calibration_path()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(result, indent=2) + "\n", overwrite=True)
     return result

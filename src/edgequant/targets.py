@@ -52,7 +52,7 @@ def parse(text: str | Sequence[str] | None) -> list[str]:
         return []
     items = text.split(",") if isinstance(text, str) else list(text)
     names: list[str] = []
-    for item in (i.strip() for i in items):
+    for item in (i.strip() for i in items if i.strip()):
         if item == "all":
             names += [n for n in TARGETS if n not in names]
         elif item not in TARGETS:
