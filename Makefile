@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 TORCH := torch==2.13.0
 PIP_INSTALL := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: demo test setup lint bench clean model-qwen2.5-1.5b
+.PHONY: demo test setup lint bench clean model-qwen2.5-1.5b chromium calibrate-speed
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -39,14 +39,36 @@ $(VENV)/.installed-dev: pyproject.toml Makefile $(VENV)/.installed-base
 
 setup: $(VENV)/.installed-base
 
-# The main job on the default model: quantize with 8da4w, save the bundle, evaluate float vs
-# quantized on 8 windows of WikiText-2, write report.{json,md,png}, print the table.
-demo: $(VENV)/.installed-base
+# The main job on the default model: quantize with 8da4w, save the bundle, write it as a .pte,
+# a .tflite and a .gguf, evaluate the eager model and each file in its runtime on 8 windows of
+# WikiText-2, time them, write report.{json,md,png,html}, print the table and the card's path.
+demo: $(VENV)/.installed-demo
 	$(VENV)/bin/edgequant quantize --model default --recipe 8da4w --out build/smollm2-8da4w \
-		--eval-windows 8 --overwrite
+		--targets all --eval-windows 8 --overwrite
 
-test: $(VENV)/.installed-dev
+# the demo runs its files in their runtimes: LiteRT, and llama.cpp (llama-cpp-python, built
+# from source, about 4 min once; pip's wheel cache serves later installs)
+$(VENV)/.installed-demo: pyproject.toml Makefile $(VENV)/.installed-base
+	CMAKE_ARGS="$(LLAMA_CPP_CMAKE)" $(PIP_INSTALL) "$(TORCH)" -e ".[hf,executorch,litert,gguf]"
+	touch $@
+
+# this machine's kernel efficiencies for predicted speeds (a few minutes; cached per machine)
+calibrate-speed: $(VENV)/.installed-demo
+	$(VENV)/bin/edgequant calibrate-speed
+
+test: $(VENV)/.installed-dev chromium
 	$(PY) -m pytest
+
+# The recipe card's test renders report.html in headless Chromium (Debian's chromium package).
+# Installed when missing and run as root (CI); otherwise the test is skipped, outside CI only.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			echo "installing Debian's chromium for the recipe card's browser test"; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+		else \
+			echo "chromium is not installed (apt-get install chromium, as root): the browser test will be skipped"; \
+		fi; }
 
 lint: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff check src tests benchmarks tools

@@ -57,7 +57,7 @@ EXPECTED = {
         scale_dtype="fp16",
         activation="int8_dynamic",
         activation_symmetric=False,
-        algorithm="minmax",
+        algorithm="hqq",
         algorithm_params={},
     ),
     "int4-weight-only": dict(
@@ -121,8 +121,8 @@ def test_preset_is_one_default_rule_with_the_expected_scheme(name):
         ("int8-weight-only", "int8 per-channel symmetric weights, float activations and compute"),
         (
             "8da4w",
-            "int4 symmetric group-wise weights (group 32, fp16 scales), activations int8 dynamic "
-            "per token, asymmetric",
+            "int4 symmetric group-wise weights (group 32, fp16 scales, HQQ rounding), activations "
+            "int8 dynamic per token, asymmetric",
         ),
     ],
 )
@@ -172,7 +172,8 @@ def test_unknown_override():
         recipes.get("8da4w", groupsize=64)
     assert (
         str(info.value) == f"preset '8da4w': unknown override(s) ['groupsize']; allowed: {ALLOWED}"
-        " and the parameters of algorithm 'minmax': none"
+        " and the parameters of algorithm 'hqq': ['beta', 'iters', 'kappa', 'magnitude', 'p', "
+        "'start']"
     )
     with pytest.raises(ValueError) as info:
         recipes.get("fp16", zeta=1, bits=4)
@@ -207,7 +208,7 @@ def test_algorithm_and_its_parameters_as_overrides():
         ),
         (
             "8da4w",
-            dict(weight="fp16"),
+            dict(weight="fp16", algorithm="minmax"),
             "preset '8da4w': Scheme: a fp16 weight computes in float; activation 'int8_dynamic' "
             "needs an integer weight (e.g. weight='int8')",
         ),
