@@ -263,10 +263,12 @@ def check_writable(path: Path, overwrite: bool) -> None:
 
 
 # what the main job writes beside a bundle's own files (edgequant.report, edgequant.card and
-# the files of edgequant.targets.TARGETS)
+# the files of edgequant.targets.TARGETS and edgequant.anchors.ANCHORS)
 REPORT_FILES = (
     "report.json", "report.md", "report.png", "report.html", "compare.json", "compare.md",
-    "compare.png", "model.pte", "model.tflite", "model.gguf",
+    "compare.png", "model.pte", "model.tflite", "model.gguf", "anchor-executorch-8da4w.pte",
+    "anchor-litert-torch-int4.tflite", "anchor-llama.cpp-Q4_0.gguf",
+    "anchor-llama.cpp-Q4_0-imatrix.gguf",
 )  # fmt: skip
 
 

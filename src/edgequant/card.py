@@ -87,7 +87,7 @@ def kl_bytes_plot(report: dict[str, Any]) -> str | None:
     """KL against MiB of the eager model and each measured file (and anchors), as SVG."""
     points = [
         (name, where, row)
-        for name, where, row in target_rows(report) + _anchor_rows(report)
+        for name, where, row in target_rows(report) + anchor_rows(report)
         if row.get("kl_divergence") is not None and row.get("bytes")
     ]
     if not points:
@@ -128,7 +128,8 @@ def sqnr_plot(report: dict[str, Any]) -> str | None:
     return svg
 
 
-def _anchor_rows(report: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
+def anchor_rows(report: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
+    """``(name, "anchor: <runtime>", row)`` of each anchor that was measured."""
     return [
         (name, f"anchor: {row.get('runtime', '')}", row)
         for name, row in (report.get("anchors") or {}).items()
@@ -238,7 +239,7 @@ def render(report: dict[str, Any]) -> str:
     anchors = report.get("anchors") or {}
     if anchors:
         rows = []
-        for label, where, row in _anchor_rows(report):
+        for label, where, row in anchor_rows(report):
             rows.append([label, where] + [cell(k, row.get(k), f) for k, _, f in TARGET_COLUMNS])
         parts += ["<h2>Anchors: each runtime's own route on the same float weights</h2>",
                   _table(head, rows, numeric_from=2)]  # fmt: skip

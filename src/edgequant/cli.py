@@ -100,6 +100,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         targets=args.targets,
         allow_fallback=args.allow_fallback,
         speed_rounds=args.speed_rounds,
+        compare_anchors=args.compare_anchors,
     )
     print(f"model: {report['model_source']}")
     print(f"bundle: {args.out}  (report.json, report.md, report.png, report.html)")
@@ -124,6 +125,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         skipped = {n: r["skipped"] for n, r in report["targets"].items() if "skipped" in r}
         for name, reason in skipped.items():
             print(f"skipped {name}: {reason}", file=sys.stderr)
+        for name, row in (report.get("anchors") or {}).items():
+            if "skipped" in row:
+                print(f"skipped anchor {name}: {row['skipped']}", file=sys.stderr)
     print(f"\nrecipe card: {Path(args.out) / 'report.html'}")
     if skipped and args.strict:
         print(f"--strict: {len(skipped)} target(s) skipped", file=sys.stderr)
@@ -409,6 +413,15 @@ def build_parser() -> argparse.ArgumentParser:
         type=_count(1),
         default=3,
         help="with --targets: interleaved speed rounds per file, the median reported (3)",
+    )
+    p.add_argument(
+        "--compare-anchors",
+        nargs="?",
+        const="all",
+        metavar="NAMES",
+        help="with --targets: also each runtime's own 4-bit route on the same float weights "
+        "(executorch-8da4w, litert-torch-int4, llama.cpp-Q4_0, llama.cpp-Q4_0-imatrix; default "
+        "all), measured the same way; one not installed is skipped with the reason",
     )
     add_eval_options(p)
     p.set_defaults(func=cmd_quantize)

@@ -129,6 +129,7 @@ def run(
     targets: str | list[str] | None = None,
     allow_fallback: bool = False,
     speed_rounds: int = 3,
+    compare_anchors: str | list[str] | None = None,
 ) -> dict[str, Any]:
     """Quantize ``model_name`` with ``recipe``, save to ``out``, evaluate, write the reports.
 
@@ -137,10 +138,16 @@ def run(
     ``model:NxL``). ``targets`` (``"pte,tflite,gguf"``, ``"all"``; `edgequant.targets`) also
     writes the model for each runtime into ``out``, evaluates each file in its runtime on the
     same windows and times them interleaved (``speed_rounds`` rounds, medians); a target that
-    cannot hold the recipe is skipped with the reason unless ``allow_fallback``."""
+    cannot hold the recipe is skipped with the reason unless ``allow_fallback``.
+    ``compare_anchors`` (``"all"`` or names of `edgequant.anchors.ANCHORS`) adds each runtime's
+    own 4-bit route on the same float weights, measured the same way."""
+    from edgequant import anchors as an
     from edgequant import targets as tg
 
     target_names = tg.parse(targets)  # an unknown name: before any work
+    anchor_names = an.parse(compare_anchors)
+    if anchor_names and not target_names:
+        raise ValueError("--compare-anchors compares with the deployed files: pass --targets too")
     if isinstance(speed_rounds, bool) or not isinstance(speed_rounds, int) or speed_rounds < 1:
         raise ValueError(f"speed_rounds must be a positive int, got {speed_rounds!r}")
     from edgequant._io import writer_lock
@@ -157,13 +164,13 @@ def run(
             model_name, recipe, out, eval_windows=eval_windows, seq_len=seq_len, text=text,
             overwrite=overwrite, compare_presets=compare_presets, algorithm=algorithm,
             calibration=calibration, targets=target_names, allow_fallback=allow_fallback,
-            speed_rounds=speed_rounds,
+            speed_rounds=speed_rounds, anchors=anchor_names,
         )  # fmt: skip
 
 
 def _run(
     model_name, recipe, out: Path, *, eval_windows, seq_len, text, overwrite, compare_presets,
-    algorithm, calibration, targets, allow_fallback, speed_rounds,
+    algorithm, calibration, targets, allow_fallback, speed_rounds, anchors,
 ) -> dict[str, Any]:  # fmt: skip
     from edgequant.artifact import check_writable
     from edgequant.models import load
@@ -217,7 +224,8 @@ def _run(
     report["recipe_resolved"] = [lp.to_dict() for lp in plan]
     if targets:
         report.update(_deploy(model, plan, tokenizer, info, targets, out, float_pass, speed_ids,
-                              allow_fallback=allow_fallback, rounds=speed_rounds))  # fmt: skip
+                              allow_fallback=allow_fallback, rounds=speed_rounds,
+                              float_model=float_model, anchors=anchors))  # fmt: skip
     write_report(report, out)
     if compare_presets:
         rows = compare(float_model, tokenizer, info, float_pass, speed_ids, float_speed)
@@ -226,8 +234,9 @@ def _run(
 
 
 def _deploy(
-    model, plan, tokenizer, info, names, out, float_pass, speed_ids, *, allow_fallback, rounds
-) -> dict[str, Any]:
+    model, plan, tokenizer, info, names, out, float_pass, speed_ids, *, allow_fallback, rounds,
+    float_model=None, anchors=(),
+) -> dict[str, Any]:  # fmt: skip
     """The report's ``targets`` (each runtime's file, measured there), ``predicted`` decode
     speeds and the greedy ``answers`` of the eager model and of each file."""
     from edgequant import speed, targets
@@ -235,29 +244,47 @@ def _deploy(
 
     spec = decoder_of(model).spec
     position = SPEED_PROMPT_TOKENS + SPEED_NEW_TOKENS // 2
-    max_seq_len = min(max(512, seq_len_of(float_pass)), spec.max_seq_len)
+    need = max(seq_len_of(float_pass), SPEED_PROMPT_TOKENS + SPEED_NEW_TOKENS, 512)
+    max_seq_len = min(need, spec.max_seq_len)
     table, source = speed.efficiency()
     predicted = speed.predict(plan, spec, names, position=position, max_seq_len=max_seq_len,
                               table=table)  # fmt: skip
     for name, p in predicted.items():
         log.info("%s: predicted decode %.1f tok/s", name, p["predicted_decode_tokens_per_s"])
-    rows = targets.run(
-        model, tokenizer, names, out, n_weights=plan.n_weights, float_pass=float_pass,
-        speed_ids=speed_ids, new_tokens=SPEED_NEW_TOKENS, source=info["source"],
-        allow_fallback=allow_fallback, rounds=rounds,
-        predicted={n: p["predicted_decode_tokens_per_s"] for n, p in predicted.items()},
+    rows = targets.write_all(
+        model, tokenizer, names, out, n_weights=plan.n_weights, max_seq_len=max_seq_len,
+        source=info["source"], allow_fallback=allow_fallback,
     )  # fmt: skip
+    anchor_rows = {}
+    if anchors:
+        from edgequant import anchors as anchor_routes
+
+        anchor_rows = anchor_routes.write_all(
+            float_model, tokenizer, anchors, out, n_weights=plan.n_weights,
+            max_seq_len=max_seq_len, source=info["source"],
+        )  # fmt: skip
+    both = {**rows, **{f"anchor:{n}": r for n, r in anchor_rows.items()}}
+    targets.measure(
+        both, tokenizer, float_pass=float_pass, speed_ids=speed_ids,
+        new_tokens=SPEED_NEW_TOKENS, rounds=rounds,
+    )  # fmt: skip
+    for name, row in rows.items():
+        if "skipped" not in row:
+            row["predicted_decode_tokens_per_s"] = predicted[name]["predicted_decode_tokens_per_s"]
     with torch.inference_mode():
         eager_answer = targets.answer(model, tokenizer)
-    return {
+    out_fields = {
         "targets": rows,
         "speed_model": {"efficiency_from": source, "predicted": predicted},
         "answers": {
             "prompt": targets.ANSWER_PROMPT,
             "eager": eager_answer,
-            **{n: r["answer"] for n, r in rows.items() if "answer" in r},
+            **{n: r["answer"] for n, r in both.items() if "answer" in r},
         },
     }
+    if anchors:
+        out_fields["anchors"] = anchor_rows
+    return out_fields
 
 
 def seq_len_of(float_pass: dict[str, Any] | None) -> int:

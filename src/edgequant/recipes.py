@@ -31,7 +31,11 @@ _PRESETS: dict[str, tuple[Scheme, str]] = {
     # tied embedding/head too (0.489 against 0.504 with min-max there, 0.496 with mse)
     "8da4w": (
         Scheme(
-            "int4", "per_group", group_size=32, scale_dtype="fp16", activation="int8_dynamic",
+            "int4",
+            "per_group",
+            group_size=32,
+            scale_dtype="fp16",
+            activation="int8_dynamic",
             algorithm="hqq",
         ),  # fmt: skip
         "int4 symmetric group-wise weights (group 32, fp16 scales, HQQ rounding), activations "

@@ -141,11 +141,11 @@ def markdown(report: dict[str, Any]) -> str:
 def target_table(report: dict[str, Any]) -> str:
     """Markdown: the eager model (float, quantized) and each deployed file, as the card shows
     them; a skipped target's row says why."""
-    from edgequant.card import TARGET_COLUMNS, cell, target_rows
+    from edgequant.card import TARGET_COLUMNS, anchor_rows, cell, target_rows
 
     head = ["model", "runs in"] + [h for _, h, _ in TARGET_COLUMNS]
     lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * len(TARGET_COLUMNS)]
-    for name, where, row in target_rows(report):
+    for name, where, row in target_rows(report) + anchor_rows(report):
         if "skipped" in row:
             cells = [f"skipped: {row['skipped']}"] + [""] * (len(TARGET_COLUMNS) - 1)
         else:

@@ -217,12 +217,11 @@ def calibrate(
     import edgequant
     from edgequant._io import atomic_write_text
     from edgequant._progress import progress_bar
-    from edgequant.export import load_program
     from edgequant.job import SPEED_NEW_TOKENS, SPEED_PROMPT_TOKENS
     from edgequant.models import default_model_path, load
     from edgequant.models.decoder import Decoder
     from edgequant.models.families import decoder_of
-    from edgequant.targets import for_speed, speeds, write
+    from edgequant.targets import speeds, write
 
     source = default_model_path()
     reference, tokenizer, _ = load(source)
@@ -239,7 +238,7 @@ def calibrate(
     table: dict[str, dict[str, float]] = {r: {} for r in runtimes}
     with tempfile.TemporaryDirectory() as tmp:
         jobs = [(r, k) for r in runtimes for k in kinds]
-        programs, plans = {}, {}
+        paths, plans = {}, {}
         for runtime, k in progress_bar(jobs, len(jobs), "write", "file"):
             quantized, plan = edgequant.quantize(copy.deepcopy(model), _recipe(runtime, k))
             suffix = {"pte": ".pte", "tflite": ".tflite", "gguf": ".gguf"}[runtime]
@@ -247,13 +246,10 @@ def calibrate(
                 quantized, tokenizer, runtime, Path(tmp) / f"{k}{suffix}", source=str(source),
                 max_seq_len=512,
             )  # fmt: skip
-            programs[(runtime, k)] = load_program(path)
+            paths[f"{runtime}/{k}"] = path
             plans[(runtime, k)] = plan
             del quantized
-        timed = speeds(
-            {f"{r}/{k}": for_speed(p) for (r, k), p in programs.items()},
-            prompt, SPEED_NEW_TOKENS, rounds,
-        )  # fmt: skip
+        timed = speeds(paths, prompt, SPEED_NEW_TOKENS, rounds)
     for runtime in runtimes:
         for k in kinds:  # fp32 first: the KV cache's share needs its efficiency
             read = token_bytes(plans[(runtime, k)], spec, runtime, position, 512)

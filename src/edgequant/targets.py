@@ -129,15 +129,19 @@ def for_speed(program):
 
 
 def speeds(
-    programs: dict[str, Any], prompt_ids: list[int], new_tokens: int, rounds: int = SPEED_ROUNDS
+    paths: dict[str, str | Path], prompt_ids: list[int], new_tokens: int, rounds: int = SPEED_ROUNDS
 ) -> dict[str, dict[str, float]]:
-    """Prefill and decode tokens/s of each program: ``rounds`` rounds, every program once per
+    """Prefill and decode tokens/s of each written file: ``rounds`` rounds, every file once per
     round in turn (so drift in the machine's speed touches all alike), the median of each.
-    Every program prefills the same prompt and decodes exactly ``new_tokens`` tokens."""
-    runs: dict[str, list[dict]] = {name: [] for name in programs}
-    steps = [(r, name) for r in range(rounds) for name in programs]
+    Every file prefills the same prompt and decodes exactly ``new_tokens`` tokens.
+
+    Each run is a fresh process that loads the file alone, as on a device: in one process,
+    llama.cpp decoded SmolLM2 at a third of its speed after ExecuTorch had prefilled 512
+    tokens, for as long as the process lived."""
+    runs: dict[str, list[dict]] = {name: [] for name in paths}
+    steps = [(r, name) for r in range(rounds) for name in paths]
     for _, name in progress_bar(steps, len(steps), "speed", "run"):
-        runs[name].append(ev.speed(programs[name], prompt_ids, new_tokens))
+        runs[name].append(speed_in_child(paths[name], prompt_ids, new_tokens))
     return {
         name: {
             "decode_tokens_per_s": statistics.median(r["decode_tokens_per_s"] for r in rs),
@@ -148,6 +152,41 @@ def speeds(
     }
 
 
+_CHILD = """
+import json, sys
+from edgequant import eval as ev
+from edgequant.export import load_program
+from edgequant.targets import for_speed
+job = json.load(sys.stdin)
+program = for_speed(load_program(job["path"]))
+result = ev.speed(program, job["prompt"], job["new_tokens"])
+print("EDGEQUANT-SPEED " + json.dumps(result))
+"""
+
+
+def speed_in_child(path: str | Path, prompt_ids: list[int], new_tokens: int) -> dict[str, Any]:
+    """`edgequant.eval.speed` of the file at ``path`` in a fresh Python process, with this
+    process's thread count."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    job = {"path": str(path), "prompt": list(prompt_ids), "new_tokens": new_tokens}
+    done = subprocess.run(
+        [sys.executable, "-c", _CHILD], input=json.dumps(job), capture_output=True, text=True,
+        env=env, timeout=1800,
+    )  # fmt: skip
+    lines = [line for line in done.stdout.splitlines() if line.startswith("EDGEQUANT-SPEED ")]
+    if done.returncode != 0 or not lines:
+        raise RuntimeError(
+            f"timing {str(path)!r} in a child process failed (exit {done.returncode}): "
+            f"{done.stderr.strip()[-1500:]}"
+        )
+    return json.loads(lines[-1].removeprefix("EDGEQUANT-SPEED "))
+
+
 def answer(model, tokenizer, prompt: str = ANSWER_PROMPT) -> str:
     """The greedy answer of ``model`` (eager or a program) to one chat prompt."""
     from edgequant.generate import generate
@@ -155,58 +194,39 @@ def answer(model, tokenizer, prompt: str = ANSWER_PROMPT) -> str:
     return generate(model, tokenizer, prompt, max_new_tokens=ANSWER_TOKENS).text
 
 
-def run(
-    model: nn.Module,
+def file_row(runtime: str, path: Path, n_weights: int, **extra: Any) -> dict[str, Any]:
+    """The size facts of a written file: ``runtime``, ``path``, ``bytes``, ``bits_per_weight``
+    (the whole file's bytes per weight of the plan)."""
+    size = Path(path).stat().st_size
+    return {
+        "runtime": runtime,
+        "path": str(path),
+        "bytes": size,
+        "bits_per_weight": size * 8 / n_weights if n_weights else None,
+        **extra,
+    }
+
+
+def measure(
+    rows: dict[str, dict[str, Any]],
     tokenizer,
-    names: Sequence[str],
-    out: Path,
     *,
-    n_weights: int,
     float_pass: dict[str, Any] | None,
     speed_ids: list[int],
     new_tokens: int,
-    source: str | None = None,
-    allow_fallback: bool = False,
     rounds: int = SPEED_ROUNDS,
-    predicted: dict[str, float] | None = None,
-) -> dict[str, dict[str, Any]]:
-    """Write, evaluate and time each target; ``{name: row}``, where a skipped target's row is
-    ``{"skipped": reason}``. ``n_weights`` (the plan's weight count) turns a file's bytes into
-    bits per weight; ``predicted`` holds each target's predicted decode tokens/s."""
+) -> None:
+    """Evaluate each written file of ``rows`` (those with a ``path``) in its runtime on the
+    float pass's windows, ask it `ANSWER_PROMPT`, then time them all interleaved; the results
+    go into the rows."""
     from edgequant.export import load_program
-    from edgequant.export.common import default_max_seq_len
 
-    seq_len = 0 if float_pass is None else int(float_pass["windows"].shape[1])
-    need = max(seq_len, len(speed_ids) + new_tokens)
-    max_seq_len = default_max_seq_len(model, preferred=max(need, 512))
-    rows: dict[str, dict[str, Any]] = {}
-    programs: dict[str, Any] = {}
-    for name in names:
-        reason = check(model, name)
-        if reason and not allow_fallback:
-            log.warning("target %s skipped: %s (--allow-fallback writes it anyway)", name, reason)
-            rows[name] = {"runtime": TARGETS[name][0], "skipped": reason}
+    paths: dict[str, str] = {}
+    for name, row in rows.items():
+        if "path" not in row:
             continue
-        path = Path(out) / TARGETS[name][1]
-        log.info("writing %s", path)
-        try:
-            write(
-                model, tokenizer, name, path, source=source, max_seq_len=max_seq_len,
-                allow_fallback=allow_fallback,
-            )  # fmt: skip
-        except (ValueError, NotImplementedError) as e:  # e.g. an architecture GGUF cannot hold
-            log.warning("target %s skipped: %s", name, e)
-            rows[name] = {"runtime": TARGETS[name][0], "skipped": str(e)}
-            continue
-        size = path.stat().st_size
-        row: dict[str, Any] = {
-            "runtime": TARGETS[name][0],
-            "path": str(path),
-            "bytes": size,
-            "bits_per_weight": size * 8 / n_weights if n_weights else None,
-            "fallback": reason,
-        }
-        program = load_program(path)
+        log.info("evaluating %s in %s", row["path"], row["runtime"])
+        program = load_program(row["path"])
         if float_pass is not None:
             windows = float_pass["windows"]
             with torch.inference_mode():
@@ -219,11 +239,43 @@ def run(
             )
             del logits
         row["answer"] = answer(program, tokenizer)
-        rows[name], programs[name] = row, for_speed(program)
-    if programs:
-        for name, speed in speeds(programs, speed_ids, new_tokens, rounds).items():
+        paths[name] = row["path"]
+    if paths:
+        for name, speed in speeds(paths, speed_ids, new_tokens, rounds).items():
             rows[name].update(speed)
-    for name, row in rows.items():
-        if "skipped" not in row:
-            row["predicted_decode_tokens_per_s"] = (predicted or {}).get(name)
+
+
+def write_all(
+    model: nn.Module,
+    tokenizer,
+    names: Sequence[str],
+    out: Path,
+    *,
+    n_weights: int,
+    max_seq_len: int,
+    source: str | None = None,
+    allow_fallback: bool = False,
+) -> dict[str, dict[str, Any]]:
+    """Write each target into ``out``; ``{name: row}`` with the file's size facts, or
+    ``{"runtime", "skipped": reason}`` for a target that cannot hold the recipe."""
+    rows: dict[str, dict[str, Any]] = {}
+    for name in progress_bar(names, len(names), "write", "file"):
+        runtime = TARGETS[name][0]
+        reason = check(model, name)
+        if reason and not allow_fallback:
+            log.warning("target %s skipped: %s (--allow-fallback writes it anyway)", name, reason)
+            rows[name] = {"runtime": runtime, "skipped": reason}
+            continue
+        path = Path(out) / TARGETS[name][1]
+        log.info("writing %s", path)
+        try:
+            write(
+                model, tokenizer, name, path, source=source, max_seq_len=max_seq_len,
+                allow_fallback=allow_fallback,
+            )  # fmt: skip
+        except (ValueError, NotImplementedError) as e:  # e.g. an architecture GGUF cannot hold
+            log.warning("target %s skipped: %s", name, e)
+            rows[name] = {"runtime": runtime, "skipped": str(e)}
+            continue
+        rows[name] = file_row(runtime, path, n_weights, fallback=reason)
     return rows
