@@ -4,7 +4,7 @@
 >>> model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8))
 >>> model, plan = edgequant.quantize(model, edgequant.recipes.get("8da4w"))
 >>> [lp.scheme.describe() for lp in plan][0]
-'int4 g32 sym fp16-scales, act int8 dynamic asym'
+'int4 g32 sym fp16-scales, act int8 dynamic asym, hqq'
 """
 
 __version__ = "0.1.0"

@@ -1,0 +1,98 @@
+"""Predicted decode speed: the bytes a token reads, the efficiency table, calibration."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import edgequant
+from edgequant import speed
+from edgequant.models.decoder import Decoder
+from edgequant.models.spec import DecoderSpec
+from edgequant.schemes import Scheme
+
+SPEC = DecoderSpec(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
+                   hidden_dim=128, max_seq_len=512)  # fmt: skip
+
+
+def test_kinds():
+    assert speed.kind(None) == "fp32"
+    assert speed.kind(Scheme("fp16")) == speed.kind(Scheme("bf16")) == "fp16"
+    assert speed.kind(Scheme("int8")) == "int8"
+    assert speed.kind(Scheme("int4", "per_group", 32)) == "int4"
+
+
+def test_token_bytes_count_linears_and_head_not_the_embedding():
+    _, plan = edgequant.quantize(Decoder(SPEC), "8da4w")
+    read = speed.token_bytes(plan, SPEC, "pte", position=10, max_seq_len=512)
+    linears = sum(lp.bytes_after for lp in plan if lp.kind != "embedding")
+    assert read.weights == {"fp32": 0, "fp16": 0, "int8": 0, "int4": linears}
+    # 8da4w: 4 bits and one fp16 scale per 32 weights; the head reads all 256 x 64 weights
+    per_layer = (64 * 64 * 2 + 2 * 32 * 64 + 3 * 64 * 128) * 9 // 16
+    assert linears == 2 * per_layer + 256 * 64 * 9 // 16
+    assert read.kv == 2 * 2 * 2 * 16 * 10 * 4  # k and v, layers, kv heads, head_dim, fp32
+    gguf = speed.token_bytes(plan, SPEC, "gguf", position=10, max_seq_len=512)
+    assert gguf.kv == read.kv // 2  # llama.cpp's f16 cache
+    tflite = speed.token_bytes(plan, SPEC, "tflite", position=10, max_seq_len=512)
+    assert tflite.kv == 2 * 2 * 2 * 16 * 512 * 4 * 3  # the whole cache, read and copied in/out
+
+
+def test_prediction_follows_the_bytes():
+    float_plan = edgequant.plan(Decoder(SPEC), edgequant.Recipe(()))
+    _, int4_plan = edgequant.quantize(Decoder(SPEC), "8da4w")
+    flat = {r: dict.fromkeys(speed.KINDS, 0.5) for r in speed.RUNTIMES}
+    a = speed.predict(float_plan, SPEC, ["pte"], table=flat)["pte"]
+    b = speed.predict(int4_plan, SPEC, ["pte"], table=flat)["pte"]
+    assert a["token_bytes"] > 4 * b["token_bytes"]  # the KV cache (80 positions) is the same
+    assert b["predicted_decode_tokens_per_s"] > a["predicted_decode_tokens_per_s"] > 0
+    assert a["bandwidth_gb_s"] > 0
+
+
+def test_efficiency_reads_this_machines_calibration(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("EDGEQUANT_CACHE_DIR", str(tmp_path))
+    table, source = speed.efficiency()
+    assert table == speed.DEFAULT_EFFICIENCY and source.startswith("defaults")
+    path = speed.calibration_path()
+    assert path.parent == tmp_path / "speed"
+    path.parent.mkdir()
+    path.write_text(json.dumps({"efficiency": {"pte": {}}}))
+    assert speed.efficiency()[0] == speed.DEFAULT_EFFICIENCY
+    assert "is not a speed calibration; using the defaults" in caplog.text
+    mine = {r: dict.fromkeys(speed.KINDS, 0.42) for r in speed.RUNTIMES}
+    path.write_text(json.dumps({"efficiency": mine}))
+    assert speed.efficiency() == (mine, str(path))
+
+
+def test_calibrate_measures_and_stores(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGEQUANT_CACHE_DIR", str(tmp_path))
+    shape = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, hidden_dim=128,
+                 tied_embedding=False)  # fmt: skip
+    result = speed.calibrate(["gguf"], kinds=["fp32", "int4"], rounds=1, shape=shape)
+    measured = result["measured"]["gguf"]
+    assert set(measured) == {"fp32", "int4"}
+    for m in measured.values():
+        assert m["decode_tokens_per_s"] > 0 and m["efficiency"] > 0 and m["token_bytes"] > 0
+    assert measured["fp32"]["token_bytes"] > 6 * measured["int4"]["token_bytes"]
+    table, source = speed.efficiency()
+    assert source == str(speed.calibration_path())
+    assert table["gguf"]["int4"] == measured["int4"]["efficiency"]
+    assert table["pte"] == speed.DEFAULT_EFFICIENCY["pte"]  # not measured: the defaults
+
+
+def test_calibrate_refuses_bad_arguments():
+    with pytest.raises(ValueError, match="kinds must start with 'fp32'"):
+        speed.calibrate(kinds=["int4"])
+    with pytest.raises(ValueError, match=r"unknown runtime\(s\) \['coreml'\]"):
+        speed.calibrate(["coreml"])
+
+
+def test_plan_prints_predictions(capsys):
+    from edgequant.cli import main
+
+    assert main(["plan", "--model", "default", "--recipe", "8da4w", "--targets", "pte,gguf"]) == 0
+    text = capsys.readouterr().out
+    assert "predicted decode speed (kernel efficiencies:" in text
+    lines = [line.split() for line in text.splitlines() if line.startswith("  ")]
+    assert [line[0] for line in lines[-2:]] == ["pte", "gguf"]
+    assert all(float(line[1]) > 0 for line in lines[-2:])
