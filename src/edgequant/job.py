@@ -181,6 +181,15 @@ def _run(
     if algorithm is not None:
         recipe = with_algorithm(recipe, algorithm)
     _check_calibration(recipe, calibration)  # before any work
+    clock = time.perf_counter()
+    seconds: dict[str, float] = {}
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        seconds[name] = round(now - clock, 2)
+        clock = now
+
     float_model, tokenizer, info = load(model_name)
     check_finite(float_model)  # before the float pass: a NaN would end in a misleading report
     calibration_data = None
@@ -190,16 +199,19 @@ def _run(
         calibration_data = parse(
             calibration, tokenizer, model=float_model, eval_tokens=eval_windows * seq_len
         )
+    lap("load")
     speed_ids, float_pass, float_speed = _float_side(
         float_model, tokenizer, info, eval_windows, seq_len, text
     )
-
+    lap("float_pass")
     started = time.perf_counter()
     model, plan = edgequant.quantize(
         copy.deepcopy(float_model), recipe, calibration=calibration_data
     )
     quantize_seconds = time.perf_counter() - started
+    lap("quantize")
     edgequant.save(model, out, tokenizer=tokenizer, overwrite=overwrite)
+    lap("save")
     report = {
         "model": str(Path(model_name).resolve()) if Path(model_name).exists() else model_name,
         "model_source": info["source"],
@@ -222,10 +234,12 @@ def _run(
     if float_pass is None:
         report.update(eval_windows=0, seq_len=seq_len)
     report["recipe_resolved"] = [lp.to_dict() for lp in plan]
+    lap("measure")
     if targets:
         report.update(_deploy(model, plan, tokenizer, info, targets, out, float_pass, speed_ids,
                               allow_fallback=allow_fallback, rounds=speed_rounds,
-                              float_model=float_model, anchors=anchors))  # fmt: skip
+                              float_model=float_model, anchors=anchors, lap=lap))  # fmt: skip
+    report["seconds"] = seconds
     write_report(report, out)
     if compare_presets:
         rows = compare(float_model, tokenizer, info, float_pass, speed_ids, float_speed)
@@ -235,7 +249,7 @@ def _run(
 
 def _deploy(
     model, plan, tokenizer, info, names, out, float_pass, speed_ids, *, allow_fallback, rounds,
-    float_model=None, anchors=(),
+    float_model=None, anchors=(), lap=lambda name: None,
 ) -> dict[str, Any]:  # fmt: skip
     """The report's ``targets`` (each runtime's file, measured there), ``predicted`` decode
     speeds and the greedy ``answers`` of the eager model and of each file."""
@@ -255,6 +269,7 @@ def _deploy(
         model, tokenizer, names, out, n_weights=plan.n_weights, max_seq_len=max_seq_len,
         source=info["source"], allow_fallback=allow_fallback,
     )  # fmt: skip
+    lap("write_targets")
     anchor_rows = {}
     if anchors:
         from edgequant import anchors as anchor_routes
@@ -263,6 +278,7 @@ def _deploy(
             float_model, tokenizer, anchors, out, n_weights=plan.n_weights,
             max_seq_len=max_seq_len, source=info["source"],
         )  # fmt: skip
+        lap("write_anchors")
     both = {**rows, **{f"anchor:{n}": r for n, r in anchor_rows.items()}}
     targets.measure(
         both, tokenizer, float_pass=float_pass, speed_ids=speed_ids,
@@ -273,6 +289,7 @@ def _deploy(
             row["predicted_decode_tokens_per_s"] = predicted[name]["predicted_decode_tokens_per_s"]
     with torch.inference_mode():
         eager_answer = targets.answer(model, tokenizer)
+    lap("measure_targets")
     out_fields = {
         "targets": rows,
         "speed_model": {"efficiency_from": source, "predicted": predicted},

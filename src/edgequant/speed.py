@@ -37,12 +37,13 @@ log = logging.getLogger(__name__)
 
 KINDS = ("fp32", "fp16", "int8", "int4")
 RUNTIMES = ("pte", "tflite", "gguf")
-# Measured by `calibrate` on the machine this was written on (2 cores, Xeon, AVX-512 and AMX;
-# llama.cpp built for AVX2); see docs/speed.md. Replaced by a machine's own `calibrate`.
+# Measured by `calibrate` on the machine this was written on (2 cores of an Intel Xeon with
+# AVX-512 and AMX and a 480 MiB L3; llama.cpp built for AVX2), 2026-12-05; see docs/speed.md.
+# A machine's own `calibrate` replaces them.
 DEFAULT_EFFICIENCY: dict[str, dict[str, float]] = {
-    "pte": {"fp32": 0.30, "fp16": 0.25, "int8": 0.25, "int4": 0.25},
-    "tflite": {"fp32": 0.30, "fp16": 0.30, "int8": 0.25, "int4": 0.15},
-    "gguf": {"fp32": 0.35, "fp16": 0.30, "int8": 0.30, "int4": 0.25},
+    "pte": {"fp32": 0.833, "fp16": 0.623, "int8": 0.328, "int4": 0.257},
+    "tflite": {"fp32": 0.752, "fp16": 0.342, "int8": 0.280, "int4": 0.214},
+    "gguf": {"fp32": 0.905, "fp16": 0.564, "int8": 0.259, "int4": 0.295},
 }
 _KV_BYTES = {"pte": 4, "tflite": 4, "gguf": 2}  # bytes per cached value
 _KV_WHOLE_CACHE_READS = 3  # .tflite: attention over the whole cache, copied in and out
@@ -86,17 +87,21 @@ def token_bytes(plan, spec, runtime: str, position: int, max_seq_len: int) -> To
     return TokenBytes(weights, kv)
 
 
-def read_bandwidth(nbytes: int, seconds: float = 0.25) -> float:
+def read_bandwidth(nbytes: int, seconds: float = 0.3) -> float:
     """Bytes/s this machine reads from a buffer of ``nbytes`` (at least 1 MiB, at most 2 GiB)
-    with torch's threads, after one untimed pass."""
+    with torch's threads: the fastest of the passes made in ``seconds`` (at least 3), after
+    one untimed pass. The fastest pass, not the mean: other work on the machine only ever
+    slows a pass down."""
     n = max(2**20, min(int(nbytes), 2**31)) // 4
     buf = torch.ones(n)
     buf.sum()
-    reps, started = 0, time.perf_counter()
-    while (elapsed := time.perf_counter() - started) < seconds or reps < 3:
+    best, reps, started = float("inf"), 0, time.perf_counter()
+    while time.perf_counter() - started < seconds or reps < 3:
+        t = time.perf_counter()
         buf.sum()
+        best = min(best, time.perf_counter() - t)
         reps += 1
-    return reps * n * 4 / elapsed
+    return n * 4 / best
 
 
 def machine_key() -> str:
