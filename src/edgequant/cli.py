@@ -64,15 +64,19 @@ def cmd_calibrate_speed(args: argparse.Namespace) -> int:
 
     result = speed.calibrate(rounds=args.rounds)
     print(f"machine: {result['machine']}")
-    print("| runtime | kind | decode tok/s | MiB per token | GB/s | efficiency |")
+    print("| runtime | file | layers | decode tok/s | MiB per token | GB/s |")
     print("|---|---|---:|---:|---:|---:|")
-    for runtime, kinds in result["measured"].items():
-        for kind, m in kinds.items():
+    for runtime, files in result["measured"].items():
+        for label, m in files.items():
             print(
-                f"| {runtime} | {kind} | {m['decode_tokens_per_s']:.1f} | "
-                f"{m['token_bytes'] / 2**20:.1f} | {m['bandwidth_gb_s']:.1f} | "
-                f"{m['efficiency']:.3f} |"
+                f"| {runtime} | {label} | {m['n_layers']} | {m['decode_tokens_per_s']:.1f} | "
+                f"{m['token_bytes'] / 2**20:.1f} | {m['bandwidth_gb_s']:.1f} |"
             )
+    print("\n| runtime | fp32 | fp16 | int8 | int4 | ms per layer |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for runtime, eff in result["efficiency"].items():
+        kinds = " | ".join(f"{eff[k]:.3f}" for k in ("fp32", "fp16", "int8", "int4"))
+        print(f"| {runtime} | {kinds} | {1000 * eff['layer_s']:.3f} |")
     print(f"wrote {speed.calibration_path()}")
     return 0
 

@@ -41,9 +41,9 @@ RUNTIMES = ("pte", "tflite", "gguf")
 # AVX-512 and AMX and a 480 MiB L3; llama.cpp built for AVX2), 2026-12-05; see docs/speed.md.
 # A machine's own `calibrate` replaces them.
 DEFAULT_EFFICIENCY: dict[str, dict[str, float]] = {
-    "pte": {"fp32": 0.833, "fp16": 0.623, "int8": 0.328, "int4": 0.257},
-    "tflite": {"fp32": 0.752, "fp16": 0.342, "int8": 0.280, "int4": 0.214},
-    "gguf": {"fp32": 0.905, "fp16": 0.564, "int8": 0.259, "int4": 0.295},
+    "pte": {"fp32": 0.833, "fp16": 0.623, "int8": 0.328, "int4": 0.257, "layer_s": 0.0},
+    "tflite": {"fp32": 0.752, "fp16": 0.342, "int8": 0.280, "int4": 0.214, "layer_s": 0.0},
+    "gguf": {"fp32": 0.905, "fp16": 0.564, "int8": 0.259, "int4": 0.295, "layer_s": 0.0},
 }
 _KV_BYTES = {"pte": 4, "tflite": 4, "gguf": 2}  # bytes per cached value
 _KV_WHOLE_CACHE_READS = 3  # .tflite: attention over the whole cache, copied in and out
@@ -136,7 +136,8 @@ def efficiency() -> tuple[dict[str, dict[str, float]], str]:
         data = load_json(path.read_text(), str(path))
         table = data.get("efficiency") if isinstance(data, dict) else None
         if isinstance(table, dict) and all(
-            isinstance(table.get(r), dict) and set(KINDS) <= set(table[r]) for r in RUNTIMES
+            isinstance(table.get(r), dict) and {*KINDS, "layer_s"} <= set(table[r])
+            for r in RUNTIMES
         ):
             return table, str(path)
         log.warning("%s is not a speed calibration; using the defaults", path)
@@ -162,7 +163,7 @@ def predict(
         bandwidth = read_bandwidth(read.total)
         eff = table[runtime]
         seconds = sum(b / (bandwidth * eff[k]) for k, b in read.weights.items() if b)
-        seconds += read.kv / (bandwidth * eff["fp32"])
+        seconds += read.kv / (bandwidth * eff["fp32"]) + spec.n_layers * eff["layer_s"]
         out[runtime] = {
             "predicted_decode_tokens_per_s": 1.0 / seconds,
             "token_bytes": read.total,
@@ -177,6 +178,13 @@ def predict(
 # tokenizer can be written into the GGUF file), shaped unlike the models it predicts.
 CALIBRATION_SHAPE = dict(
     dim=768, n_layers=6, n_heads=12, n_kv_heads=4, head_dim=64, hidden_dim=2048,
+    tied_embedding=False,
+)  # fmt: skip
+# A deep, thin second model (int4 only) separates each runtime's fixed cost per layer (op
+# dispatch, thread wake-ups: llama.cpp decoded SmolLM2's 30 thin layers at a seventh of the
+# speed per byte of the 6 wide ones above) from its per-byte cost.
+THIN_SHAPE = dict(
+    dim=256, n_layers=24, n_heads=4, n_kv_heads=2, head_dim=64, hidden_dim=768,
     tied_embedding=False,
 )  # fmt: skip
 
@@ -197,25 +205,69 @@ def _recipe(runtime: str, k: str):
     return Recipe((Rule(scheme, role="default"), Rule(None, role="embedding")), name=k)
 
 
+def _solve(runtime, kinds, reads, bandwidth, seconds, specs) -> dict[str, float]:
+    """The efficiencies and per-layer cost of ``runtime`` from its timed files: fp32 and int4
+    of the wide model and int4 of the thin one fix ``fp32``, ``int4`` and ``layer_s`` (a few
+    rounds of substitution); every other kind then follows from its own file."""
+
+    def key(name, k):
+        return f"{name}/{runtime}/{k}"
+
+    layers = {name: spec.n_layers for name, spec in specs.items()}
+    eff = {"layer_s": 0.0}
+    for _ in range(20 if "int4" in kinds else 1):
+        w = key("wide", "fp32")
+        rest = seconds[w] - layers["wide"] * eff["layer_s"]
+        eff["fp32"] = reads[w].total / (bandwidth[w] * max(rest, 1e-9))
+        if "int4" not in kinds:
+            break
+
+        def fixed(name):  # seconds of the int4 file outside its int4 weights
+            k = key(name, "int4")
+            return reads[k].kv / (bandwidth[k] * eff["fp32"])
+
+        wide, thin = key("wide", "int4"), key("thin", "int4")
+        a_w = reads[wide].weights["int4"] / bandwidth[wide]  # seconds x efficiency
+        a_t = reads[thin].weights["int4"] / bandwidth[thin]
+        # seconds - fixed = a / e + layers x c, for both models: two equations in 1/e and c
+        y_w, y_t = seconds[wide] - fixed("wide"), seconds[thin] - fixed("thin")
+        det = a_w * layers["thin"] - a_t * layers["wide"]
+        inv_e = (y_w * layers["thin"] - y_t * layers["wide"]) / det
+        c = (a_w * y_t - a_t * y_w) / det
+        if inv_e <= 0 or c < 0:  # the thin model told nothing apart: no per-layer cost
+            c, inv_e = 0.0, y_w / a_w
+        eff["int4"], eff["layer_s"] = 1.0 / inv_e, c
+    for k in kinds:
+        if k in ("fp32", "int4"):
+            continue
+        w = key("wide", k)
+        kv = reads[w].kv / (bandwidth[w] * eff["fp32"])
+        rest = seconds[w] - kv - layers["wide"] * eff["layer_s"]
+        eff[k] = reads[w].weights[k] / (bandwidth[w] * max(rest, 1e-9))
+    return eff
+
+
 def calibrate(
     runtimes=RUNTIMES,
     *,
     kinds=KINDS,
     rounds: int = 3,
     shape: dict[str, Any] | None = None,
+    thin_shape: dict[str, Any] | None = None,
     store: bool = True,
 ) -> dict[str, Any]:
     """Measure this machine's `efficiency` table and (``store``) write it to
     `calibration_path`: each runtime runs the calibration model (`CALIBRATION_SHAPE`, or
     ``shape``) in each of ``kinds`` (``fp32`` first: the KV cache's share is taken at its
     efficiency); efficiency = bytes a token reads / (read bandwidth x measured seconds per
-    token). Takes a few minutes with the defaults."""
+    token), less a fixed cost per decoder layer (``layer_s``) that a second, deep and thin model
+    (`THIN_SHAPE`, or ``thin_shape``; int4) separates from the per-byte cost. Takes about 15
+    minutes with the defaults on 2 cores."""
     if list(kinds)[:1] != ["fp32"] or not set(kinds) <= set(KINDS):
         raise ValueError(f"kinds must start with 'fp32' and be among {KINDS}, got {kinds!r}")
     unknown = sorted(set(runtimes) - set(RUNTIMES))
     if unknown:
         raise ValueError(f"unknown runtime(s) {unknown}; runtimes: {', '.join(RUNTIMES)}")
-    import copy
     import dataclasses
     import tempfile
 
@@ -230,47 +282,47 @@ def calibrate(
 
     source = default_model_path()
     reference, tokenizer, _ = load(source)
-    spec = dataclasses.replace(decoder_of(reference).spec, **(shape or CALIBRATION_SHAPE))
+    base = decoder_of(reference).spec
     del reference
-    torch.manual_seed(0)
-    model = Decoder(spec).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.02)
+    shapes = {"wide": shape or CALIBRATION_SHAPE, "thin": thin_shape or THIN_SHAPE}
+    specs = {name: dataclasses.replace(base, **sh) for name, sh in shapes.items()}
     prompt = list(range(1000, 1000 + SPEED_PROMPT_TOKENS))
     position = SPEED_PROMPT_TOKENS + SPEED_NEW_TOKENS // 2
-    measured: dict[str, dict[str, Any]] = {r: {} for r in runtimes}
-    table: dict[str, dict[str, float]] = {r: {} for r in runtimes}
+    jobs = [("wide", r, k) for r in runtimes for k in kinds]
+    if "int4" in kinds:
+        jobs += [("thin", r, "int4") for r in runtimes]
+    reads: dict[str, TokenBytes] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        jobs = [(r, k) for r in runtimes for k in kinds]
-        paths, plans = {}, {}
-        for runtime, k in progress_bar(jobs, len(jobs), "write", "file"):
-            quantized, plan = edgequant.quantize(copy.deepcopy(model), _recipe(runtime, k))
+        paths = {}
+        for name, runtime, k in progress_bar(jobs, len(jobs), "write", "file"):
+            torch.manual_seed(0)
+            model = Decoder(specs[name]).eval()
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.normal_(0, 0.02)
+            quantized, plan = edgequant.quantize(model, _recipe(runtime, k))
             suffix = {"pte": ".pte", "tflite": ".tflite", "gguf": ".gguf"}[runtime]
-            path = write(
-                quantized, tokenizer, runtime, Path(tmp) / f"{k}{suffix}", source=str(source),
-                max_seq_len=512,
+            key = f"{name}/{runtime}/{k}"
+            paths[key] = write(
+                quantized, tokenizer, runtime, Path(tmp) / f"{name}-{k}{suffix}",
+                source=str(source), max_seq_len=512,
             )  # fmt: skip
-            paths[f"{runtime}/{k}"] = path
-            plans[(runtime, k)] = plan
-            del quantized
+            reads[key] = token_bytes(plan, specs[name], runtime, position, 512)
+            del quantized, model
         timed = speeds(paths, prompt, SPEED_NEW_TOKENS, rounds)
+    bandwidth = {key: read_bandwidth(read.total) for key, read in reads.items()}
+    seconds = {key: 1.0 / t["decode_tokens_per_s"] for key, t in timed.items()}
+    measured: dict[str, dict[str, Any]] = {r: {} for r in runtimes}
+    table: dict[str, dict[str, float]] = {}
     for runtime in runtimes:
-        for k in kinds:  # fp32 first: the KV cache's share needs its efficiency
-            read = token_bytes(plans[(runtime, k)], spec, runtime, position, 512)
-            bandwidth = read_bandwidth(read.total)
-            seconds = 1.0 / timed[f"{runtime}/{k}"]["decode_tokens_per_s"]
-            if k == "fp32":
-                eff = read.total / (bandwidth * seconds)
-            else:
-                kv_seconds = read.kv / (bandwidth * table[runtime]["fp32"])
-                eff = read.weights[k] / (bandwidth * max(seconds - kv_seconds, 1e-9))
-            table[runtime][k] = eff
-            measured[runtime][k] = {
-                "decode_tokens_per_s": timed[f"{runtime}/{k}"]["decode_tokens_per_s"],
-                "token_bytes": read.total,
-                "bandwidth_gb_s": bandwidth / 1e9,
-                "efficiency": eff,
+        table[runtime] = _solve(runtime, kinds, reads, bandwidth, seconds, specs)
+        for key in (k for k in reads if k.split("/")[1] == runtime):
+            name, _, k = key.split("/")
+            measured[runtime][k if name == "wide" else f"{k} ({name})"] = {
+                "decode_tokens_per_s": timed[key]["decode_tokens_per_s"],
+                "token_bytes": reads[key].total,
+                "bandwidth_gb_s": bandwidth[key] / 1e9,
+                "n_layers": specs[name].n_layers,
             }
     for runtime in runtimes:  # kinds not measured keep the defaults
         table[runtime] = {**DEFAULT_EFFICIENCY[runtime], **table[runtime]}
@@ -278,7 +330,7 @@ def calibrate(
         table[runtime] = dict(DEFAULT_EFFICIENCY[runtime])
     result = {
         "machine": machine_key(),
-        "model": {"shape": shape or CALIBRATION_SHAPE, "vocab_size": spec.vocab_size, "seed": 0},
+        "models": {**shapes, "vocab_size": base.vocab_size, "seed": 0},
         "efficiency": table,
         "measured": measured,
         "rounds": rounds,
