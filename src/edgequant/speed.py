@@ -41,9 +41,9 @@ RUNTIMES = ("pte", "tflite", "gguf")
 # AVX-512 and AMX and a 480 MiB L3; llama.cpp built for AVX2), 2026-12-05; see docs/speed.md.
 # A machine's own `calibrate` replaces them.
 DEFAULT_EFFICIENCY: dict[str, dict[str, float]] = {
-    "pte": {"fp32": 0.833, "fp16": 0.623, "int8": 0.328, "int4": 0.257, "layer_s": 0.0},
-    "tflite": {"fp32": 0.752, "fp16": 0.342, "int8": 0.280, "int4": 0.214, "layer_s": 0.0},
-    "gguf": {"fp32": 0.905, "fp16": 0.564, "int8": 0.259, "int4": 0.295, "layer_s": 0.0},
+    "pte": {"fp32": 0.883, "fp16": 0.712, "int8": 0.353, "int4": 0.245, "layer_s": 1.823e-05},
+    "tflite": {"fp32": 0.913, "fp16": 0.395, "int8": 0.354, "int4": 0.254, "layer_s": 1.275e-04},
+    "gguf": {"fp32": 0.963, "fp16": 0.683, "int8": 0.239, "int4": 0.262, "layer_s": 2.815e-05},
 }
 _KV_BYTES = {"pte": 4, "tflite": 4, "gguf": 2}  # bytes per cached value
 _KV_WHOLE_CACHE_READS = 3  # .tflite: attention over the whole cache, copied in and out
