@@ -17,12 +17,9 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.machinery
 import json
 import statistics
-import sys
 import time
-import types
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -30,6 +27,7 @@ from pathlib import Path
 import torch
 
 import edgequant
+from edgequant import anchors
 from edgequant import eval as ev
 from edgequant.export import litert
 from edgequant.export.litert_runtime import TfliteModel
@@ -76,37 +74,10 @@ def recipe_of(name: str):
 
 def litert_torch_route(model, quantize: str, folder: Path) -> Path:
     """Convert SmolLM2 with litert-torch's own example and converter (``quantize`` flag)."""
-    # litert-torch's LoRA helpers import TensorFlow's flatbuffer schema; LiteRT ships the same
-    # module, so TensorFlow need not be installed
-    import ai_edge_litert.schema_py_generated as schema
-
-    for name in ("tensorflow", "tensorflow.lite", "tensorflow.lite.python"):
-        if name not in sys.modules:
-            module = types.ModuleType(name)
-            module.__spec__ = importlib.machinery.ModuleSpec(name, None, is_package=True)
-            module.__path__ = []
-            sys.modules[name] = module
-    sys.modules.setdefault("tensorflow.lite.python.schema_py_generated", schema)
-    from litert_torch.generative.examples.smollm import smollm
-    from litert_torch.generative.utilities import converter
-
-    state = {k: v.detach().float() for k, v in model.state_dict().items()}
-    state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])
-    theirs = smollm.build_model_v2(
-        "(edgequant's loaded weights)", custom_loader=lambda _: dict(state),
-        mask_cache_size=MAX_SEQ_LEN,
+    return anchors.litert_torch_route(
+        model, folder / f"litert_torch_{quantize}.tflite", quantize=quantize,
+        max_seq_len=MAX_SEQ_LEN, prefill=PREFILL,
     )  # fmt: skip
-    written = converter.convert_to_tflite(
-        theirs,
-        output_path=str(folder),
-        output_name_prefix="litert_torch_smollm2",
-        prefill_seq_len=PREFILL,
-        kv_cache_max_len=MAX_SEQ_LEN,
-        quantize=quantize,
-        config=theirs.config,
-        export_config=converter.ExportConfig(output_logits_on_prefill=True),
-    )
-    return Path(written)
 
 
 def convert_all(model, folder: Path) -> dict[str, Path]:

@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 
 from edgequant._progress import progress_bar
-from edgequant.targets import file_row
+from edgequant.targets import file_row, parse_names
 
 log = logging.getLogger(__name__)
 
@@ -59,18 +59,7 @@ def parse(text: str | Sequence[str] | None) -> list[str]:
     ValueError: unknown anchor 'gptq'; anchors: executorch-8da4w, litert-torch-int4, \
 llama.cpp-Q4_0, llama.cpp-Q4_0-imatrix (or all)
     """
-    if text is None:
-        return []
-    items = text.split(",") if isinstance(text, str) else list(text)
-    names: list[str] = []
-    for item in (i.strip() for i in items if i.strip()):
-        if item == "all":
-            names += [n for n in ANCHORS if n not in names]
-        elif item not in ANCHORS:
-            raise ValueError(f"unknown anchor {item!r}; anchors: {', '.join(ANCHORS)} (or all)")
-        elif item not in names:
-            names.append(item)
-    return names
+    return parse_names(text, list(ANCHORS), "anchor")
 
 
 def missing(name: str) -> str | None:
@@ -118,6 +107,18 @@ def litert_torch_int4(model: nn.Module, path: Path, *, max_seq_len: int, tokeniz
             "litert-torch's own route needs its re-authored example of the architecture; "
             "edgequant drives its SmolLM2-135M example only"
         )
+    return litert_torch_route(
+        model, path, quantize="dynamic_int4_block32", max_seq_len=max_seq_len,
+        prefill=LITERT_PREFILL,
+    )  # fmt: skip
+
+
+def litert_torch_route(
+    model: nn.Module, path: Path, *, quantize: str, max_seq_len: int, prefill: int
+) -> Path:
+    """SmolLM2-135M (``model``'s weights) through litert-torch's own example and converter,
+    with its ``quantize`` recipe (``none``, ``dynamic_int8``, ``dynamic_int4_block32``, ...),
+    written to ``path``."""
     # litert-torch's LoRA helpers import TensorFlow's flatbuffer schema; LiteRT ships the same
     # module, so TensorFlow need not be installed
     import ai_edge_litert.schema_py_generated as schema
@@ -138,11 +139,12 @@ def litert_torch_int4(model: nn.Module, path: Path, *, max_seq_len: int, tokeniz
         "(edgequant's loaded weights)", custom_loader=lambda _: dict(state),
         mask_cache_size=max_seq_len,
     )  # fmt: skip
+    path = Path(path)
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         written = converter.convert_to_tflite(
-            theirs, output_path=tmp, output_name_prefix="anchor", prefill_seq_len=LITERT_PREFILL,
-            kv_cache_max_len=max_seq_len, quantize="dynamic_int4_block32", config=theirs.config,
+            theirs, output_path=tmp, output_name_prefix="anchor", prefill_seq_len=prefill,
+            kv_cache_max_len=max_seq_len, quantize=quantize, config=theirs.config,
             export_config=converter.ExportConfig(output_logits_on_prefill=True),
         )  # fmt: skip
         Path(written).replace(path)
@@ -180,7 +182,7 @@ def write_all(
     max_seq_len: int,
     source: str | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Write each anchor into ``out``; ``{name: row}`` with the file's size facts (and ``how``),
+    """Write each anchor into ``out``; ``{name: row}`` with the file's size facts,
     or ``{"runtime", "skipped": reason}``."""
     rows: dict[str, dict[str, Any]] = {}
     for name in progress_bar(names, len(names), "anchors", "file"):

@@ -48,19 +48,26 @@ def parse(text: str | Sequence[str] | None) -> list[str]:
     ...
     ValueError: unknown target 'onnx'; targets: pte, tflite, gguf (or all)
     """
+    names = parse_names(text, list(TARGETS), "target")
+    if text is not None and not names:
+        raise ValueError(f"no target named; targets: {', '.join(TARGETS)} (or all)")
+    return names
+
+
+def parse_names(text: str | Sequence[str] | None, known: Sequence[str], what: str) -> list[str]:
+    """Names among ``known`` from a comma-separated string or a list (``all``: every one), in
+    the order given, without repeats; an unknown one is refused naming ``what`` and the known."""
     if text is None:
         return []
     items = text.split(",") if isinstance(text, str) else list(text)
     names: list[str] = []
     for item in (i.strip() for i in items if i.strip()):
         if item == "all":
-            names += [n for n in TARGETS if n not in names]
-        elif item not in TARGETS:
-            raise ValueError(f"unknown target {item!r}; targets: {', '.join(TARGETS)} (or all)")
+            names += [n for n in known if n not in names]
+        elif item not in known:
+            raise ValueError(f"unknown {what} {item!r}; {what}s: {', '.join(known)} (or all)")
         elif item not in names:
             names.append(item)
-    if not names:
-        raise ValueError(f"no target named; targets: {', '.join(TARGETS)} (or all)")
     return names
 
 
