@@ -107,10 +107,13 @@ def test_calibrate_refuses_bad_arguments():
         speed.calibrate(["coreml"])
 
 
-def test_plan_prints_predictions(capsys):
+def test_plan_prints_predictions(stories260k, capsys):
     from edgequant.cli import main
 
-    assert main(["plan", "--model", "default", "--recipe", "8da4w", "--targets", "pte,gguf"]) == 0
+    recipe = "examples/stories260k-deploy.yaml"
+    assert (
+        main(["plan", "--model", "stories260k", "--recipe", recipe, "--targets", "pte,gguf"]) == 0
+    )
     text = capsys.readouterr().out
     assert "predicted decode speed (kernel efficiencies:" in text
     lines = [line.split() for line in text.splitlines() if line.startswith("  ")]
