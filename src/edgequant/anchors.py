@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 
 from edgequant._progress import progress_bar
-from edgequant.targets import file_row, parse_names
+from edgequant.targets import file_row, parse_names, write
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,6 @@ def executorch_8da4w(model: nn.Module, path: Path, *, max_seq_len: int, tokenize
     from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
     from torchao.quantization.granularity import PerGroup
 
-    from edgequant.export import to_pte
     from edgequant.models.families import decoder_of
 
     native = decoder_of(copy.deepcopy(model))
@@ -86,8 +85,7 @@ def executorch_8da4w(model: nn.Module, path: Path, *, max_seq_len: int, tokenize
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         quantize_(native, config, filter_fn=lambda m, fqn: isinstance(m, nn.Linear))
-    bos, eos = getattr(tokenizer, "bos_id", None), getattr(tokenizer, "eos_id", None)
-    return to_pte(native, path, max_seq_len=max_seq_len, bos_id=bos, eos_id=eos, overwrite=True)
+    return write(native, tokenizer, "pte", path, max_seq_len=max_seq_len)
 
 
 def _is_smollm2_135m(model: nn.Module) -> bool:
@@ -156,19 +154,14 @@ def llama_cpp_q4_0(
 ) -> Path:
     """llama.cpp's quantizer (Q4_0, optionally with an importance matrix) on the F32 file."""
     from edgequant import calibration
-    from edgequant.export import to_gguf
     from edgequant.export.llama_quantize import importance_matrix, llama_quantize
 
-    from_source = source is not None and str(source).endswith(".gguf") and Path(source).is_file()
     matrix = None
     if imatrix:
         data = calibration.parse(IMATRIX_DATA, tokenizer, model=model)
         matrix = importance_matrix(model, data)
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-        f32 = to_gguf(
-            model, Path(tmp) / "f32.gguf", tokenizer=None if from_source else tokenizer,
-            tokenizer_gguf=source if from_source else None,
-        )  # fmt: skip
+        f32 = write(model, tokenizer, "gguf", Path(tmp) / "f32.gguf", source=source)
         return llama_quantize(f32, path, "Q4_0", imatrix=matrix, overwrite=True)
 
 

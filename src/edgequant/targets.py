@@ -3,7 +3,8 @@ ExecuTorch, ``.tflite`` for LiteRT, ``.gguf`` for llama.cpp), each evaluated in 
 the eager model's windows and timed in its runtime, interleaved.
 
     names = parse("all")                            # ['pte', 'tflite', 'gguf']
-    rows = run(model, tokenizer, names, out, source=info["source"], float_pass=..., ...)
+    rows = write_all(model, tokenizer, names, out, n_weights=..., max_seq_len=512)
+    measure(rows, tokenizer, float_pass=..., speed_ids=..., new_tokens=32)
 
 A target that cannot hold the recipe as stored is skipped with the reason (`check`), unless
 ``allow_fallback`` keeps such layers in float (``.pte``, ``.tflite``) or re-quantizes them to
