@@ -24,6 +24,7 @@ TARGET_COLUMNS = [
     ("bits_per_weight", "bits/weight", ".2f"),
     ("perplexity", "perplexity", ".3f"),
     ("kl_divergence", "KL nats/token", ".4f"),
+    ("eager_kl_divergence", "eager KL in its arithmetic", ".4f"),
     ("top1_agreement", "top-1 %", ".1f"),
     ("decode_tokens_per_s", "decode tok/s", ".1f"),
     ("prefill_tokens_per_s", "prefill tok/s", ".1f"),

@@ -238,7 +238,8 @@ def _run(
     if targets:
         report.update(_deploy(model, plan, tokenizer, info, targets, out, float_pass, speed_ids,
                               allow_fallback=allow_fallback, rounds=speed_rounds,
-                              float_model=float_model, anchors=anchors, lap=lap))  # fmt: skip
+                              float_model=float_model, anchors=anchors, lap=lap,
+                              eager_kl=report.get("kl_divergence")))  # fmt: skip
     report["seconds"] = seconds
     write_report(report, out)
     if compare_presets:
@@ -249,7 +250,7 @@ def _run(
 
 def _deploy(
     model, plan, tokenizer, info, names, out, float_pass, speed_ids, *, allow_fallback, rounds,
-    float_model=None, anchors=(), lap=lambda name: None,
+    float_model=None, anchors=(), lap=lambda name: None, eager_kl=None,
 ) -> dict[str, Any]:  # fmt: skip
     """The report's ``targets`` (each runtime's file, measured there), ``predicted`` decode
     speeds and the greedy ``answers`` of the eager model and of each file."""
@@ -284,6 +285,8 @@ def _deploy(
         both, tokenizer, float_pass=float_pass, speed_ids=speed_ids,
         new_tokens=SPEED_NEW_TOKENS, rounds=rounds,
     )  # fmt: skip
+    if float_pass is not None:
+        targets.eager_twins(model, rows, float_pass, eager_kl)
     for name, row in rows.items():
         if "skipped" not in row:
             row["predicted_decode_tokens_per_s"] = predicted[name]["predicted_decode_tokens_per_s"]

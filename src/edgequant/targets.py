@@ -33,6 +33,10 @@ TARGETS: dict[str, tuple[str, str]] = {
     "tflite": ("LiteRT (XNNPACK)", "model.tflite"),
     "gguf": ("llama.cpp", "model.gguf"),
 }
+# How a target's runtime rounds activations where that differs from the scheme
+# (`edgequant.kernels.computing_as`): llama.cpp meets a Q4_0 / Q8_0 weight with Q8_0 activation
+# blocks of 32, finer than the per-token int8 of an ``int8_dynamic`` scheme.
+ARITHMETIC: dict[str, str] = {"gguf": "ggml"}
 SPEED_ROUNDS = 3  # interleaved rounds per file; the median is reported
 ANSWER_PROMPT = "What is the capital of France?"
 ANSWER_TOKENS = 32
@@ -251,6 +255,32 @@ def measure(
     if paths:
         for name, speed in speeds(paths, speed_ids, new_tokens, rounds).items():
             rows[name].update(speed)
+
+
+def eager_twins(
+    model: nn.Module, rows: dict[str, dict[str, Any]], float_pass: dict[str, Any], eager_kl: float
+) -> None:
+    """Give each evaluated row ``eager_kl_divergence``: the eager model's KL computing as that
+    runtime computes (``eager_arithmetic``: ``scheme``, or an `ARITHMETIC` name, one pass per
+    name). A file keeps the bundle's values when its KL is this one's, to within 0.01. A file
+    written with ``--allow-fallback`` holds other values than the bundle: it has no twin."""
+    from edgequant import kernels
+    from edgequant.models.base import logits
+
+    twins: dict[str, float] = {"scheme": eager_kl}
+    for name, row in rows.items():
+        if row.get("kl_divergence") is None or row.get("fallback"):
+            continue
+        arithmetic = ARITHMETIC.get(name, "scheme")
+        if arithmetic not in twins:
+            log.info("evaluating the eager model computing as %s (%s's twin)", arithmetic, name)
+            windows = float_pass["windows"]
+            with kernels.computing_as(arithmetic), torch.inference_mode():
+                twin = torch.stack([logits(model, w[None])[0] for w in windows])
+            twins[arithmetic] = ev.compare(float_pass["logits"], twin, windows)["kl_divergence"]
+            del twin
+        row["eager_arithmetic"] = arithmetic
+        row["eager_kl_divergence"] = twins[arithmetic]
 
 
 def write_all(

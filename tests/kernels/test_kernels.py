@@ -137,3 +137,38 @@ def test_reference_logits_forces_the_reference_kernels_and_restores():
     x = torch.randn(3, 256)
     assert torch.equal(kernels.reference_logits(layer, x), reference.linear(x, layer))
     assert kernels.kernel_name(layer) == "int4_dynamic"  # fast path again afterwards
+
+
+def test_q8_0_activations_are_ggmls_own():
+    from gguf import GGMLQuantizationType, quants
+
+    torch.manual_seed(0)
+    x = torch.randn(6, 128) * torch.logspace(-3, 2, 128)
+    x[2, 32:64] = 0.0  # an all-zero block keeps its zeros
+    ggml = quants.dequantize(
+        quants.quantize(x.numpy(), GGMLQuantizationType.Q8_0), GGMLQuantizationType.Q8_0
+    )
+    assert torch.equal(reference.fake_quantize_q8_0(x), torch.from_numpy(ggml).float())
+    with pytest.raises(ValueError, match="features divisible by 32, got 48"):
+        reference.fake_quantize_q8_0(torch.ones(2, 48))
+
+
+def test_computing_as_ggml_rounds_inputs_as_llama_cpp():
+    torch.manual_seed(1)
+    x = torch.randn(3, 256)
+    layer = _layer(W8DA4)
+    expected = torch.nn.functional.linear(
+        reference.fake_quantize_q8_0(x), layer.dequantized_weight(), layer.bias
+    )
+    with kernels.computing_as("ggml"):
+        assert torch.equal(layer(x), expected)
+    assert not torch.equal(layer(x), expected)  # per-token int8 again outside
+    half = _layer(Scheme("fp16"))
+    with kernels.computing_as("ggml"):
+        out = half(x)
+    assert torch.equal(
+        out, torch.nn.functional.linear(x.half().float(), half.dequantized_weight(), half.bias)
+    )
+    with pytest.raises(ValueError, match=r"unknown runtime arithmetic 'mlx'; known: \['ggml'\]"):
+        with kernels.computing_as("mlx"):
+            pass

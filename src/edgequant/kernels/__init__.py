@@ -7,12 +7,33 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
 from edgequant.kernels import cpu, reference
 
 _force_reference = os.environ.get("EDGEQUANT_KERNELS", "auto") == "reference"
+_runtime: str | None = None  # set by `computing_as`
+
+
+@contextmanager
+def computing_as(runtime: str | None) -> Iterator[None]:
+    """Inside, every packed linear rounds its input as ``runtime``'s kernels do
+    (`reference.linear_as`; ``None`` changes nothing): an eager twin of a deployed file whose
+    runtime quantizes activations differently from the scheme (llama.cpp: Q8_0 blocks)."""
+    global _runtime
+    if runtime is not None and runtime not in reference.ACTIVATIONS_AS:
+        raise ValueError(
+            f"unknown runtime arithmetic {runtime!r}; known: {list(reference.ACTIVATIONS_AS)}"
+        )
+    before = _runtime
+    _runtime = runtime
+    try:
+        yield
+    finally:
+        _runtime = before
 
 
 def use_reference(flag: bool) -> None:
@@ -46,6 +67,8 @@ def kernel_name(layer) -> str:
 
 
 def linear(x: torch.Tensor, layer) -> torch.Tensor:
+    if _runtime is not None:
+        return reference.linear_as(x, layer, _runtime)
     name = kernel_name(layer)
     if name == "reference" or x.device.type != "cpu":
         return reference.linear(x, layer)

@@ -28,6 +28,48 @@ def fake_quantize_tokens(x: torch.Tensor, symmetric: bool) -> torch.Tensor:
     return dequantize(q, scale, zp).reshape(x.shape)
 
 
+def fake_quantize_q8_0(x: torch.Tensor) -> torch.Tensor:
+    """Activations as llama.cpp's CPU matmuls see them for a Q4_0 / Q8_0 weight: blocks of 32
+    along the features, each ``round(x / d)`` with ``d = absmax / 127`` (rounding half away
+    from zero), dequantized with ``d`` stored in fp16 (ggml's ``quantize_row_q8_0``).
+
+    >>> x = torch.tensor([[1.0] * 31 + [-127.0]])
+    >>> fake_quantize_q8_0(x)[0, -2:].tolist()
+    [1.0, -127.0]
+    """
+    shape = x.shape
+    if shape[-1] % 32:
+        raise ValueError(f"Q8_0 activations need features divisible by 32, got {shape[-1]}")
+    blocks = x.float().reshape(-1, 32)
+    d = blocks.abs().amax(-1, keepdim=True) / 127
+    inverse = torch.where(d > 0, 1 / d, torch.zeros_like(d))
+    v = blocks * inverse
+    q = v.sign() * (v.abs() + 0.5).floor()
+    return (q * d.half().float()).reshape(shape)
+
+
+# How a runtime's matmul rounds the input of each weight dtype, for `linear_as`.
+ACTIVATIONS_AS = ("ggml",)
+
+
+def linear_as(x: torch.Tensor, layer, runtime: str) -> torch.Tensor:
+    """`linear` with the input rounded as ``runtime`` rounds it instead of as the scheme says.
+
+    ``ggml`` (llama.cpp's CPU backend): an integer weight (written as Q4_0 / Q8_0) meets Q8_0
+    activation blocks; an fp16 / bf16 weight meets activations converted to its dtype; fp32
+    activations stay as they are.
+    """
+    if runtime not in ACTIVATIONS_AS:
+        raise ValueError(f"unknown runtime arithmetic {runtime!r}; known: {list(ACTIVATIONS_AS)}")
+    scheme = layer.scheme
+    x = x.float()
+    if scheme.is_integer:
+        x = fake_quantize_q8_0(x)
+    elif scheme.weight in ("fp16", "bf16"):
+        x = x.to(torch.float16 if scheme.weight == "fp16" else torch.bfloat16).float()
+    return F.linear(x, layer.dequantized_weight(), layer.bias)
+
+
 def linear(x: torch.Tensor, layer) -> torch.Tensor:
     """``F.linear`` on the dequantized weight; int8 dynamic schemes quantize ``x`` per token."""
     scheme = layer.scheme
