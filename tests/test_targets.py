@@ -83,3 +83,20 @@ def test_unknown_target_is_refused_before_any_work(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "unknown target 'coreml'; targets: pte, tflite, gguf (or all)" in err
     assert not out.exists()
+
+
+def test_a_child_writer_reports_a_reason_or_fails_loudly(deployed, tmp_path):
+    out, _ = deployed
+    # the .pte is written by a child process from the saved bundle (the job's fast path)
+    child = targets._start_child_writer(
+        out, "pte", tmp_path / "m.pte", source=None, max_seq_len=0, allow_fallback=False
+    )
+    reason = targets._finish_child_writer(child, "pte")
+    assert reason is not None and "max_seq_len" in reason, reason
+    assert not (tmp_path / "m.pte").exists()
+    child = targets._start_child_writer(
+        tmp_path / "nothing", "pte", tmp_path / "m.pte", source=None, max_seq_len=64,
+        allow_fallback=False,
+    )  # fmt: skip
+    with pytest.raises(RuntimeError, match=r"writing target pte in a child process failed"):
+        targets._finish_child_writer(child, "pte")

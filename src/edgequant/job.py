@@ -268,7 +268,7 @@ def _deploy(
         log.info("%s: predicted decode %.1f tok/s", name, p["predicted_decode_tokens_per_s"])
     rows = targets.write_all(
         model, tokenizer, names, out, n_weights=plan.n_weights, max_seq_len=max_seq_len,
-        source=info["source"], allow_fallback=allow_fallback,
+        source=info["source"], allow_fallback=allow_fallback, bundle=out,
     )  # fmt: skip
     lap("write_targets")
     anchor_rows = {}
