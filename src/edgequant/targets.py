@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -227,16 +227,17 @@ def measure(
     speed_ids: list[int],
     new_tokens: int,
     rounds: int = SPEED_ROUNDS,
+    writes: Writes | None = None,
+    while_waiting: Callable[[], None] | None = None,
 ) -> None:
     """Evaluate each written file of ``rows`` (those with a ``path``) in its runtime on the
     float pass's windows, ask it `ANSWER_PROMPT`, then time them all interleaved; the results
-    go into the rows."""
+    go into the rows. With ``writes``, a file still being written by a child process is
+    evaluated once it is there; ``while_waiting`` runs first. Nothing else runs while files are
+    timed."""
     from edgequant.export import load_program
 
-    paths: dict[str, str] = {}
-    for name, row in rows.items():
-        if "path" not in row:
-            continue
+    def evaluate(row: dict[str, Any]) -> None:
         log.info("evaluating %s in %s", row["path"], row["runtime"])
         program = load_program(row["path"])
         if float_pass is not None:
@@ -251,7 +252,20 @@ def measure(
             )
             del logits
         row["answer"] = answer(program, tokenizer)
-        paths[name] = row["path"]
+
+    for row in rows.values():
+        if "path" in row:
+            evaluate(row)
+    if while_waiting is not None:
+        while_waiting()
+    if writes is not None and writes.pending:
+        pending = list(writes.pending)
+        writes.wait()
+        for name in pending:
+            rows[name] = writes.rows[name]
+            if "path" in rows[name]:
+                evaluate(rows[name])
+    paths = {name: row["path"] for name, row in rows.items() if "path" in row}
     if paths:
         for name, speed in speeds(paths, speed_ids, new_tokens, rounds).items():
             rows[name].update(speed)
@@ -269,7 +283,7 @@ def eager_twins(
 
     twins: dict[str, float] = {"scheme": eager_kl}
     for name, row in rows.items():
-        if row.get("kl_divergence") is None or row.get("fallback"):
+        if row.get("kl_divergence") is None or row.get("fallback") or "eager_arithmetic" in row:
             continue
         arithmetic = ARITHMETIC.get(name, "scheme")
         if arithmetic not in twins:
@@ -348,6 +362,101 @@ def _finish_child_writer(child, name: str) -> str | None:
     return None
 
 
+class Writes:
+    """Targets being written: ``rows`` (``{name: row}``, see `write_all`) holds every target
+    written here or skipped; one written by a child process is in ``pending`` until `wait`."""
+
+    def __init__(self, rows: dict[str, dict[str, Any]], out: Path, n_weights: int) -> None:
+        self.rows, self.out, self.n_weights = rows, Path(out), n_weights
+        self.pending: dict[str, Any] = {}  # name -> child process
+
+    def finish(self, name: str, reason: str | None) -> None:
+        """Record target ``name``'s outcome: written (``reason`` None) or skipped."""
+        runtime = TARGETS[name][0]
+        if reason is not None:
+            log.warning("target %s skipped: %s", name, reason)
+            self.rows[name] = {"runtime": runtime, "skipped": reason}
+        else:
+            path = self.out / TARGETS[name][1]
+            fallback = self.rows[name].get("fallback")
+            self.rows[name] = file_row(runtime, path, self.n_weights, fallback=fallback)
+
+    def wait(self) -> dict[str, dict[str, Any]]:
+        """Wait for the child writers; the complete rows."""
+        try:
+            for name, child in list(self.pending.items()):
+                if child.poll() is None:
+                    log.info("waiting for the child process writing %s", TARGETS[name][1])
+                self.finish(name, _finish_child_writer(child, name))
+                del self.pending[name]
+        finally:
+            self.kill()
+        return self.rows
+
+    def kill(self) -> None:
+        """Stop child writers still running (after an error)."""
+        for child in self.pending.values():
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+
+
+def start_writes(
+    model: nn.Module,
+    tokenizer,
+    names: Sequence[str],
+    out: Path,
+    *,
+    n_weights: int,
+    max_seq_len: int,
+    source: str | None = None,
+    allow_fallback: bool = False,
+    bundle: Path | None = None,
+) -> Writes:
+    """Write each target into ``out`` (see `write_all`), except that a ``.pte`` written by a
+    child process may still be running when this returns: call ``wait()``."""
+    import os
+
+    rows: dict[str, dict[str, Any]] = {}
+    todo: list[str] = []
+    for name in names:
+        reason = check(model, name)
+        if reason and not allow_fallback:
+            log.warning("target %s skipped: %s (--allow-fallback writes it anyway)", name, reason)
+            rows[name] = {"runtime": TARGETS[name][0], "skipped": reason}
+        else:
+            todo.append(name)
+            rows[name] = {"runtime": TARGETS[name][0], "fallback": reason}
+    writes = Writes(rows, out, n_weights)
+    parallel = (
+        bundle is not None and "pte" in todo and len(todo) > 1 and (os.cpu_count() or 1) > 1
+        and _free_bytes() > 2 * WRITER_BYTES_PER_WEIGHT * n_weights
+    )  # fmt: skip
+    if parallel:
+        log.info("writing %s in a child process, alongside the others", Path(out) / "model.pte")
+        writes.pending["pte"] = _start_child_writer(
+            bundle, "pte", Path(out) / TARGETS["pte"][1], source=source,
+            max_seq_len=max_seq_len, allow_fallback=allow_fallback,
+        )  # fmt: skip
+        todo.remove("pte")
+    try:
+        for name in progress_bar(todo, len(todo), "write", "file"):
+            path = Path(out) / TARGETS[name][1]
+            log.info("writing %s", path)
+            try:
+                write(
+                    model, tokenizer, name, path, source=source, max_seq_len=max_seq_len,
+                    allow_fallback=allow_fallback,
+                )  # fmt: skip
+                writes.finish(name, None)
+            except (ValueError, NotImplementedError) as e:  # e.g. an architecture GGUF can't hold
+                writes.finish(name, str(e))
+    except BaseException:
+        writes.kill()
+        raise
+    return writes
+
+
 def write_all(
     model: nn.Module,
     tokenizer,
@@ -366,61 +475,7 @@ def write_all(
     With ``bundle`` (``model`` saved there) and two cores and the memory for two writers, the
     ``.pte`` (the slowest: ExecuTorch lowers each delegated partition apart) is written from the
     bundle in a child process while the others are written here."""
-    import os
-
-    rows: dict[str, dict[str, Any]] = {}
-    todo: list[str] = []
-    for name in names:
-        reason = check(model, name)
-        if reason and not allow_fallback:
-            log.warning("target %s skipped: %s (--allow-fallback writes it anyway)", name, reason)
-            rows[name] = {"runtime": TARGETS[name][0], "skipped": reason}
-        else:
-            todo.append(name)
-            rows[name] = {"fallback": reason}
-    parallel = (
-        bundle is not None and "pte" in todo and len(todo) > 1 and (os.cpu_count() or 1) > 1
-        and _free_bytes() > 2 * WRITER_BYTES_PER_WEIGHT * n_weights
-    )  # fmt: skip
-    child = None
-    if parallel:
-        log.info("writing %s in a child process, alongside the others", Path(out) / "model.pte")
-        child = _start_child_writer(
-            bundle, "pte", Path(out) / TARGETS["pte"][1], source=source,
-            max_seq_len=max_seq_len, allow_fallback=allow_fallback,
-        )  # fmt: skip
-        todo.remove("pte")
-    errors: dict[str, str | None] = {}
-    try:
-        for name in progress_bar(todo, len(todo), "write", "file"):
-            path = Path(out) / TARGETS[name][1]
-            log.info("writing %s", path)
-            try:
-                write(
-                    model, tokenizer, name, path, source=source, max_seq_len=max_seq_len,
-                    allow_fallback=allow_fallback,
-                )  # fmt: skip
-                errors[name] = None
-            except (ValueError, NotImplementedError) as e:  # e.g. an architecture GGUF can't hold
-                errors[name] = str(e)
-    finally:
-        if child is not None:
-            if "pte" not in errors and child.poll() is None:
-                log.info("waiting for the child process writing model.pte")
-            try:
-                errors["pte"] = _finish_child_writer(child, "pte")
-            finally:
-                if child.poll() is None:
-                    child.kill()
-    for name in names:
-        if name not in errors:
-            continue
-        runtime = TARGETS[name][0]
-        if errors[name] is not None:
-            log.warning("target %s skipped: %s", name, errors[name])
-            rows[name] = {"runtime": runtime, "skipped": errors[name]}
-        else:
-            fallback = rows[name]["fallback"]
-            rows[name] = file_row(runtime, Path(out) / TARGETS[name][1], n_weights,
-                                  fallback=fallback)  # fmt: skip
-    return rows
+    return start_writes(
+        model, tokenizer, names, out, n_weights=n_weights, max_seq_len=max_seq_len,
+        source=source, allow_fallback=allow_fallback, bundle=bundle,
+    ).wait()  # fmt: skip
