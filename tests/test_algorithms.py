@@ -218,3 +218,20 @@ def test_smoothing_is_deterministic_and_checks_its_arguments(layer):
         alg.quantize_weight(w, dataclasses.replace(INT4, algorithm="awq"))
     with pytest.raises(ValueError, match="smoothquant' moves activation outliers"):
         Scheme("int8", algorithm="smoothquant")
+
+
+@pytest.mark.parametrize("scheme", [INT4, INT4_ASYM, INT8], ids=lambda s: s.describe())
+@pytest.mark.parametrize("name", ["mse", "hqq"])
+def test_blocks_of_rows_give_the_whole_weights_result(layer, scheme, name, monkeypatch):
+    w, _, h = layer
+    algorithm = {"mse": alg.mse, "hqq": alg.hqq}[name]
+    whole = algorithm(w, scheme, importance=torch.diag(h).float())
+    monkeypatch.setattr(alg, "BLOCK_ELEMENTS", 256 * 10)  # blocks of 10 rows, the last of 8
+    blocks = alg.by_rows(algorithm, w, scheme, importance=torch.diag(h).float())
+    assert torch.equal(blocks.q, whole.q) and torch.equal(blocks.scale, whole.scale)
+    assert (blocks.zero_point is None) == (whole.zero_point is None)
+    if whole.zero_point is not None:
+        assert torch.equal(blocks.zero_point, whole.zero_point)
+    # and through the dispatcher, which blocks every mse / hqq weight
+    via = alg.quantize_weight(w, dataclasses.replace(scheme, algorithm=name))
+    assert torch.equal(via.q, algorithm(w, dataclasses.replace(scheme, algorithm=name)).q)

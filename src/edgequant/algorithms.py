@@ -468,6 +468,25 @@ def _best_scale(stats, weights, schemes, candidates) -> torch.Tensor:
     return best
 
 
+# mse and hqq work group by group, so a large weight is quantized a block of rows at a time: the
+# same integers and scales, while every temporary stays a few MiB, which the allocator reuses.
+# Whole-tensor temporaries (113 MB each for SmolLM2's 49152 x 576 embedding, a dozen per step)
+# were mapped and unmapped by the kernel on every step, and their pages faulted in anew.
+BLOCK_ELEMENTS = 1 << 20
+
+
+def by_rows(fn, weight: torch.Tensor, scheme: Scheme, **kwargs) -> Quantized:
+    """``fn(rows, scheme, **kwargs)`` on blocks of about `BLOCK_ELEMENTS` weights (whole rows),
+    the results stacked: equal to ``fn(weight, ...)`` for an algorithm that works per group."""
+    rows, cols = weight.shape
+    step = max(1, BLOCK_ELEMENTS // cols)
+    if rows <= step:
+        return fn(weight, scheme, **kwargs)
+    parts = [fn(weight[i : i + step], scheme, **kwargs) for i in range(0, rows, step)]
+    zero = None if parts[0].zero_point is None else torch.cat([p.zero_point for p in parts])
+    return Quantized(torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts]), zero)
+
+
 def quantize_weight(
     weight: torch.Tensor,
     scheme: Scheme,
@@ -482,9 +501,9 @@ def quantize_weight(
     if scheme.algorithm == "minmax":
         return minmax(weight, scheme)
     if scheme.algorithm == "mse":
-        return mse(weight, scheme, importance=importance, **params)
+        return by_rows(mse, weight, scheme, importance=importance, **params)
     if scheme.algorithm == "hqq":
-        return hqq(weight, scheme, importance=importance, **params)
+        return by_rows(hqq, weight, scheme, importance=importance, **params)
     if scheme.algorithm == "gptq":
         if hessian is None:
             raise ValueError(

@@ -303,9 +303,10 @@ def _smoothed_rounding(module, scheme: Scheme, stats, s) -> algorithms.Quantized
         energy = stats.mean_sq if s is None else stats.mean_sq / (s * s)
         signed = scheme.params.get("signed_scales", False)
         magnitude = scheme.params.get("magnitude")
-        return algorithms.mse(
-            weight, scheme, importance=energy, signed_scales=signed, magnitude=magnitude
-        )
+        return algorithms.by_rows(
+            algorithms.mse, weight, scheme, importance=energy, signed_scales=signed,
+            magnitude=magnitude,
+        )  # fmt: skip
     return algorithms.minmax(weight, scheme)
 
 
