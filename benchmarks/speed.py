@@ -52,7 +52,7 @@ def main() -> None:
             written = targets.write_all(
                 quantized, tokenizer, list(targets.TARGETS), folder, n_weights=plan.n_weights,
                 max_seq_len=512, source=info["source"], allow_fallback=True, bundle=folder,
-            )  # fmt: skip
+            ).wait()  # fmt: skip
             for name, row in written.items():
                 key = f"{preset}/{name}"
                 paths[key] = row["path"]

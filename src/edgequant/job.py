@@ -266,7 +266,7 @@ def _deploy(
                               table=table)  # fmt: skip
     for name, p in predicted.items():
         log.info("%s: predicted decode %.1f tok/s", name, p["predicted_decode_tokens_per_s"])
-    writes = targets.start_writes(
+    writes = targets.write_all(
         model, tokenizer, names, out, n_weights=plan.n_weights, max_seq_len=max_seq_len,
         source=info["source"], allow_fallback=allow_fallback, bundle=out,
     )  # fmt: skip

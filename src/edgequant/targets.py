@@ -3,7 +3,7 @@ ExecuTorch, ``.tflite`` for LiteRT, ``.gguf`` for llama.cpp), each evaluated in 
 the eager model's windows and timed in its runtime, interleaved.
 
     names = parse("all")                            # ['pte', 'tflite', 'gguf']
-    rows = write_all(model, tokenizer, names, out, n_weights=..., max_seq_len=512)
+    rows = write_all(model, tokenizer, names, out, n_weights=..., max_seq_len=512).wait()
     measure(rows, tokenizer, float_pass=..., speed_ids=..., new_tokens=32)
 
 A target that cannot hold the recipe as stored is skipped with the reason (`check`), unless
@@ -328,20 +328,24 @@ def _free_bytes() -> int:
 
 
 def _start_child_writer(bundle: Path, name: str, path: Path, **job: Any):
-    """Write target ``name`` of the saved ``bundle`` in a child process; returns the process."""
+    """Write target ``name`` of the saved ``bundle`` in a child process; returns the process.
+    Its output goes to temporary files, not pipes: a pipe nobody reads while the job works
+    would stop the child once it filled."""
     import json
     import os
     import subprocess
     import sys
+    import tempfile
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
     child = subprocess.Popen(
-        [sys.executable, "-c", _WRITE_CHILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True, env=env,
+        [sys.executable, "-c", _WRITE_CHILD], stdin=subprocess.PIPE, stdout=out, stderr=err,
+        text=True, env=env,
     )  # fmt: skip
     child.stdin.write(json.dumps({"bundle": str(bundle), "target": name, "path": str(path), **job}))
     child.stdin.close()
-    child.stdin = None  # so that communicate() does not flush it
+    child.output = (out, err)
     return child
 
 
@@ -350,7 +354,13 @@ def _finish_child_writer(child, name: str) -> str | None:
     cannot be written; any other failure raises."""
     import json
 
-    out, err = child.communicate()
+    child.wait()
+    texts = []
+    for f in child.output:
+        f.seek(0)
+        texts.append(f.read())
+        f.close()
+    out, err = texts
     skip = [line for line in out.splitlines() if line.startswith("EDGEQUANT-SKIP ")]
     if child.returncode == 0 and skip:
         return json.loads(skip[-1].removeprefix("EDGEQUANT-SKIP "))
@@ -363,7 +373,7 @@ def _finish_child_writer(child, name: str) -> str | None:
 
 
 class Writes:
-    """Targets being written: ``rows`` (``{name: row}``, see `write_all`) holds every target
+    """Targets being written: ``rows`` (``{name: row}``) holds every target
     written here or skipped; one written by a child process is in ``pending`` until `wait`."""
 
     def __init__(self, rows: dict[str, dict[str, Any]], out: Path, n_weights: int) -> None:
@@ -401,7 +411,7 @@ class Writes:
                 child.wait()
 
 
-def start_writes(
+def write_all(
     model: nn.Module,
     tokenizer,
     names: Sequence[str],
@@ -413,8 +423,12 @@ def start_writes(
     allow_fallback: bool = False,
     bundle: Path | None = None,
 ) -> Writes:
-    """Write each target into ``out`` (see `write_all`), except that a ``.pte`` written by a
-    child process may still be running when this returns: call ``wait()``."""
+    """Write each target into ``out``; ``writes.wait()`` gives ``{name: row}`` with each file's
+    size facts, or ``{"runtime", "skipped": reason}`` for a target that cannot hold the recipe.
+
+    With ``bundle`` (``model`` saved there) and two cores and the memory for two writers, the
+    ``.pte`` (the slowest: ExecuTorch lowers each delegated partition apart) is written from the
+    bundle by a child process, which may still run when this returns."""
     import os
 
     rows: dict[str, dict[str, Any]] = {}
@@ -455,27 +469,3 @@ def start_writes(
         writes.kill()
         raise
     return writes
-
-
-def write_all(
-    model: nn.Module,
-    tokenizer,
-    names: Sequence[str],
-    out: Path,
-    *,
-    n_weights: int,
-    max_seq_len: int,
-    source: str | None = None,
-    allow_fallback: bool = False,
-    bundle: Path | None = None,
-) -> dict[str, dict[str, Any]]:
-    """Write each target into ``out``; ``{name: row}`` with the file's size facts, or
-    ``{"runtime", "skipped": reason}`` for a target that cannot hold the recipe.
-
-    With ``bundle`` (``model`` saved there) and two cores and the memory for two writers, the
-    ``.pte`` (the slowest: ExecuTorch lowers each delegated partition apart) is written from the
-    bundle in a child process while the others are written here."""
-    return start_writes(
-        model, tokenizer, names, out, n_weights=n_weights, max_seq_len=max_seq_len,
-        source=source, allow_fallback=allow_fallback, bundle=bundle,
-    ).wait()  # fmt: skip
