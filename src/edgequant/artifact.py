@@ -389,7 +389,7 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
             )
         try:
             _check_model_size(families[info["family"]], info["config"], path)
-            model = families[info["family"]](info["config"])
+            model = families[info["family"]](info["config"], meta=True)
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ValueError(
                 f"{str(path / MANIFEST)!r}: model.config cannot build a {info['family']} model "
@@ -452,6 +452,9 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
         for name in others:
             owner, _, attr = name.rpartition(".")
             setattr(model.get_submodule(owner), attr, tensor)
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise ValueError(f"{str(path)!r}: the bundle holds no values for {left[:4]}")
     if manifest.get("recipe") is not None:
         model.edgequant_recipe = Recipe.from_dict(manifest["recipe"], where=f"{MANIFEST}: recipe")
     return model.eval()

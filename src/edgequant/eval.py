@@ -238,26 +238,44 @@ def compare(
             f"float and quantized logits differ in shape: {tuple(float_logits.shape)} vs "
             f"{tuple(quant_logits.shape)}"
         )
-    n, L = windows.shape
-    kl = agree = nll_q = nll_f = 0.0
+    n = windows.shape[0]
+    totals = Comparison()
     for i in progress_bar(range(n), n, "compare", "window"):
+        totals.add(float_logits[i], quant_logits[i], windows[i])
+    return totals.result()
+
+
+class Comparison:
+    """`compare`'s sums, one window at a time: ``add(float [L, V], quantized [L, V], window
+    [L])`` for each window, then ``result()``; only one window's logits need to be in memory
+    (the streaming path reads the float ones back from disk)."""
+
+    def __init__(self) -> None:
+        self.kl = self.nll_q = self.nll_f = 0.0
+        self.agree = self.positions = 0
+
+    def add(self, float_logits: torch.Tensor, quant_logits: torch.Tensor, window) -> None:
+        L = window.shape[0]
         for start in range(0, L - 1, _BLOCK):
             stop = min(start + _BLOCK, L - 1)
-            f, q = float_logits[i, start:stop], quant_logits[i, start:stop]  # [b, V]
-            target = windows[i, start + 1 : stop + 1, None].to(f.device)  # [b, 1]
+            f, q = float_logits[start:stop], quant_logits[start:stop]  # [b, V]
+            target = window[start + 1 : stop + 1, None].to(f.device)  # [b, 1]
             log_p, log_q = F.log_softmax(f.double(), -1), F.log_softmax(q.double(), -1)
-            kl += float((log_p.exp() * (log_p - log_q)).sum())
-            agree += int((f.argmax(-1) == q.argmax(-1)).sum())
-            nll_f -= float(log_p.gather(-1, target).sum())
-            nll_q -= float(log_q.gather(-1, target).sum())
-    positions = n * (L - 1)
-    return {
-        "perplexity": math.exp(nll_q / positions),
-        "float_perplexity": math.exp(nll_f / positions),
-        "kl_divergence": max(kl / positions, 0.0),
-        "top1_agreement": 100.0 * agree / positions,
-        "positions": positions,
-    }
+            self.kl += float((log_p.exp() * (log_p - log_q)).sum())
+            self.agree += int((f.argmax(-1) == q.argmax(-1)).sum())
+            self.nll_f -= float(log_p.gather(-1, target).sum())
+            self.nll_q -= float(log_q.gather(-1, target).sum())
+        self.positions += L - 1
+
+    def result(self) -> dict[str, float]:
+        positions = self.positions
+        return {
+            "perplexity": math.exp(self.nll_q / positions),
+            "float_perplexity": math.exp(self.nll_f / positions),
+            "kl_divergence": max(self.kl / positions, 0.0),
+            "top1_agreement": 100.0 * self.agree / positions,
+            "positions": positions,
+        }
 
 
 # --- weights and size ----------------------------------------------------------------------

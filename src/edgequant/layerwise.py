@@ -192,27 +192,58 @@ def run(
     The model's float weights of those linears are left at their dequantized values (the caller
     swaps in packed modules); AWQ's and SmoothQuant's scales are folded into the model's norms
     and linears (the float function is unchanged)."""
-    batches = list(calibration)
-    if not batches:
-        raise ValueError("calibration has no batches")
-    prefix, layers = decoder_layers(model)
-    inputs = _layer_inputs(model, layers, batches)
-    names = sorted({s.algorithm for s in schemes.values()})
+    steps = LayerByLayer(model, schemes, calibration)
     results: dict[str, algorithms.Quantized] = {}
-    for i in progress_bar(range(len(layers)), len(layers), " + ".join(names), "layer"):
-        layer = layers[i]
+    for i in progress_bar(range(len(steps.layers)), len(steps.layers), steps.label, "layer"):
+        results.update(steps.step(i, _scales))
+    rest = {fqn: s for fqn, s in schemes.items() if fqn not in results}
+    if rest and _scales is None:
+        _outside_layers(model, rest, steps.batches, results)
+    return results
+
+
+class LayerByLayer:
+    """The calibrated algorithms one decoder layer at a time: built, it has caught the first
+    layer's inputs for every calibration batch (the model's layers may still be on the meta
+    device: only what runs before the first layer must hold values); ``step(i)`` calibrates and
+    rounds layer ``i``'s linears and runs the layer (at its rounded values) to give layer
+    ``i + 1`` its inputs. `run` takes every step in turn; `edgequant.stream` fills each layer
+    from the checkpoint just before its step."""
+
+    def __init__(self, model: nn.Module, schemes: dict[str, Scheme], calibration) -> None:
+        self.batches = list(calibration)
+        if not self.batches:
+            raise ValueError("calibration has no batches")
+        self.schemes = schemes
+        self.prefix, self.layers = decoder_layers(model)
+        self.inputs = _layer_inputs(model, self.layers, self.batches)
+        self.label = " + ".join(sorted({s.algorithm for s in schemes.values()}))
+
+    def hidden(self) -> list[torch.Tensor]:
+        """The next layer's input hidden states, one per batch."""
+        return [args[0] for args, _ in self.inputs]
+
+    def set_hidden(self, hidden: list[torch.Tensor]) -> None:
+        """Replace the next layer's input hidden states (resuming a stopped run)."""
+        self.inputs = [((h, *args[1:]), kw) for h, (args, kw) in zip(hidden, self.inputs,
+                                                                     strict=True)]  # fmt: skip
+
+    def step(self, i: int, _scales: dict | None = None) -> dict[str, algorithms.Quantized]:
+        """Calibrate and round layer ``i``; returns fqn -> `Quantized` for its linears."""
+        prefix, layer, inputs, schemes = self.prefix, self.layers[i], self.inputs, self.schemes
         local = {
             name: schemes[f"{prefix}.{i}.{name}"]
             for name, _ in layer.named_modules()
             if f"{prefix}.{i}.{name}" in schemes
         }
         where = f"{prefix}.{i}"
+        n_batches = len(self.batches)
         if _scales is not None:  # fold only
-            for n, s in _smooth_layer(layer, local, inputs, len(batches), where, False).items():
+            for n, s in _smooth_layer(layer, local, inputs, n_batches, where, False).items():
                 _scales[f"{where}.{n}"] = s
-            inputs = [(_next_args(layer(*a, **kw), a), kw) for a, kw in inputs]
-            continue
-        done = _smooth_layer(layer, local, inputs, len(batches), where)
+            self.inputs = [(_next_args(layer(*a, **kw), a), kw) for a, kw in inputs]
+            return {}
+        done = _smooth_layer(layer, local, inputs, n_batches, where)
         gptq = {n: s for n, s in local.items() if _rounds_by_gptq(s)}
         if gptq:
             modules = {n: layer.get_submodule(n) for n in gptq}
@@ -222,12 +253,25 @@ def run(
             shared.clear()
             for n, scheme in gptq.items():
                 done[n] = _gptq(modules[n], scheme, hessians[n])
-        results.update({f"{prefix}.{i}.{n}": r for n, r in done.items()})
-        inputs = [(_next_args(layer(*args, **kwargs), args), kwargs) for args, kwargs in inputs]
-    rest = {fqn: s for fqn, s in schemes.items() if fqn not in results}
-    if rest and _scales is None:
-        _outside_layers(model, rest, batches, results)
-    return results
+        self.inputs = [(_next_args(layer(*args, **kwargs), args), kwargs) for args, kwargs in inputs]
+        return {f"{prefix}.{i}.{n}": r for n, r in done.items()}
+
+    def outside(
+        self, model: nn.Module, schemes: dict[str, Scheme], final: nn.Module
+    ) -> dict[str, algorithms.Quantized]:
+        """The linears after the last layer (an lm_head reading ``final``'s output, the model's
+        last norm), from the hidden states the last `step` left: what `run` computes with one
+        more pass of the whole model."""
+        results: dict[str, algorithms.Quantized] = {}
+        modules = {fqn: model.get_submodule(fqn) for fqn in schemes}
+        shared: dict = {}
+        hessians = {fqn: _Hessian(linear_weight(m).shape[1], shared) for fqn, m in modules.items()}
+        for h in self.hidden():
+            x = final(h)
+            for fqn, m in modules.items():
+                hessians[fqn](m, (x,), None)
+        _round_outside(modules, schemes, hessians, results)
+        return results
 
 
 def _smooth_layer(
@@ -329,6 +373,10 @@ def _outside_layers(model, schemes, batches, results) -> None:
     finally:
         for h in handles:
             h.remove()
+    _round_outside(modules, schemes, hessians, results)
+
+
+def _round_outside(modules, schemes, hessians, results) -> None:
     for fqn, module in modules.items():
         scheme = schemes[fqn]
         if _rounds_by_gptq(scheme):

@@ -367,33 +367,36 @@ def quantize(model: nn.Module, recipe: Any, calibration=None) -> tuple[nn.Module
     todo = [lp for lp in p if lp.scheme is not None and lp.scheme.weight != "fp32"]
     results = _calibrated(model, todo, calibration)
     for lp in tqdm(todo, desc="quantize", unit="layer", disable=len(todo) < 50 or None):
-        module = model.get_submodule(lp.fqn)
-        cls = QuantizedEmbedding if lp.kind == "embedding" else QuantizedLinear
-        if lp.tied_to is None:
-            result = results.get(lp.fqn)
-            if result is None and lp.scheme.algorithm in NEEDS_CALIBRATION:
-                # a lookup table (or a linear tied to one) has no input Hessian: mse instead
-                weight = module.weight if lp.kind == "embedding" else linear_weight(module)
-                result = algorithms.quantize_weight(weight, _as_mse(lp.scheme), name=lp.fqn)
-            new = cls.from_float(module, lp.scheme, name=lp.fqn, result=result)
-        else:
-            owner = packed[lp.tied_to]
-            if cls is QuantizedEmbedding:
-                new = QuantizedEmbedding(
-                    lp.shape[0], lp.shape[1], lp.scheme, embed_scale_of(module)
-                )
-            else:
-                new = QuantizedLinear(lp.shape[1], lp.shape[0], lp.scheme, module.bias is not None)
-                if module.bias is not None:
-                    new.bias = module.bias.detach().float().clone()
-            new.set_packed(owner.packed_buffers())
-        packed[lp.fqn] = new
+        packed[lp.fqn] = pack(model, lp, results.get(lp.fqn), packed)
     for fqn, new in packed.items():
         _set_module(model, fqn, new)
     model.edgequant_recipe = p.recipe
     if calibration is not None:
         model.edgequant_calibration = getattr(calibration, "source", "token batches given")
     return model, p
+
+
+def pack(model: nn.Module, lp: LayerPlan, result, packed: dict[str, nn.Module]) -> nn.Module:
+    """The packed module for one entry of a plan: quantized from the model's module (with
+    ``result``, what a calibrated algorithm found, when there is one), or, for a module tied to
+    one already in ``packed``, sharing that one's storage."""
+    module = model.get_submodule(lp.fqn)
+    cls = QuantizedEmbedding if lp.kind == "embedding" else QuantizedLinear
+    if lp.tied_to is None:
+        if result is None and lp.scheme.algorithm in NEEDS_CALIBRATION:
+            # a lookup table (or a linear tied to one) has no input Hessian: mse instead
+            weight = module.weight if lp.kind == "embedding" else linear_weight(module)
+            result = algorithms.quantize_weight(weight, _as_mse(lp.scheme), name=lp.fqn)
+        return cls.from_float(module, lp.scheme, name=lp.fqn, result=result)
+    owner = packed[lp.tied_to]
+    if cls is QuantizedEmbedding:
+        new = QuantizedEmbedding(lp.shape[0], lp.shape[1], lp.scheme, embed_scale_of(module))
+    else:
+        new = QuantizedLinear(lp.shape[1], lp.shape[0], lp.scheme, module.bias is not None)
+        if module.bias is not None:
+            new.bias = module.bias.detach().float().clone()
+    new.set_packed(owner.packed_buffers())
+    return new
 
 
 def check_finite(model: nn.Module) -> None:
@@ -436,12 +439,10 @@ def _as_mse(scheme):
     return dataclasses.replace(scheme, algorithm="mse", algorithm_params={"magnitude": magnitude})
 
 
-def _calibrated(model: nn.Module, todo: list, calibration) -> dict:
-    """Results (fqn -> `algorithms.Quantized`) of the calibrated algorithms (GPTQ, AWQ,
-    SmoothQuant) for the linears whose rule asks for one; a lookup table (or a linear tied to
-    one) has no input to calibrate on and is left to the caller (mse)."""
+def calibrated_schemes(todo: list) -> dict[str, Scheme]:
+    """fqn -> scheme of the linears a calibrated algorithm rounds (see `_calibrated`)."""
     tied = {lp.tied_to for lp in todo if lp.tied_to is not None}
-    schemes = {
+    return {
         lp.fqn: lp.scheme
         for lp in todo
         if lp.scheme.algorithm in NEEDS_CALIBRATION
@@ -449,6 +450,13 @@ def _calibrated(model: nn.Module, todo: list, calibration) -> dict:
         and lp.tied_to is None
         and lp.fqn not in tied
     }
+
+
+def _calibrated(model: nn.Module, todo: list, calibration) -> dict:
+    """Results (fqn -> `algorithms.Quantized`) of the calibrated algorithms (GPTQ, AWQ,
+    SmoothQuant) for the linears whose rule asks for one; a lookup table (or a linear tied to
+    one) has no input to calibrate on and is left to the caller (mse)."""
+    schemes = calibrated_schemes(todo)
     if not schemes:
         return {}
     if calibration is None:

@@ -111,15 +111,24 @@ def tensor_names(config: dict[str, Any]) -> dict[str, str]:
 def read_state_dict(reader, config: dict[str, Any]) -> dict[str, torch.Tensor]:
     """Every tensor dequantized to float32, renamed, q/k rows un-permuted where the family's
     llama.cpp architecture permutes them."""
-    from gguf.quants import dequantize
+    tensors = weight_tensors(reader, config)
+    return {
+        name: read_tensor(tensor, name, config)
+        for name, tensor in tqdm(
+            tensors.items(), desc="dequantize GGUF", unit="tensor", leave=False
+        )
+    }
 
+
+def weight_tensors(reader, config: dict[str, Any]) -> dict[str, Any]:
+    """Hugging Face parameter name -> the GGUF file's tensor (gguf-py's ``ReaderTensor``, whose
+    data is a view of the memory-mapped file: nothing is read until it is dequantized)."""
     from edgequant.models.families import for_model_type
 
     family = for_model_type(config["model_type"])
     names = tensor_names(config)
-    heads = {"q_proj": config["num_attention_heads"], "k_proj": config["num_key_value_heads"]}
     out = {}
-    for tensor in tqdm(reader.tensors, desc="dequantize GGUF", unit="tensor", leave=False):
+    for tensor in reader.tensors:
         if tensor.name in family.gguf_config_tensors:
             continue
         name = names.get(tensor.name)
@@ -128,18 +137,31 @@ def read_state_dict(reader, config: dict[str, Any]) -> dict[str, torch.Tensor]:
                 f"GGUF tensor {tensor.name!r} has no place in a {config['model_type']} model "
                 f"(known: {', '.join(sorted(names)[:6])}, ...)"
             )
-        values = dequantize(tensor.data, tensor.tensor_type).astype(np.float32, copy=False)
-        if not values.flags.writeable:  # F32 tensors come straight from the read-only map
-            values = values.copy()
-        shape = [int(d) for d in reversed(tensor.shape.tolist())]  # GGUF lists dims inner-first
-        w = torch.from_numpy(np.ascontiguousarray(values).reshape(shape))
-        proj = name.rsplit(".", 2)[-2]
-        if family.permute_qk and proj in heads and ".self_attn." in name:
-            w = unpermute_qk(w, heads[proj])
-        if family.gguf_norm_shift and tensor.name.endswith("norm.weight"):
-            w = w - family.gguf_norm_shift  # llama.cpp's gemma stores 1 + w
-        out[name] = w.contiguous()
+        out[name] = tensor
     return out
+
+
+def read_tensor(tensor, name: str, config: dict[str, Any]) -> torch.Tensor:
+    """One GGUF tensor as the float32 Hugging Face parameter ``name``: dequantized, q/k rows
+    un-permuted for families whose llama.cpp architecture permutes them, Gemma's norm shift
+    undone."""
+    from gguf.quants import dequantize
+
+    from edgequant.models.families import for_model_type
+
+    family = for_model_type(config["model_type"])
+    heads = {"q_proj": config["num_attention_heads"], "k_proj": config["num_key_value_heads"]}
+    values = dequantize(tensor.data, tensor.tensor_type).astype(np.float32, copy=False)
+    if not values.flags.writeable:  # F32 tensors come straight from the read-only map
+        values = values.copy()
+    shape = [int(d) for d in reversed(tensor.shape.tolist())]  # GGUF lists dims inner-first
+    w = torch.from_numpy(np.ascontiguousarray(values).reshape(shape))
+    proj = name.rsplit(".", 2)[-2]
+    if family.permute_qk and proj in heads and ".self_attn." in name:
+        w = unpermute_qk(w, heads[proj])
+    if family.gguf_norm_shift and tensor.name.endswith("norm.weight"):
+        w = w - family.gguf_norm_shift  # llama.cpp's gemma stores 1 + w
+    return w.contiguous()
 
 
 def build_model(config: dict[str, Any], state: dict[str, torch.Tensor]):
@@ -150,8 +172,7 @@ def build_model(config: dict[str, Any], state: dict[str, torch.Tensor]):
     from transformers import AutoModelForCausalLM
 
     cfg = _hf_config(config)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    model = skeleton(cfg)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     missing = [k for k in missing if not (cfg.tie_word_embeddings and k == "lm_head.weight")]
     if missing or unexpected:
@@ -160,6 +181,21 @@ def build_model(config: dict[str, Any], state: dict[str, torch.Tensor]):
         )
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise AssertionError(f"not loaded from the GGUF weights: {left}")
+    return model.eval()
+
+
+def skeleton(cfg) -> torch.nn.Module:
+    """A float32 Hugging Face causal LM of the transformers config ``cfg`` whose parameters are
+    on the meta device (no memory) and whose computed buffers (RoPE tables, Gemma's embedding
+    factor) are real: parameters are assigned next (``load_state_dict(..., assign=True)``, or a
+    decoder layer at a time by `edgequant.models.lazy`)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     for name, module in list(model.named_modules()):
         if not any(b.is_meta for b in module.buffers(recurse=False)):
             continue
@@ -170,9 +206,6 @@ def build_model(config: dict[str, Any], state: dict[str, torch.Tensor]):
         else:  # RoPE tables
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, type(module)(config=cfg))
-    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if left:
-        raise AssertionError(f"not loaded from the GGUF weights: {left}")
     return model.eval()
 
 

@@ -82,12 +82,18 @@ def load(folder: str | Path):
     return model, tokenizer, info
 
 
-def build(config: dict):
-    """An un-trained model of the architecture ``config`` describes (for `edgequant.load`)."""
+def build(config: dict, meta: bool = False):
+    """An un-trained model of the architecture ``config`` describes (for `edgequant.load`);
+    with ``meta`` its parameters take no memory (`edgequant.models.gguf.skeleton`) and are
+    assigned next."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg = dict(config)
     model_type = cfg.pop("model_type")
     hf_config = AutoConfig.for_model(model_type, **cfg)
+    if meta:
+        from edgequant.models.gguf import skeleton
+
+        return skeleton(hf_config)
     return AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32).eval()

@@ -41,14 +41,19 @@ class Transformer(Decoder):
         return self.args.to_dict()
 
 
-def build(config: dict) -> Transformer:
-    """A model of the shape ``config`` describes, with placeholder weights (load them next).
+def build(config: dict, meta: bool = False) -> Transformer:
+    """A model of the shape ``config`` describes, with placeholder weights (load them next;
+    with ``meta`` they take no memory and are assigned next).
 
     >>> build({"dim": 8, "hidden_dim": 16, "n_layers": 1, "n_heads": 2, "n_kv_heads": 1,
     ...        "vocab_size": 10, "max_seq_len": 4}).output.weight.shape
     torch.Size([10, 8])
     """
-    return Transformer(ModelArgs.from_dict(config))
+    args = ModelArgs.from_dict(config)
+    if meta:
+        with torch.device("meta"):
+            return Transformer(args).eval()
+    return Transformer(args)
 
 
 def load_checkpoint(path: str | Path) -> Transformer:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -81,14 +83,11 @@ def _meta_to_rotate_half(w: Tensor, n_heads: int) -> Tensor:
     return w.transpose(1, 2).reshape(dim_out, dim_in)  # [H * D, in], evens then odds per head
 
 
-def read_checkpoint(path: str | Path) -> tuple[ModelArgs, dict[str, Tensor]]:
-    """``(ModelArgs, state dict)`` of a llama2.c legacy version-0 ``.bin`` (float32, q/k rows in
-    rotate-half order, ``output.weight`` the embedding when tied).
-
-    >>> from edgequant.data import stories260k_dir
-    >>> read_checkpoint(stories260k_dir() / "stories260K.bin")[0].n_kv_heads
-    4
-    """
+def checkpoint_layout(path: str | Path) -> tuple[ModelArgs, dict[str, tuple[int, tuple, Any]]]:
+    """``(ModelArgs, {name: (offset, shape, reorder)})`` of a llama2.c legacy version-0 ``.bin``:
+    where each tensor starts (in float32 values after the 28-byte header), its shape, and the
+    function that reorders its rows (q/k: Meta's interleaved pairs to rotate-half), or None.
+    The tied ``output.weight`` is the embedding's entry. Checks the file's size."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"llama2.c checkpoint not found: {path}")
@@ -124,19 +123,40 @@ def read_checkpoint(path: str | Path) -> tuple[ModelArgs, dict[str, Tensor]]:
             f"{path}: expected {expected} bytes for a llama2.c version-0 checkpoint with "
             f"{args}, got {actual} bytes (truncated, or not a legacy llama2.c .bin)"
         )
-    flat = torch.from_numpy(np.fromfile(path, "<f4", offset=28))
-    state, offset = {}, 0
+    heads = {"wq": n_heads, "wk": n_kv}
+    layout: dict[str, tuple[int, tuple, Any]] = {}
+    offset = 0
     for name, shape in shapes:
-        tensor = flat[offset : offset + math.prod(shape)].view(shape)
-        offset += math.prod(shape)
         if name.startswith(each):
-            state.update({name.format(i): tensor[i] for i in range(L)})
-        else:
-            state[name] = tensor
-    state.pop("rope tables")
-    state.setdefault("output.weight", state["tok_embeddings.weight"])  # tied
-    for i in range(L):  # Meta's interleaved q/k rows -> rotate-half rows
-        for key, heads in (("wq", n_heads), ("wk", n_kv)):
-            key = f"layers.{i}.attention.{key}.weight"
-            state[key] = _meta_to_rotate_half(state[key], heads)
+            one = shape[1:]
+            head = heads.get(name.split(".")[-2]) if ".attention." in name else None
+            reorder = None if head is None else partial(_meta_to_rotate_half, n_heads=head)
+            for i in range(L):
+                layout[name.format(i)] = (offset + i * math.prod(one), one, reorder)
+        elif name != "rope tables":
+            layout[name] = (offset, shape, None)
+        offset += math.prod(shape)
+    layout.setdefault("output.weight", layout["tok_embeddings.weight"])  # tied
+    return args, layout
+
+
+def read_checkpoint(path: str | Path) -> tuple[ModelArgs, dict[str, Tensor]]:
+    """``(ModelArgs, state dict)`` of a llama2.c legacy version-0 ``.bin`` (float32, q/k rows in
+    rotate-half order, ``output.weight`` the embedding when tied).
+
+    >>> from edgequant.data import stories260k_dir
+    >>> read_checkpoint(stories260k_dir() / "stories260K.bin")[0].n_kv_heads
+    4
+    """
+    args, layout = checkpoint_layout(path)
+    flat = torch.from_numpy(np.fromfile(path, "<f4", offset=28))
+    state: dict[str, Tensor] = {}
+    by_offset: dict[int, Tensor] = {}
+    for name, (offset, shape, reorder) in layout.items():
+        if offset in by_offset and reorder is None:  # the tied output: the embedding itself
+            state[name] = by_offset[offset]
+            continue
+        tensor = flat[offset : offset + math.prod(shape)].view(shape)
+        state[name] = reorder(tensor) if reorder else tensor
+        by_offset[offset] = state[name]
     return args, state
