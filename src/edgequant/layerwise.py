@@ -253,7 +253,7 @@ class LayerByLayer:
             shared.clear()
             for n, scheme in gptq.items():
                 done[n] = _gptq(modules[n], scheme, hessians[n])
-        self.inputs = [(_next_args(layer(*args, **kwargs), args), kwargs) for args, kwargs in inputs]
+        self.inputs = [(_next_args(layer(*a, **kw), a), kw) for a, kw in inputs]
         return {f"{prefix}.{i}.{n}": r for n, r in done.items()}
 
     def outside(

@@ -169,7 +169,6 @@ def build_model(config: dict[str, Any], state: dict[str, torch.Tensor]):
     config says so). The model is built on the meta device and takes ``state``'s tensors as
     its parameters (no second copy: a 1.5B model peaks at its size, not twice it); modules whose
     buffers transformers computes in ``__init__`` (RoPE tables) are built again for real."""
-    from transformers import AutoModelForCausalLM
 
     cfg = _hf_config(config)
     model = skeleton(cfg)

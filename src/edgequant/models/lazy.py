@@ -247,4 +247,3 @@ def _llama2c_source(path: Path) -> Source:
     return Source(
         info, shapes, read, lambda: llama2c.build(args.to_dict(), meta=True), lambda: Tokenizer(tok)
     )
-
