@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -107,11 +108,15 @@ def load_tokenizer(path: str | Path):
     return Llama2cTokenizer(folder / record["files"][0])
 
 
-def save(model: nn.Module, path: str | Path, *, tokenizer=None, overwrite: bool = False) -> Path:
+def save(
+    model: nn.Module, path: str | Path, *, tokenizer=None, overwrite: bool = False, read=None
+) -> Path:
     """Write ``model`` (quantized or not) as a bundle folder at ``path``; returns the path.
 
     With ``tokenizer`` its files are stored too (``tokenizer/``), so that the bundle alone can
-    be evaluated and generate text.
+    be evaluated and generate text. ``read(name) -> tensor`` gives the values of tensors the
+    model holds on the meta device (`edgequant.stream` keeps finished layers on disk): the file
+    is written one tensor at a time, byte for byte what it would be with every tensor in memory.
 
     >>> import torch.nn as nn, tempfile, edgequant
     >>> m, _ = edgequant.quantize(nn.Sequential(nn.Linear(64, 8)), "8da4w")
@@ -121,18 +126,18 @@ def save(model: nn.Module, path: str | Path, *, tokenizer=None, overwrite: bool 
     """
     path = Path(path)
     with writer_lock(path):
-        return _save(model, path, tokenizer, overwrite)
+        return _save(model, path, tokenizer, overwrite, read)
 
 
-def _save(model: nn.Module, path: Path, tokenizer, overwrite: bool) -> Path:
+def _save(model: nn.Module, path: Path, tokenizer, overwrite: bool, read=None) -> Path:
     check_writable(path, overwrite)
-    state = model.state_dict()
+    state = model.state_dict(keep_vars=True)
     tensors: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     seen: dict[tuple[int, int, tuple[int, ...], torch.dtype], str] = {}
     for name, tensor in state.items():
         key = (
-            tensor.untyped_storage().data_ptr(),
+            tensor.untyped_storage().data_ptr() if not tensor.is_meta else -id(tensor),
             tensor.storage_offset(),
             tuple(tensor.shape),
             tensor.dtype,
@@ -141,7 +146,10 @@ def _save(model: nn.Module, path: Path, tokenizer, overwrite: bool) -> Path:
             aliases[name] = seen[key]
         else:
             seen[key] = name
-            tensors[name] = tensor.detach().contiguous()
+            tensors[name] = tensor.detach()
+    if read is None and any(t.is_meta for t in tensors.values()):
+        meta = [n for n, t in tensors.items() if t.is_meta]
+        raise ValueError(f"the model holds no values for {meta[:4]} (meta tensors) to save")
     layers = {
         fqn: {
             "kind": "embedding" if isinstance(m, QuantizedEmbedding) else "linear",
@@ -154,7 +162,18 @@ def _save(model: nn.Module, path: Path, tokenizer, overwrite: bool) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
-        save_file(tensors, str(tmp / TENSORS), metadata={"format": FORMAT})
+        if read is None:
+            contiguous = {n: t.contiguous() for n, t in tensors.items()}
+            save_file(contiguous, str(tmp / TENSORS), metadata={"format": FORMAT})
+            del contiguous
+        else:
+            from edgequant import _safetensors
+
+            entries = [
+                (n, t.dtype, tuple(t.shape), partial(read, n) if t.is_meta else t.contiguous)
+                for n, t in tensors.items()
+            ]
+            _safetensors.write(tmp / TENSORS, entries, metadata={"format": FORMAT})
         files = [TENSORS]
         tokenizer_record = None
         if tokenizer is not None:

@@ -452,6 +452,19 @@ def calibrated_schemes(todo: list) -> dict[str, Scheme]:
     }
 
 
+def needs_calibration(schemes: dict[str, Scheme]) -> None:
+    """Refuse to round ``schemes`` (fqn -> scheme of a calibrated algorithm) without data."""
+    names = list(schemes)
+    listed = ", ".join(names[:3]) + (" and more" if len(names) > 3 else "")
+    algorithm = schemes[names[0]].algorithm
+    raise ValueError(
+        f"{algorithm} ({listed}) needs calibration data: pass calibration= "
+        "to edgequant.quantize, e.g. edgequant.calibration.wikitext(tokenizer) (WikiText-2 "
+        "past the evaluation windows) or calibration.from_model(model, tokenizer) (no data "
+        "needed); on the command line --calibration wikitext:128x512"
+    )
+
+
 def _calibrated(model: nn.Module, todo: list, calibration) -> dict:
     """Results (fqn -> `algorithms.Quantized`) of the calibrated algorithms (GPTQ, AWQ,
     SmoothQuant) for the linears whose rule asks for one; a lookup table (or a linear tied to
@@ -460,15 +473,7 @@ def _calibrated(model: nn.Module, todo: list, calibration) -> dict:
     if not schemes:
         return {}
     if calibration is None:
-        names = list(schemes)
-        listed = ", ".join(names[:3]) + (" and more" if len(names) > 3 else "")
-        algorithm = schemes[names[0]].algorithm
-        raise ValueError(
-            f"{algorithm} ({listed}) needs calibration data: pass calibration= "
-            "to edgequant.quantize, e.g. edgequant.calibration.wikitext(tokenizer) (WikiText-2 "
-            "past the evaluation windows) or calibration.from_model(model, tokenizer) (no data "
-            "needed); on the command line --calibration wikitext:128x512"
-        )
+        needs_calibration(schemes)
     from edgequant.layerwise import run
 
     return run(model, schemes, calibration)

@@ -24,6 +24,7 @@ tied embedding and head) is loaded once and stays shared.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -53,6 +54,7 @@ class Source:
     ) -> None:
         self.info, self.shapes = info, shapes
         self._read, self._build, self._tokenizer = read, build, tokenizer
+        self.tied: dict[str, str] = {}  # a tied tensor's other names -> the stored one
 
     def tokenizer(self):
         return self._tokenizer()
@@ -72,11 +74,12 @@ class Source:
     def skeleton(self) -> nn.Module:
         """The model, every parameter on the meta device, in eval mode."""
         model = self._build()
-        missing = [
-            names[0]
-            for names in _tensor_groups(model).values()
-            if not any(n in self.shapes for n in names)
-        ]
+        missing = []
+        for names in _tensor_groups(model).values():
+            stored = [n for n in names if n in self.shapes]
+            if not stored:
+                missing.append(names[0])
+            self.tied.update({n: stored[0] for n in names if stored and n not in self.shapes})
         if missing:
             raise ValueError(
                 f"{self.info['source']} holds no values for {missing[:4]}"
@@ -91,8 +94,8 @@ class Source:
                 continue
             if not _get(model, names[0]).is_meta:
                 continue
-            stored = next(n for n in names if n in self.shapes)
-            _assign(model, names, self.read(stored))
+            stored = [n for n in names if n in self.shapes] or [self.tied[n] for n in names]
+            _assign(model, names, self.read(stored[0]))
 
     def n_weights(self) -> int:
         """Values of every stored tensor (a tied tensor once)."""
@@ -168,10 +171,13 @@ def _gguf_source(path: Path) -> Source:
     from edgequant.models.tokenizer import HFTokenizer
 
     reader = gguf.open_reader(path, tokenizer=True)
-    config = gguf.read_config(reader)
-    hf_config = gguf._hf_config(config)
     digest = sha256_file(path)
     cached = gguf.cache_dir() / "gguf" / digest
+    if (cached / "model.safetensors").is_file():  # as `gguf.load` builds it from its cache
+        config = json.loads((cached / "config.json").read_text())
+    else:
+        config = gguf.read_config(reader)
+    hf_config = gguf._hf_config(config)
     info = {"family": "hf", "format": "gguf", "source": str(path), "sha256": digest,
             "config": hf_config.to_dict()}  # fmt: skip
     if (cached / "model.safetensors").is_file():  # the float values `gguf.load` cached

@@ -152,16 +152,22 @@ class Family:
             for p, cs, t, rows in self.smoothing_groups
         ]
 
-    def adopt(self, model: nn.Module) -> Decoder:
+    def adopt(self, model: nn.Module, parts: tuple[str, ...] | None = None) -> Decoder:
         """A `Decoder` holding ``model``'s own modules (quantized or not): its linears and
         embeddings as they are, its norms' weights shared (so folding scales into a norm, or
-        quantizing a linear, acts on both)."""
+        quantizing a linear, acts on both). With ``parts`` (decoder module names such as
+        ``"layers.3"``, ``"norm"``) only those are taken (the model's others may be on the meta
+        device: `edgequant.stream` runs one layer at a time)."""
         spec = self.spec(model.config)
         with torch.device("meta"):
             decoder = Decoder(spec)
         modules = dict(model.named_modules())
+
+        def wanted(name: str) -> bool:
+            return parts is None or any(name == p or name.startswith(p + ".") for p in parts)
+
         for name, module in list(decoder.named_modules()):
-            if not _is_leaf(module):
+            if not _is_leaf(module) or not wanted(name):
                 continue
             hf_name = self.hf_name(name)
             source = modules.get(hf_name) if hf_name else None
@@ -181,7 +187,8 @@ class Family:
                 )
             parent, _, child = name.rpartition(".")
             setattr(decoder.get_submodule(parent) if parent else decoder, child, source)
-        left = [n for n, t in [*decoder.named_parameters(), *decoder.named_buffers()] if t.is_meta]
+        left = [n for n, t in [*decoder.named_parameters(), *decoder.named_buffers()]
+                if t.is_meta and wanted(n)]  # fmt: skip
         if left:
             raise AssertionError(f"not carried over from the Hugging Face model: {left}")
         decoder.family = self.name

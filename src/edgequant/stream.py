@@ -1,0 +1,400 @@
+"""Quantize and evaluate a model larger than memory: one decoder layer in float at a time.
+
+`quantize` reads the float model from a `edgequant.models.lazy.Source` (a GGUF file mapped, a
+safetensors folder read tensor by tensor, a llama2.c file mapped) onto a skeleton on the meta
+device, and for each decoder layer in turn:
+
+1. fills the layer's float weights from the file;
+2. runs the evaluation windows' hidden states through it (the float reference: the windows'
+   hidden states are in memory, never the float model);
+3. runs the calibrated algorithms on the calibration batches' hidden states
+   (`edgequant.layerwise.LayerByLayer`, the same steps as the in-memory path), packs every
+   module the recipe quantizes (`edgequant.quantize.pack`) and measures each one's weight SQNR;
+4. writes the layer's packed tensors to a shard and the hidden states to a carry file in the
+   work folder beside the bundle (``.<bundle>.partial``), then gives the layer's memory back.
+
+The embedding is packed first, the final norm and head last (the float head gives the windows'
+float logits, written to disk one window at a time). The bundle's ``model.safetensors`` is then
+assembled from the shards (`edgequant._safetensors.write`, byte for byte what `edgequant.save`
+writes for the in-memory path's model) with the same manifest. A stopped run continues from its
+last finished layer with ``resume=True``; the bundle is the same as an uninterrupted run's.
+
+`evaluate` loads the bundle (only the packed model is in memory) and compares it window by
+window with the float logits on disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from edgequant import __version__
+from edgequant._progress import progress_bar
+from edgequant.models.lazy import Source, release
+from edgequant.primitives import sqnr
+from edgequant.quantize import (
+    Plan,
+    _set_module,
+    _weight,
+    as_recipe,
+    calibrated_schemes,
+    needs_calibration,
+    pack,
+    plan,
+)
+
+log = logging.getLogger(__name__)
+
+FLOAT_LOGITS = "float-logits.npy"
+CARRY = "carry.safetensors"
+STATE = "state.json"
+
+
+class Stopped(RuntimeError):
+    """Raised by `quantize` after the layer ``stop_after`` names (to test resuming)."""
+
+
+@dataclass
+class Streamed:
+    """What `quantize` returns: the plan, the packed modules' weight SQNR (the entries
+    `edgequant.eval.layer_sqnr` gives), the float logits of the windows on disk (``None``
+    without windows) and the work folder (removed by `finish`)."""
+
+    plan: Plan
+    layers: list[dict[str, Any]]
+    float_logits: Path | None
+    work: Path
+
+    def finish(self) -> None:
+        shutil.rmtree(self.work, ignore_errors=True)
+
+
+def work_dir(out: Path) -> Path:
+    """The folder a streaming run of bundle ``out`` keeps its shards and hidden states in."""
+    return out.parent / f".{out.name}.partial"
+
+
+@torch.no_grad()
+def quantize(
+    source: Source,
+    recipe: Any,
+    out: str | Path,
+    *,
+    tokenizer=None,
+    calibration=None,
+    windows: torch.Tensor | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    stop_after: int | None = None,
+) -> Streamed:
+    """Quantize ``source`` with ``recipe`` one decoder layer at a time into the bundle ``out``;
+    with ``windows`` (``[n, L]`` token ids) also compute the float model's logits on them."""
+    from edgequant.artifact import check_writable
+    from edgequant.layerwise import LayerByLayer, decoder_layers
+
+    out = Path(out)
+    check_writable(out, overwrite)
+    recipe = as_recipe(recipe)
+    model = source.skeleton()
+    p = plan(model, recipe)
+    todo = [lp for lp in p if lp.scheme is not None and lp.scheme.weight != "fp32"]
+    schemes = calibrated_schemes(todo)
+    if schemes and calibration is None:
+        needs_calibration(schemes)  # raises, naming the modules
+    prefix, layers = decoder_layers(model)
+    work = _open_work(out, source, recipe, calibration, windows, len(layers), resume)
+    done_layers = _finished(work)
+    rows: dict[str, dict[str, Any]] = {}
+    packed: dict[str, nn.Module] = {}
+    decoder = _parts(model)
+
+    outside = [lp for lp in todo if not lp.fqn.startswith(f"{prefix}.")]
+    first = [lp for lp in outside if lp.kind == "embedding"]
+    for lp in first:  # what runs before the first layer: the embedding
+        source.fill(model, f"{lp.fqn}.")
+    steps = LayerByLayer(model, schemes, calibration) if schemes else None
+    hidden = _embedded(decoder(), windows) if windows is not None else None
+    for lp in first:
+        packed[lp.fqn] = pack(model, lp, None, packed)
+        rows[lp.fqn] = _sqnr_row(lp, _weight(model.get_submodule(lp.fqn)), packed[lp.fqn])
+        release(model, f"{lp.fqn}.")
+        _set_module(model, lp.fqn, packed[lp.fqn])
+
+    if done_layers:
+        carried, facts = _read_carry(work)
+        if steps is not None:
+            steps.set_hidden([carried[f"calibration.{k}"] for k in range(len(steps.batches))])
+        if hidden is not None:
+            hidden = [carried[f"window.{k}"] for k in range(len(hidden))]
+        rows.update(facts["sqnr"])
+        for i in range(done_layers):  # their packed modules, on the meta device
+            for lp in todo:
+                if lp.fqn.startswith(f"{prefix}.{i}."):
+                    _set_module(model, lp.fqn, _empty_packed(model, lp))
+        log.info("resuming %s after layer %d of %d", out, done_layers - 1, len(layers))
+
+    spec = getattr(decoder(), "spec", None)
+    for i in progress_bar(range(done_layers, len(layers)), len(layers) - done_layers,
+                          "quantize layer by layer", "layer"):  # fmt: skip
+        where = f"{prefix}.{i}."
+        source.fill(model, where)
+        mine = [lp for lp in todo if lp.fqn.startswith(where)]
+        modules = {lp.fqn: model.get_submodule(lp.fqn) for lp in mine}
+        calibrated = steps is not None and any(lp.fqn in schemes for lp in mine)
+        reference = {
+            fqn: _weight(m).detach().clone() if calibrated else _weight(m)
+            for fqn, m in modules.items()
+        }  # the float weights, before calibration folds scales into them
+        if hidden is not None:
+            block = decoder(f"layers.{i}").layers[i]
+            hidden = [_run_block(block, spec, h, i) for h in hidden]
+        results = steps.step(i) if steps is not None else {}
+        for lp in mine:
+            packed[lp.fqn] = pack(model, lp, results.get(lp.fqn), packed)
+            rows[lp.fqn] = _sqnr_row(lp, reference[lp.fqn], packed[lp.fqn])
+            _set_module(model, lp.fqn, packed[lp.fqn])
+        del reference, modules
+        _write_layer(work, model, where, i)
+        _write_carry(work, i, steps, hidden, rows)
+        release(model, where)
+        for lp in mine:
+            packed.pop(lp.fqn)
+        if stop_after is not None and i == stop_after:
+            raise Stopped(f"stopped after layer {i} (stop_after={stop_after})")
+
+    rest = [lp for lp in outside if lp.kind != "embedding"]
+    for name, t in model.named_parameters():  # the final norm (and an untied head, below)
+        if t.is_meta and not name.startswith(f"{prefix}.") and not _under(name, rest):
+            source.fill(model, name)
+    for lp in rest:  # the float head: the windows' logits, its SQNR, its rounding
+        source.fill(model, f"{lp.fqn}.")
+    float_logits = None
+    if hidden is not None:
+        float_logits = _float_logits(work, decoder("norm", "output"), hidden, spec)
+    results = {}
+    late = {lp.fqn: lp.scheme for lp in rest if lp.fqn in schemes}
+    if late and steps is not None:
+        results = steps.outside(model, late, _final_norm(model))
+    for lp in rest:
+        packed[lp.fqn] = pack(model, lp, results.get(lp.fqn), packed)
+        rows[lp.fqn] = _sqnr_row(lp, _weight(model.get_submodule(lp.fqn)), packed[lp.fqn])
+    for lp in rest:
+        release(model, f"{lp.fqn}.")
+        _set_module(model, lp.fqn, packed[lp.fqn])
+    model.edgequant_recipe = p.recipe
+    if calibration is not None:
+        model.edgequant_calibration = getattr(calibration, "source", "token batches given")
+    _assemble(model, out, work, prefix, len(layers), tokenizer, overwrite)
+    order = [lp.fqn for lp in p if lp.fqn in rows]
+    return Streamed(p, [rows[f] for f in order], float_logits, work)
+
+
+def evaluate(bundle: str | Path, streamed: Streamed, windows: torch.Tensor) -> tuple:
+    """``(packed model, compare metrics)``: the bundle loaded (the packed model only) and
+    compared with the float logits `quantize` wrote, one window at a time."""
+    import edgequant
+    from edgequant.eval import Comparison
+    from edgequant.models.base import logits
+
+    model = edgequant.load(bundle)
+    reference = np.load(streamed.float_logits, mmap_mode="r")
+    totals = Comparison()
+    with torch.inference_mode():
+        for k in progress_bar(range(windows.shape[0]), windows.shape[0], "compare", "window"):
+            q = logits(model, windows[k : k + 1])[0]
+            totals.add(torch.from_numpy(np.array(reference[k])), q, windows[k])
+    return model, totals.result()
+
+
+# ---- pieces ----------------------------------------------------------------------------------
+
+
+def _parts(model: nn.Module):
+    """``decoder(*parts)``: the one decoder holding the model's modules named (all of them
+    without names) — the model itself for llama2.c."""
+    from edgequant.models.decoder import Decoder
+    from edgequant.models.families import for_model
+
+    if isinstance(model, Decoder):
+        return lambda *parts: model
+    family = for_model(model)
+    return lambda *parts: family.adopt(model, parts or ("tok_embeddings",))
+
+
+def _embedded(decoder, windows: torch.Tensor) -> list[torch.Tensor]:
+    return [decoder.tok_embeddings(windows[k : k + 1]) for k in range(windows.shape[0])]
+
+
+def _run_block(block: nn.Module, spec, h: torch.Tensor, i: int) -> torch.Tensor:
+    """Block ``i`` on ``h [1, T, dim]`` exactly as `Decoder.forward` runs it (no cache)."""
+    from edgequant.models.decoder import EagerAttention, rope_tables
+
+    T = h.shape[1]
+    if spec.is_local(i):
+        rope = rope_tables(spec, T, local=True, device=h.device)
+    else:
+        rope = rope_tables(spec, T, device=h.device, context=T)
+    rope = (rope[0].to(h.dtype), rope[1].to(h.dtype))
+    return block(h, rope, EagerAttention(spec, T, 0, None, h.device), i)
+
+
+def _float_logits(work: Path, decoder, hidden: list[torch.Tensor], spec) -> Path:
+    """The float model's logits of each window, written one window at a time."""
+    path = work / FLOAT_LOGITS
+    out = None
+    for k, h in enumerate(hidden):
+        lg = decoder.output(decoder.norm(h))
+        if spec.final_logit_softcap is not None:
+            cap = spec.final_logit_softcap
+            lg = torch.tanh(lg / cap) * cap
+        lg = lg.float()[0]
+        if out is None:
+            out = np.lib.format.open_memmap(
+                path, mode="w+", dtype=np.float32, shape=(len(hidden), *lg.shape)
+            )
+        out[k] = lg.numpy()
+        out.flush()
+    del out
+    return path
+
+
+def _final_norm(model: nn.Module) -> nn.Module:
+    """The model's own last norm (what an lm_head reads)."""
+    from edgequant.models.decoder import Decoder
+    from edgequant.models.families import for_model
+
+    if isinstance(model, Decoder):
+        return model.norm
+    return model.get_submodule(for_model(model).hf_name("norm"))
+
+
+def _under(name: str, lps) -> bool:
+    return any(name.startswith(f"{lp.fqn}.") for lp in lps)
+
+
+def _sqnr_row(lp, reference: torch.Tensor, new: nn.Module) -> dict[str, Any]:
+    approx = new.dequantized_weight()
+    return {"fqn": lp.fqn, "role": lp.role, "layer": lp.layer, "scheme": new.scheme.describe(),
+            "shape": list(approx.shape), "sqnr_db": sqnr(reference, approx)}  # fmt: skip
+
+
+def _empty_packed(model: nn.Module, lp) -> nn.Module:
+    from edgequant.layers import QuantizedEmbedding, QuantizedLinear, embed_scale_of
+
+    module = model.get_submodule(lp.fqn)
+    with torch.device("meta"):
+        if lp.kind == "embedding":
+            return QuantizedEmbedding(lp.shape[0], lp.shape[1], lp.scheme, embed_scale_of(module))
+        return QuantizedLinear(lp.shape[1], lp.shape[0], lp.scheme, module.bias is not None)
+
+
+# ---- the work folder -------------------------------------------------------------------------
+
+
+def _key(source: Source, recipe, calibration, windows, n_layers: int) -> dict[str, Any]:
+    digest = None
+    if windows is not None:
+        digest = hashlib.sha256(windows.numpy().tobytes()).hexdigest()[:16]
+    return {
+        "edgequant_version": __version__,
+        "source": source.info["source"],
+        "sha256": source.info.get("sha256"),
+        "recipe": recipe.to_dict(),
+        "calibration": None if calibration is None else getattr(calibration, "source", "given"),
+        "windows": digest,
+        "layers": n_layers,
+    }
+
+
+def _open_work(out, source, recipe, calibration, windows, n_layers, resume) -> Path:
+    work = work_dir(out)
+    key = _key(source, recipe, calibration, windows, n_layers)
+    if work.exists():
+        state = work / STATE
+        old = json.loads(state.read_text()) if state.is_file() else None
+        if not resume:
+            raise FileExistsError(
+                f"{str(work)!r} holds a stopped run of this bundle ({_finished(work)} of "
+                f"{n_layers} layers done); pass --resume (resume=True) to continue it, or remove "
+                "the folder to start again"
+            )
+        if old != key:
+            differ = sorted(k for k in key if old is None or old.get(k) != key[k])
+            raise ValueError(
+                f"{str(work)!r} holds a run with another {', '.join(differ)}; remove it to start "
+                "again, or resume with the same model, recipe, calibration and windows"
+            )
+        return work
+    work.mkdir(parents=True)
+    (work / STATE).write_text(json.dumps(key, indent=2) + "\n")
+    return work
+
+
+def _finished(work: Path) -> int:
+    """Layers a run finished: one past the layer its carry file records (0 without one)."""
+    from safetensors import safe_open
+
+    carry = work / CARRY
+    if not carry.is_file():
+        return 0
+    with safe_open(str(carry), framework="pt") as f:
+        return int(f.metadata()["layer"]) + 1
+
+
+def _write_layer(work: Path, model: nn.Module, where: str, i: int) -> None:
+    from safetensors.torch import save_file
+
+    from edgequant._io import atomic_path
+
+    tensors = {n: t.detach().contiguous() for n, t in model.state_dict().items()
+               if n.startswith(where)}  # fmt: skip
+    with atomic_path(work / f"layer-{i:05d}.safetensors") as tmp:
+        save_file(tensors, str(tmp))
+
+
+def _write_carry(work: Path, i: int, steps, hidden, rows) -> None:
+    """The hidden states after layer ``i`` and every SQNR row so far: what resuming needs."""
+    from safetensors.torch import save_file
+
+    from edgequant._io import atomic_path
+
+    tensors = {}
+    if steps is not None:
+        tensors.update({f"calibration.{k}": h.contiguous() for k, h in enumerate(steps.hidden())})
+    if hidden is not None:
+        tensors.update({f"window.{k}": h.contiguous() for k, h in enumerate(hidden)})
+    facts = {"sqnr": rows}
+    with atomic_path(work / CARRY) as tmp:
+        save_file(tensors, str(tmp), metadata={"layer": str(i), "facts": json.dumps(facts)})
+
+
+def _read_carry(work: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    from safetensors import safe_open
+
+    with safe_open(str(work / CARRY), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+        facts = json.loads(f.metadata()["facts"])
+    return tensors, facts
+
+
+def _assemble(model, out: Path, work: Path, prefix: str, n_layers: int, tokenizer, overwrite):
+    """The bundle: every tensor of a layer read back from its shard, the rest from memory."""
+    from safetensors import safe_open
+
+    from edgequant.artifact import save
+
+    def read(name: str) -> torch.Tensor:
+        i = int(name[len(prefix) + 1 :].split(".", 1)[0])
+        with safe_open(str(work / f"layer-{i:05d}.safetensors"), framework="pt") as f:
+            return f.get_tensor(name)
+
+    save(model, out, tokenizer=tokenizer, overwrite=overwrite, read=read)
