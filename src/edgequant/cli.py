@@ -105,6 +105,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         allow_fallback=args.allow_fallback,
         speed_rounds=args.speed_rounds,
         compare_anchors=args.compare_anchors,
+        stream=args.stream,
+        resume=args.resume,
     )
     print(f"model: {report['model_source']}")
     print(f"bundle: {args.out}  (report.json, report.md, report.png, report.html)")
@@ -426,6 +428,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --targets: also each runtime's own 4-bit route on the same float weights "
         "(executorch-8da4w, litert-torch-int4, llama.cpp-Q4_0, llama.cpp-Q4_0-imatrix; default "
         "all), measured the same way; one not installed is skipped with the reason",
+    )
+    p.add_argument(
+        "--stream",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="read, quantize and evaluate one decoder layer at a time, so that only one layer's "
+        "float weights are in memory (default: when the float32 weights exceed 2 GB); the "
+        "float model's speed is then not measured",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="with --stream: continue a stopped run of this bundle from its last finished layer",
     )
     add_eval_options(p)
     p.set_defaults(func=cmd_quantize)

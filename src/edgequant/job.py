@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 DEFAULT_SEQ_LEN = 512
 SPEED_PROMPT_TOKENS = 64
 SPEED_NEW_TOKENS = 32
+# `run` streams (one decoder layer at a time) a model whose float32 weights exceed this
+STREAM_ABOVE = 2 * 10**9
 
 
 SPEED_TEXT = (
@@ -130,8 +132,18 @@ def run(
     allow_fallback: bool = False,
     speed_rounds: int = 3,
     compare_anchors: str | list[str] | None = None,
+    stream: bool | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Quantize ``model_name`` with ``recipe``, save to ``out``, evaluate, write the reports.
+
+    ``stream`` (default: when the float32 weights exceed `STREAM_ABOVE` bytes) reads, quantizes
+    and evaluates the model one decoder layer at a time (`edgequant.stream`), so only one
+    layer's float weights, the packed model and the windows' hidden states are in memory; the
+    numbers are the in-memory path's, but the float model's speed is not measured and
+    ``compare_presets`` / ``compare_anchors`` (which need the whole float model) are refused.
+    ``resume`` continues a stopped streaming run of the same bundle from its last finished
+    layer.
 
     ``algorithm`` replaces every rule's algorithm (`edgequant.algorithms`); ``calibration`` is a
     source spec for `edgequant.calibration.parse` (``wikitext:128x512``, ``file:PATH:NxL``,
@@ -159,7 +171,24 @@ def run(
         from edgequant._io import read_text_file
 
         read_text_file(Path(text), "text file")
+    if stream is None:
+        stream = _float_bytes(model_name) > STREAM_ABOVE
+    if stream and (compare_presets or anchor_names):
+        what = "--compare" if compare_presets else "--compare-anchors"
+        raise ValueError(
+            f"{what} needs the whole float model in memory; it cannot run with streaming "
+            "(pass --no-stream where the model fits)"
+        )
+    if resume and not stream:
+        raise ValueError("--resume continues a streaming run: pass --stream too")
     with writer_lock(out):  # one run per bundle: its reports describe its own bundle
+        if stream:
+            return _run_streaming(
+                model_name, recipe, out, eval_windows=eval_windows, seq_len=seq_len, text=text,
+                overwrite=overwrite, algorithm=algorithm, calibration=calibration,
+                targets=target_names, allow_fallback=allow_fallback, speed_rounds=speed_rounds,
+                resume=resume,
+            )  # fmt: skip
         return _run(
             model_name, recipe, out, eval_windows=eval_windows, seq_len=seq_len, text=text,
             overwrite=overwrite, compare_presets=compare_presets, algorithm=algorithm,
@@ -245,6 +274,115 @@ def _run(
     if compare_presets:
         rows = compare(float_model, tokenizer, info, float_pass, speed_ids, float_speed)
         write_compare(rows, out, model_name, highlight=recipe.name)
+    return report
+
+
+def _float_bytes(model_name) -> int:
+    """Bytes of the model's weights in float32, read from the file's header (no weights)."""
+    from edgequant.models.lazy import open_source
+
+    return 4 * open_source(model_name).n_weights()
+
+
+def _run_streaming(
+    model_name, recipe, out: Path, *, eval_windows, seq_len, text, overwrite, algorithm,
+    calibration, targets, allow_fallback, speed_rounds, resume,
+) -> dict[str, Any]:  # fmt: skip
+    """`_run` one decoder layer at a time (`edgequant.stream`)."""
+    from edgequant import stream
+    from edgequant.artifact import check_writable
+    from edgequant.models.lazy import open_source
+    from edgequant.report import write_report
+
+    check_writable(out, overwrite)
+    recipe = as_recipe(recipe)
+    if algorithm is not None:
+        recipe = with_algorithm(recipe, algorithm)
+    _check_calibration(recipe, calibration)
+    clock = time.perf_counter()
+    seconds: dict[str, float] = {}
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        seconds[name] = round(now - clock, 2)
+        clock = now
+
+    source = open_source(model_name)
+    tokenizer, info = source.tokenizer(), source.info
+    calibration_data = None
+    if calibration is not None:
+        from edgequant.calibration import parse
+
+        if calibration.strip().startswith("model"):
+            raise ValueError(
+                f"calibration {calibration!r} samples the float model, which streaming never "
+                "holds whole; use wikitext[:NxL] or file:PATH[:NxL]"
+            )
+        calibration_data = parse(calibration, tokenizer, eval_tokens=eval_windows * seq_len)
+    windows, text_path = None, None
+    if eval_windows:
+        ids, text_path = _text_ids(tokenizer, text)
+        windows = ev.windows(ids, seq_len, eval_windows)
+    lap("load")
+    started = time.perf_counter()
+    streamed = stream.quantize(
+        source, recipe, out, tokenizer=tokenizer, calibration=calibration_data, windows=windows,
+        resume=resume, overwrite=overwrite,
+    )  # fmt: skip
+    quantize_seconds = time.perf_counter() - started
+    lap("quantize")
+    plan = streamed.plan
+    measured: dict[str, Any] = dict(ev.size_report(plan))
+    measured["bytes_by_role"] = plan.to_dict()["by_role"]
+    if windows is not None:
+        model, metrics = stream.evaluate(out, streamed, windows)
+        measured.update(metrics, eval_windows=int(windows.shape[0]), seq_len=int(windows.shape[1]),
+                        text=text_path)  # fmt: skip
+    else:
+        model = edgequant.load(out)
+        measured.update(eval_windows=0, seq_len=seq_len)
+    speed_ids = _speed_ids(tokenizer, text)
+    speed = _speed(model, speed_ids)
+    report = {
+        "model": str(Path(model_name).resolve()) if Path(model_name).exists() else model_name,
+        "model_source": info["source"],
+        "model_family": info["family"],
+        "recipe": recipe.to_dict(),
+        "calibration": None if calibration_data is None else calibration_data.source,
+        "bundle": str(out),
+        "streamed": True,
+        "quantize_seconds": quantize_seconds,
+        **measured,
+        "decode_tokens_per_s": speed["decode_tokens_per_s"],
+        "prefill_tokens_per_s": speed["prefill_tokens_per_s"],
+        "layers": streamed.layers,
+        "float_decode_tokens_per_s": None,  # the float model is never whole in memory
+        "float_prefill_tokens_per_s": None,
+        "speed_prompt_tokens": speed["prompt_tokens"],
+        "speed_new_tokens": speed["new_tokens"],
+        "bundle_reloads_identically": True,  # every number above is the reloaded bundle's
+        "kernels": _kernel_counts(model),
+        "torch_threads": torch.get_num_threads(),
+        "edgequant_version": edgequant.__version__,
+        "torch_version": torch.__version__,
+        "recipe_resolved": [lp.to_dict() for lp in plan],
+    }
+    float_pass = None
+    if windows is not None:
+        import numpy as np
+
+        logits_on_disk = np.load(streamed.float_logits, mmap_mode="c")  # paged in per window
+        float_pass = {"windows": windows, "text": text_path,
+                      "logits": torch.from_numpy(logits_on_disk)}  # fmt: skip
+    lap("measure")
+    if targets:
+        report.update(_deploy(model, plan, tokenizer, info, targets, out, float_pass, speed_ids,
+                              allow_fallback=allow_fallback, rounds=speed_rounds, lap=lap,
+                              eager_kl=report.get("kl_divergence")))  # fmt: skip
+    streamed.finish()
+    report["seconds"] = seconds
+    write_report(report, out)
     return report
 
 
