@@ -176,6 +176,21 @@ class _Packed(nn.Module):
             dtype=dtype,
         )
 
+    def dequantized_rows(self, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of `dequantized_weight` (float32), computed from those rows only."""
+        if not self.scheme.is_integer:
+            return self.weight[start:stop].float()
+        q = self.qweight[start:stop]
+        q = unpack(q, self.scheme.bits) if self.scheme.bits in PACKABLE_BITS else q
+
+        def rows(t: torch.Tensor | None) -> torch.Tensor | None:
+            return t[start:stop] if t is not None and t.dim() and t.shape[0] == self.rows else t
+
+        return dequantize(
+            q, rows(self.scale), rows(self.zero_point), granularity=self.scheme.granularity,
+            group_size=self.scheme.group_size,
+        )  # fmt: skip
+
     def weight_bytes(self) -> int:
         """Bytes of the stored weight, scales and zero points (bias excluded)."""
         return sum(t.numel() * t.element_size() for t in self.packed_buffers().values())

@@ -39,8 +39,8 @@ from torch import nn
 
 from edgequant import __version__
 from edgequant._progress import progress_bar
+from edgequant.eval import weight_sqnr
 from edgequant.models.lazy import Source, release
-from edgequant.primitives import sqnr
 from edgequant.quantize import (
     Plan,
     _set_module,
@@ -168,6 +168,7 @@ def quantize(
         release(model, where)
         for lp in mine:
             packed.pop(lp.fqn)
+        _give_back()
         if stop_after is not None and i == stop_after:
             raise Stopped(f"stopped after layer {i} (stop_after={stop_after})")
 
@@ -182,11 +183,16 @@ def quantize(
         float_logits = _float_logits(work, decoder("norm", "output"), hidden, spec)
     results = {}
     late = {lp.fqn: lp.scheme for lp in rest if lp.fqn in schemes}
+    reference = {
+        lp.fqn: _weight(model.get_submodule(lp.fqn)).detach() for lp in rest
+    }  # what calibration rounds in place is cloned first
+    reference.update({fqn: reference[fqn].clone() for fqn in late})
     if late and steps is not None:
         results = steps.outside(model, late, _final_norm(model))
     for lp in rest:
         packed[lp.fqn] = pack(model, lp, results.get(lp.fqn), packed)
-        rows[lp.fqn] = _sqnr_row(lp, _weight(model.get_submodule(lp.fqn)), packed[lp.fqn])
+        rows[lp.fqn] = _sqnr_row(lp, reference[lp.fqn], packed[lp.fqn])
+    del reference
     for lp in rest:
         release(model, f"{lp.fqn}.")
         _set_module(model, lp.fqn, packed[lp.fqn])
@@ -267,6 +273,19 @@ def _float_logits(work: Path, decoder, hidden: list[torch.Tensor], spec) -> Path
     return path
 
 
+def _give_back() -> None:
+    """Return the heap's free pages to the system. glibc keeps memory freed inside its heap,
+    and the layers' tensors of a few MB each leave it fragmented: without this a 16-layer
+    model's run grew by 18 MB of resident memory a layer (measured), the layer size times a
+    fraction, for every layer."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: its allocator does what it does
+        pass
+
+
 def _final_norm(model: nn.Module) -> nn.Module:
     """The model's own last norm (what an lm_head reads)."""
     from edgequant.models.decoder import Decoder
@@ -282,9 +301,8 @@ def _under(name: str, lps) -> bool:
 
 
 def _sqnr_row(lp, reference: torch.Tensor, new: nn.Module) -> dict[str, Any]:
-    approx = new.dequantized_weight()
     return {"fqn": lp.fqn, "role": lp.role, "layer": lp.layer, "scheme": new.scheme.describe(),
-            "shape": list(approx.shape), "sqnr_db": sqnr(reference, approx)}  # fmt: skip
+            "shape": [new.rows, new.cols], "sqnr_db": weight_sqnr(reference, new)}  # fmt: skip
 
 
 def _empty_packed(model: nn.Module, lp) -> nn.Module:

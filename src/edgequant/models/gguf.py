@@ -141,17 +141,19 @@ def weight_tensors(reader, config: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def read_tensor(tensor, name: str, config: dict[str, Any]) -> torch.Tensor:
+def read_tensor(tensor, name: str, config: dict[str, Any], data=None) -> torch.Tensor:
     """One GGUF tensor as the float32 Hugging Face parameter ``name``: dequantized, q/k rows
     un-permuted for families whose llama.cpp architecture permutes them, Gemma's norm shift
-    undone."""
+    undone. ``data``: the tensor's bytes as ``tensor.data`` holds them, read elsewhere (default:
+    the reader's memory map)."""
     from gguf.quants import dequantize
 
     from edgequant.models.families import for_model_type
 
     family = for_model_type(config["model_type"])
     heads = {"q_proj": config["num_attention_heads"], "k_proj": config["num_key_value_heads"]}
-    values = dequantize(tensor.data, tensor.tensor_type).astype(np.float32, copy=False)
+    data = tensor.data if data is None else data
+    values = dequantize(data, tensor.tensor_type).astype(np.float32, copy=False)
     if not values.flags.writeable:  # F32 tensors come straight from the read-only map
         values = values.copy()
     shape = [int(d) for d in reversed(tensor.shape.tolist())]  # GGUF lists dims inner-first

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import math
+import struct
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -187,8 +188,10 @@ def _gguf_source(path: Path) -> Source:
         tensors = gguf.weight_tensors(reader, config)
         shapes = {n: tuple(int(d) for d in reversed(t.shape.tolist())) for n, t in tensors.items()}
 
-        def read(name: str) -> torch.Tensor:
-            return gguf.read_tensor(tensors[name], name, config)
+        def read(name: str) -> torch.Tensor:  # read, not mapped (see _safetensors_reader)
+            t = tensors[name]
+            raw = _read_bytes(path, int(t.data_offset), int(t.n_bytes)).numpy()
+            return gguf.read_tensor(t, name, config, raw.view(t.data.dtype).reshape(t.data.shape))
 
     def tokenizer():
         if (cached / "tokenizer" / "tokenizer.json").is_file():
@@ -198,22 +201,48 @@ def _gguf_source(path: Path) -> Source:
     return Source(info, shapes, read, lambda: gguf.skeleton(hf_config), tokenizer)
 
 
-def _safetensors_reader(files: list[Path]) -> tuple[dict[str, tuple[int, ...]], Reader]:
-    from safetensors import safe_open
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}  # fmt: skip
 
-    where: dict[str, Path] = {}
+
+def _safetensors_reader(files: list[Path]) -> tuple[dict[str, tuple[int, ...]], Reader]:
+    """Shapes and a reader of the tensors of safetensors files. A tensor is read with ``read``
+    into memory of its own, not mapped: the file's pages do not stay in the process (a mapped
+    file counts in its resident memory for as long as it is mapped)."""
+    where: dict[str, tuple[Path, int, int, torch.dtype]] = {}
     shapes: dict[str, tuple[int, ...]] = {}
     for file in files:
-        with safe_open(str(file), framework="pt") as f:
-            for name in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
-                where[name] = file
-                shapes[name] = tuple(f.get_slice(name).get_shape())
+        with open(file, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(size))
+        for name, facts in header.items():
+            if name == "__metadata__":
+                continue
+            if facts["dtype"] not in _SAFETENSORS_DTYPES:
+                raise ValueError(f"{file}: tensor {name!r} has dtype {facts['dtype']}, not a float")
+            begin, end = facts["data_offsets"]
+            where[name] = (file, 8 + size + begin, end - begin, _SAFETENSORS_DTYPES[facts["dtype"]])
+            shapes[name] = tuple(facts["shape"])
 
     def read(name: str) -> torch.Tensor:
-        with safe_open(str(where[name]), framework="pt") as f:
-            return f.get_tensor(name)
+        file, offset, n, dtype = where[name]
+        return _read_bytes(file, offset, n).view(dtype).reshape(shapes[name])
 
     return shapes, read
+
+
+def _read_bytes(file: Path, offset: int, n: int) -> torch.Tensor:
+    """``n`` bytes of ``file`` from ``offset``, as a uint8 tensor."""
+    buffer = torch.empty(n, dtype=torch.uint8)
+    with open(file, "rb") as f:
+        f.seek(offset)
+        got = f.readinto(memoryview(buffer.numpy()))
+    if got != n:
+        raise ValueError(f"{file}: expected {n} bytes at {offset}, got {got} (truncated?)")
+    return buffer
 
 
 def _folder_source(folder: Path) -> Source:
