@@ -103,10 +103,23 @@ def _mixed() -> Recipe:
     )
 
 
+def _float_embedding() -> Recipe:
+    """8da4w on the decoder's linears, the embedding float, the head int8."""
+    return Recipe(
+        (
+            Rule(Scheme("int4", "per_group", 32, activation="int8_dynamic"), role="default"),
+            Rule(None, role="embedding"),
+            Rule(Scheme("int8", activation="int8_dynamic"), role="lm_head"),
+        ),
+        name="linears",
+    )
+
+
 CASES = {
     "8da4w+gptq": lambda: with_algorithm(edgequant.recipes.get("8da4w"), "gptq"),
     "8da4w+awq": lambda: with_algorithm(edgequant.recipes.get("8da4w"), "awq"),
     "mixed": _mixed,
+    "float embedding": _float_embedding,
 }
 
 
@@ -129,8 +142,9 @@ def test_streaming_bundle_and_numbers_equal_the_in_memory_path(case, tiny_folder
     assert not stream.work_dir(tmp_path / "st").exists()
 
 
-def test_tied_head_and_qwen_biases_equal_the_in_memory_path(tiny_qwen_tied, tmp_path):
-    recipe = with_algorithm(edgequant.recipes.get("8da4w"), "gptq")
+@pytest.mark.parametrize("case", ["8da4w+gptq", "float embedding"])
+def test_tied_head_and_qwen_biases_equal_the_in_memory_path(case, tiny_qwen_tied, tmp_path):
+    recipe = CASES[case]()
     windows = torch.randint(0, 256, (1, 32), generator=torch.Generator().manual_seed(3))
     _, metrics, sqnr = _in_memory(tiny_qwen_tied, recipe, tmp_path / "mem", _batches(), windows)
     streamed = stream.quantize(open_source(tiny_qwen_tied), recipe, tmp_path / "st",

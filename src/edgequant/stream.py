@@ -119,8 +119,7 @@ def quantize(
 
     outside = [lp for lp in todo if not lp.fqn.startswith(f"{prefix}.")]
     first = [lp for lp in outside if lp.kind == "embedding"]
-    for lp in first:  # what runs before the first layer: the embedding
-        source.fill(model, f"{lp.fqn}.")
+    source.fill(model, f"{_module_name(model, 'tok_embeddings')}.")  # runs before the layers
     steps = LayerByLayer(model, schemes, calibration) if schemes else None
     hidden = _embedded(decoder(), windows) if windows is not None else None
     for lp in first:
@@ -193,8 +192,7 @@ def quantize(
         packed[lp.fqn] = pack(model, lp, results.get(lp.fqn), packed)
         rows[lp.fqn] = _sqnr_row(lp, reference[lp.fqn], packed[lp.fqn])
     del reference
-    for lp in rest:
-        release(model, f"{lp.fqn}.")
+    for lp in rest:  # the float head goes with the module (its tensor may be the embedding's)
         _set_module(model, lp.fqn, packed[lp.fqn])
     model.edgequant_recipe = p.recipe
     if calibration is not None:
@@ -286,14 +284,17 @@ def _give_back() -> None:
         pass
 
 
-def _final_norm(model: nn.Module) -> nn.Module:
-    """The model's own last norm (what an lm_head reads)."""
+def _module_name(model: nn.Module, decoder_name: str) -> str:
+    """The model's own name of one of the decoder's modules (``tok_embeddings``, ``norm``)."""
     from edgequant.models.decoder import Decoder
     from edgequant.models.families import for_model
 
-    if isinstance(model, Decoder):
-        return model.norm
-    return model.get_submodule(for_model(model).hf_name("norm"))
+    return decoder_name if isinstance(model, Decoder) else for_model(model).hf_name(decoder_name)
+
+
+def _final_norm(model: nn.Module) -> nn.Module:
+    """The model's own last norm (what an lm_head reads)."""
+    return model.get_submodule(_module_name(model, "norm"))
 
 
 def _under(name: str, lps) -> bool:

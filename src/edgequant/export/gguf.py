@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -101,36 +102,27 @@ class _Tensor:
     fqn: str
 
 
+@dataclass
+class _Header:
+    """A tensor's facts for the file's header, without its values."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    nbytes: int
+    size: int
+
+
 def _tensors(lay: Layout, allow_requant: bool) -> tuple[list[_Tensor], list]:
-    layers: list[_Tensor] = []
+    """Every tensor's header facts (``data`` a `_Header`: each is encoded and dropped, so one
+    is in memory at a time) and the re-quantized layers; raises naming the layers GGUF cannot
+    hold."""
     refused: list[tuple[str, tuple[Scheme, int]]] = []
     requant: list[tuple[str, str, float]] = []
-    spec = lay.spec
-    q_scale = _q_scale(lay)
-    for module, fqn, base in lay.modules:
-        permute = None
-        kind = base.rsplit(".", 1)[-1]
-        heads = {"attn_q": spec.n_heads, "attn_k": spec.n_kv_heads}.get(kind)
-        if heads and lay.family.permute_qk:
-            permute = functools.partial(permute_qk, n_head=heads)
-        if isinstance(module, RMSNorm):  # llama.cpp multiplies by the stored weight itself
-            values = module.weight.detach().float() + module.offset
-            if kind == "attn_q_norm" and q_scale != 1.0:
-                values = values * q_scale
-            layers.append(_Tensor(f"{base}.weight", values.numpy(), "F32", fqn))
-            continue
-        data, kind = encode(fqn, module, permute, allow_requant, requant)
-        if data is None:
-            refused.append((fqn, kind))
-            continue
-        layers.append(_Tensor(f"{base}.weight", data, kind, fqn))
-        bias = getattr(module, "bias", None)
-        if bias is not None:
-            bias = bias.detach().float()
-            layers.append(_Tensor(f"{base}.bias", (permute(bias) if permute else bias).numpy(),
-                                  "F32", fqn))  # fmt: skip
-    for name, values in lay.family.gguf_tensors(spec).items():
-        layers.append(_Tensor(name, np.asarray(values, dtype=np.float32), "F32", name))
+    layers = [
+        _Tensor(t.name, _Header(tuple(t.data.shape), t.data.dtype, t.data.nbytes, t.data.size),
+                t.gguf_type, t.fqn)
+        for t in _encoded(lay, allow_requant, refused, requant)
+    ]  # fmt: skip
     if refused:
         listed = "; ".join(
             f"{fqn} ({s.describe()}; nearest exact: {nearest_scheme(s, cols).describe()} = "
@@ -147,6 +139,36 @@ def _tensors(lay: Layout, allow_requant: bool) -> tuple[list[_Tensor], list]:
     for fqn, target, db in requant:
         log.warning("%s re-quantized to %s: %.1f dB against edgequant's values", fqn, target, db)
     return layers, requant
+
+
+def _encoded(lay: Layout, allow_requant: bool, refused: list, requant: list) -> Iterator[_Tensor]:
+    """The file's tensors in order, each encoded when it is asked for (one in memory at a
+    time); a layer GGUF cannot hold goes to ``refused``, a re-quantized one to ``requant``."""
+    spec = lay.spec
+    q_scale = _q_scale(lay)
+    for module, fqn, base in lay.modules:
+        permute = None
+        kind = base.rsplit(".", 1)[-1]
+        heads = {"attn_q": spec.n_heads, "attn_k": spec.n_kv_heads}.get(kind)
+        if heads and lay.family.permute_qk:
+            permute = functools.partial(permute_qk, n_head=heads)
+        if isinstance(module, RMSNorm):  # llama.cpp multiplies by the stored weight itself
+            values = module.weight.detach().float() + module.offset
+            if kind == "attn_q_norm" and q_scale != 1.0:
+                values = values * q_scale
+            yield _Tensor(f"{base}.weight", values.numpy(), "F32", fqn)
+            continue
+        data, kind = encode(fqn, module, permute, allow_requant, requant)
+        if data is None:
+            refused.append((fqn, kind))
+            continue
+        yield _Tensor(f"{base}.weight", data, kind, fqn)
+        bias = getattr(module, "bias", None)
+        if bias is not None:
+            bias = bias.detach().float()
+            yield _Tensor(f"{base}.bias", (permute(bias) if permute else bias).numpy(), "F32", fqn)
+    for name, values in lay.family.gguf_tensors(spec).items():
+        yield _Tensor(name, np.asarray(values, dtype=np.float32), "F32", name)
 
 
 def _q_scale(lay: Layout) -> float:
@@ -257,10 +279,16 @@ def to_gguf(
         for t in tensors:
             qtype = gguf.GGMLQuantizationType[t.gguf_type]
             raw = t.data.dtype == np.uint8
-            writer.add_tensor(t.name, t.data, raw_dtype=qtype if raw else None)
+            writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes,
+                                   raw_dtype=qtype if raw else None)  # fmt: skip
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
+        writer.write_ti_data_to_file()
+        # encoded again, one at a time: the file's data never all in memory
+        for t, header in zip(_encoded(lay, allow_requant, [], []), tensors, strict=True):
+            if t.name != header.name or t.data.nbytes != header.data.nbytes:
+                raise AssertionError(f"{t.name}: encoded differently the second time")
+            writer.write_tensor_data(t.data)
         writer.close()
     return out
 
