@@ -96,17 +96,23 @@ def main() -> int:
             })  # fmt: skip
             if path == "stream" and case.startswith("qwen"):
                 gguf = work / f"{case}.gguf"
-                measured = run(["export", str(out), "--format", "gguf", "--out", str(gguf),
-                                "--overwrite"])  # fmt: skip
+                measured = run(["export", "--artifact", str(out), "--format", "gguf",
+                                "--out", str(gguf), "--overwrite"])  # fmt: skip
                 over = round(measured["peak_rss_gb"] * 1e9 / size, 3)
                 rows.append({"case": case, "step": "export gguf", "path": "bundle",
                              **measured, "float32_gb": round(size / 1e9, 3),
                              "peak_over_float32": over})  # fmt: skip
+            write(args.out, rows, work)  # after every run: a later failure loses nothing
     print(table(rows))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"rows": rows, "work": str(work)}, indent=2) + "\n")
     print(f"\nwrote {args.out}", file=sys.stderr)
     return 0
+
+
+def write(out: str, rows: list[dict], work: Path) -> None:
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(out).with_suffix(".tmp")
+    tmp.write_text(json.dumps({"rows": rows, "work": str(work)}, indent=2) + "\n")
+    os.replace(tmp, out)
 
 
 def table(rows: list[dict]) -> str:

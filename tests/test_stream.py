@@ -249,7 +249,8 @@ def test_under_a_memory_limit_below_the_float_size_only_streaming_works(tmp_path
     def child(how: str, out) -> dict:
         done = subprocess.run(
             [sys.executable, "-c", CHILD, str(folder), str(out), how, str(budget)],
-            capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"},
+            capture_output=True, text=True, timeout=600,
+            env={**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"},
         )  # fmt: skip
         assert done.returncode == 0, done.stderr[-2000:]
         return json.loads(done.stdout.strip().splitlines()[-1])
