@@ -93,8 +93,10 @@ def _mixed() -> Recipe:
     """int4 g32 hqq linears, int8 attention output, an int8 embedding and a float head."""
     return Recipe(
         (
-            Rule(Scheme("int4", "per_group", 32, activation="int8_dynamic", algorithm="hqq"),
-                 role="default"),
+            Rule(
+                Scheme("int4", "per_group", 32, activation="int8_dynamic", algorithm="hqq"),
+                role="default",
+            ),
             Rule(Scheme("int8", activation="int8_dynamic"), module="re:.*o_proj"),
             Rule(Scheme("int8"), role="embedding"),
             Rule(None, role="lm_head"),
