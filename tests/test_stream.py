@@ -180,8 +180,9 @@ def test_a_stopped_run_resumes_to_the_same_bundle(tiny_folder, tmp_path):
                         windows=windows, stop_after=0)  # fmt: skip
     assert not out.exists()
     with pytest.raises(FileExistsError, match=r"holds a stopped run of this bundle \(1 of 3 "):
-        stream.quantize(open_source(tiny_folder), recipe, out, calibration=_batches())
-    with pytest.raises(ValueError, match="holds a run with another recipe"):
+        stream.quantize(open_source(tiny_folder), recipe, out, calibration=_batches(),
+                        windows=windows)  # fmt: skip
+    with pytest.raises(ValueError, match="holds a stopped run with another recipe"):
         stream.quantize(open_source(tiny_folder), "int8-dynamic", out, calibration=_batches(),
                         windows=windows, resume=True)  # fmt: skip
     resumed = stream.quantize(open_source(tiny_folder), recipe, out, calibration=_batches(),
@@ -190,6 +191,27 @@ def test_a_stopped_run_resumes_to_the_same_bundle(tiny_folder, tmp_path):
     assert _digest(out / "manifest.json") == _digest(tmp_path / "whole/manifest.json")
     assert resumed.layers == whole.layers
     assert np.array_equal(np.load(resumed.float_logits), np.load(whole.float_logits))
+
+
+def test_the_job_streamed_reports_the_in_memory_jobs_numbers(tiny_folder, tmp_path):
+    from edgequant import job
+
+    text = tmp_path / "text.txt"
+    text.write_text("once upon a time there was a tiny model that streamed. " * 20)
+    options = dict(eval_windows=2, seq_len=48, text=text, algorithm="gptq",
+                   calibration=f"file:{text}:2x32")  # fmt: skip
+    whole = job.run(str(tiny_folder), "8da4w", tmp_path / "whole", stream=False, **options)
+    streamed = job.run(str(tiny_folder), "8da4w", tmp_path / "streamed", stream=True, **options)
+    assert streamed["streamed"] is True and "streamed" not in whole
+    for key in ("kl_divergence", "perplexity", "float_perplexity", "top1_agreement",
+                "quantized_bytes", "bits_per_weight", "layers", "recipe_resolved"):  # fmt: skip
+        assert streamed[key] == whole[key], key
+    assert streamed["float_decode_tokens_per_s"] is None
+    assert _digest(tmp_path / "streamed/model.safetensors") == _digest(
+        tmp_path / "whole/model.safetensors"
+    )
+    assert (tmp_path / "streamed/report.html").is_file()
+    assert not stream.work_dir(tmp_path / "streamed").exists()
 
 
 def test_the_job_streams_and_refuses_what_needs_the_float_model(tiny_folder, tmp_path):

@@ -171,8 +171,9 @@ def run(
         from edgequant._io import read_text_file
 
         read_text_file(Path(text), "text file")
-    if stream is None:
-        stream = _float_bytes(model_name) > STREAM_ABOVE
+    if stream is None:  # what needs the float model whole keeps it whole
+        whole = compare_presets or anchor_names or (calibration or "").strip().startswith("model")
+        stream = not whole and _float_bytes(model_name) > STREAM_ABOVE
     if stream and (compare_presets or anchor_names):
         what = "--compare" if compare_presets else "--compare-anchors"
         raise ValueError(
@@ -278,10 +279,14 @@ def _run(
 
 
 def _float_bytes(model_name) -> int:
-    """Bytes of the model's weights in float32, read from the file's header (no weights)."""
+    """Bytes of the model's weights in float32, read from the file's header (no weights); 0
+    for what cannot be read a tensor at a time (the in-memory path's loader says why)."""
     from edgequant.models.lazy import open_source
 
-    return 4 * open_source(model_name).n_weights()
+    try:
+        return 4 * open_source(model_name).n_weights()
+    except (ValueError, OSError, KeyError):
+        return 0
 
 
 def _run_streaming(

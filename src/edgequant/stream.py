@@ -47,6 +47,7 @@ from edgequant.quantize import (
     _weight,
     as_recipe,
     calibrated_schemes,
+    check_finite,
     needs_calibration,
     pack,
     plan,
@@ -111,15 +112,16 @@ def quantize(
     if schemes and calibration is None:
         needs_calibration(schemes)  # raises, naming the modules
     prefix, layers = decoder_layers(model)
+    decoder = _parts(model)  # a family edgequant's decoder runs: before any work
     work = _open_work(out, source, recipe, calibration, windows, len(layers), resume)
     done_layers = _finished(work)
     rows: dict[str, dict[str, Any]] = {}
     packed: dict[str, nn.Module] = {}
-    decoder = _parts(model)
 
     outside = [lp for lp in todo if not lp.fqn.startswith(f"{prefix}.")]
     first = [lp for lp in outside if lp.kind == "embedding"]
     source.fill(model, f"{_module_name(model, 'tok_embeddings')}.")  # runs before the layers
+    check_finite(model)  # what is filled so far; each layer below as it is read
     steps = LayerByLayer(model, schemes, calibration) if schemes else None
     hidden = _embedded(decoder(), windows) if windows is not None else None
     for lp in first:
@@ -146,6 +148,7 @@ def quantize(
                           "quantize layer by layer", "layer"):  # fmt: skip
         where = f"{prefix}.{i}."
         source.fill(model, where)
+        check_finite(model.get_submodule(where[:-1]))
         mine = [lp for lp in todo if lp.fqn.startswith(where)]
         modules = {lp.fqn: model.get_submodule(lp.fqn) for lp in mine}
         calibrated = steps is not None and any(lp.fqn in schemes for lp in mine)
@@ -156,12 +159,13 @@ def quantize(
         if hidden is not None:
             block = decoder(f"layers.{i}").layers[i]
             hidden = [_run_block(block, spec, h, i) for h in hidden]
+            del block  # it holds the layer's float modules
         results = steps.step(i) if steps is not None else {}
         for lp in mine:
             packed[lp.fqn] = pack(model, lp, results.get(lp.fqn), packed)
             rows[lp.fqn] = _sqnr_row(lp, reference[lp.fqn], packed[lp.fqn])
             _set_module(model, lp.fqn, packed[lp.fqn])
-        del reference, modules
+        del reference, modules, results  # the float linears go with the last references
         _write_layer(work, model, where, i)
         _write_carry(work, i, steps, hidden, rows)
         release(model, where)
@@ -177,6 +181,7 @@ def quantize(
             source.fill(model, name)
     for lp in rest:  # the float head: the windows' logits, its SQNR, its rounding
         source.fill(model, f"{lp.fqn}.")
+    check_finite(model)
     float_logits = None
     if hidden is not None:
         float_logits = _float_logits(work, decoder("norm", "output"), hidden, spec)
@@ -320,13 +325,18 @@ def _empty_packed(model: nn.Module, lp) -> nn.Module:
 
 
 def _key(source: Source, recipe, calibration, windows, n_layers: int) -> dict[str, Any]:
+    """What a run is: a stopped run continues only with the same key."""
     digest = None
     if windows is not None:
         digest = hashlib.sha256(windows.numpy().tobytes()).hexdigest()[:16]
+    path = Path(source.info["source"]).resolve()
+    files = sorted(path.iterdir()) if path.is_dir() else [path]
     return {
         "edgequant_version": __version__,
-        "source": source.info["source"],
+        "source": str(path),
         "sha256": source.info.get("sha256"),
+        # a folder or .bin is not hashed (a 15 GB read): its files' sizes and times instead
+        "files": {f.name: [f.stat().st_size, f.stat().st_mtime_ns] for f in files if f.is_file()},
         "recipe": recipe.to_dict(),
         "calibration": None if calibration is None else getattr(calibration, "source", "given"),
         "windows": digest,
@@ -340,17 +350,17 @@ def _open_work(out, source, recipe, calibration, windows, n_layers, resume) -> P
     if work.exists():
         state = work / STATE
         old = json.loads(state.read_text()) if state.is_file() else None
+        if old != key:
+            differ = sorted(k for k in key if old is None or old.get(k) != key[k])
+            raise ValueError(
+                f"{str(work)!r} holds a stopped run with another {', '.join(differ)}; remove it "
+                "to start again, or resume with the same model, recipe, calibration and windows"
+            )
         if not resume:
             raise FileExistsError(
                 f"{str(work)!r} holds a stopped run of this bundle ({_finished(work)} of "
                 f"{n_layers} layers done); pass --resume (resume=True) to continue it, or remove "
                 "the folder to start again"
-            )
-        if old != key:
-            differ = sorted(k for k in key if old is None or old.get(k) != key[k])
-            raise ValueError(
-                f"{str(work)!r} holds a run with another {', '.join(differ)}; remove it to start "
-                "again, or resume with the same model, recipe, calibration and windows"
             )
         return work
     work.mkdir(parents=True)

@@ -96,7 +96,14 @@ class Source:
             if not _get(model, names[0]).is_meta:
                 continue
             stored = [n for n in names if n in self.shapes] or [self.tied[n] for n in names]
-            _assign(model, names, self.read(stored[0]))
+            tensor = self.read(stored[0])
+            expected = tuple(_get(model, names[0]).shape)
+            if tuple(tensor.shape) != expected:
+                raise ValueError(
+                    f"{self.info['source']}: tensor {stored[0]!r} has shape "
+                    f"{tuple(tensor.shape)}; the model's config makes {names[0]} {expected}"
+                )
+            _assign(model, names, tensor)
 
     def n_weights(self) -> int:
         """Values of every stored tensor (a tied tensor once)."""
@@ -270,6 +277,8 @@ def _llama2c_source(path: Path) -> Source:
     args, layout = checkpoint_layout(path)
     values = np.memmap(path, dtype="<f4", mode="r", offset=28)
     shapes = {name: shape for name, (_, shape, _) in layout.items()}
+    if args.tied_embedding:  # the skeleton ties it: read (and counted) as the embedding
+        shapes.pop("output.weight")
 
     def read(name: str) -> torch.Tensor:
         offset, shape, reorder = layout[name]
