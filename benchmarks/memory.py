@@ -35,6 +35,11 @@ CASES = {
     "smollm2-hqq": ("default", HQQ, ("memory", "stream")),
     "qwen1.5b-hqq": (QWEN, HQQ, ("memory", "stream")),
     "qwen1.5b-gptq": (QWEN, GPTQ, ("stream",)),  # in memory: ~20 GB and an hour; not run
+    "qwen1.5b-gptq16": (
+        QWEN,
+        [*HQQ, "--algorithm", "gptq", "--calibration", "wikitext:16x512"],
+        ("stream",),
+    ),  # fmt: skip
 }
 
 
@@ -66,6 +71,7 @@ def float_bytes(model: str) -> int:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", default=",".join(CASES), help=f"any of {', '.join(CASES)}")
+    parser.add_argument("--paths", default="memory,stream", help="memory, stream or both")
     parser.add_argument("--work", help="folder for the bundles (default: a temporary one)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "memory.json"))
     args = parser.parse_args()
@@ -78,7 +84,7 @@ def main() -> int:
     for case in cases:
         model, options, paths = CASES[case]
         size = float_bytes(model)
-        for path in paths:
+        for path in [p for p in paths if p in args.paths.split(",")]:
             out = work / f"{case}-{path}"
             shutil.rmtree(out, ignore_errors=True)
             flag = "--stream" if path == "stream" else "--no-stream"

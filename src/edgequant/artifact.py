@@ -211,6 +211,16 @@ def _save(model: nn.Module, path: Path, tokenizer, overwrite: bool, read=None) -
     return path
 
 
+def _empty(module: nn.Module, kind: str, scheme: Scheme) -> nn.Module:
+    """A packed module of ``scheme`` shaped like ``module`` (its tensors to be loaded)."""
+    if kind == "embedding":
+        return QuantizedEmbedding(
+            module.num_embeddings, module.embedding_dim, scheme, embed_scale_of(module)
+        )
+    rows, cols = linear_weight(module).shape
+    return QuantizedLinear(cols, rows, scheme, bias=module.bias is not None)
+
+
 def _check_model_size(build, config: dict[str, Any], path: Path) -> None:
     """Refuse a ``model.config`` describing a float model far larger than the bundle's tensors
     could fill (an edited manifest would otherwise allocate it), measured on the meta device."""
@@ -424,13 +434,8 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
         except AttributeError:
             raise ValueError(f"the model has no module {fqn!r} that the bundle quantized") from None
         try:
-            if facts["kind"] == "embedding":
-                new = QuantizedEmbedding(
-                    module.num_embeddings, module.embedding_dim, scheme, embed_scale_of(module)
-                )
-            else:
-                rows, cols = linear_weight(module).shape
-                new = QuantizedLinear(cols, rows, scheme, bias=module.bias is not None)
+            with torch.device("meta"):  # its tensors are the bundle's, assigned below
+                new = _empty(module, facts["kind"], scheme)
         except (AttributeError, TypeError, ValueError) as e:
             raise ValueError(
                 f"{MANIFEST}: layers.{fqn}: a {facts['kind']} of this scheme does not fit the "

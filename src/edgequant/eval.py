@@ -45,8 +45,10 @@ log = logging.getLogger(__name__)
 # Float logits by cache key: {key: (windows they were computed on, logits [n, L, V])}.
 _FLOAT_CACHE: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 # Predicted positions per block in `compare`: bounds float64 temporaries to a few of
-# [block, vocab] (128 x 49152 x 8 B = 50 MB) whatever the window length.
+# [block, vocab] (128 x 49152 x 8 B = 50 MB) whatever the window length; fewer positions for a
+# vocabulary over 65,536 tokens (Qwen2.5's 151,936: 55), so a block stays within _BLOCK_VALUES.
 _BLOCK = 128
+_BLOCK_VALUES = 128 * 65536
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -255,8 +257,9 @@ class Comparison:
 
     def add(self, float_logits: torch.Tensor, quant_logits: torch.Tensor, window) -> None:
         L = window.shape[0]
-        for start in range(0, L - 1, _BLOCK):
-            stop = min(start + _BLOCK, L - 1)
+        block = max(1, min(_BLOCK, _BLOCK_VALUES // float_logits.shape[-1]))
+        for start in range(0, L - 1, block):
+            stop = min(start + block, L - 1)
             f, q = float_logits[start:stop], quant_logits[start:stop]  # [b, V]
             target = window[start + 1 : stop + 1, None].to(f.device)  # [b, 1]
             log_p, log_q = F.log_softmax(f.double(), -1), F.log_softmax(q.double(), -1)

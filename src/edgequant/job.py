@@ -341,12 +341,11 @@ def _run_streaming(
     measured: dict[str, Any] = dict(ev.size_report(plan))
     measured["bytes_by_role"] = plan.to_dict()["by_role"]
     if windows is not None:
-        model, metrics = stream.evaluate(out, streamed, windows)
-        measured.update(metrics, eval_windows=int(windows.shape[0]), seq_len=int(windows.shape[1]),
-                        text=text_path)  # fmt: skip
+        measured.update(streamed.metrics, eval_windows=int(windows.shape[0]),
+                        seq_len=int(windows.shape[1]), text=text_path)  # fmt: skip
     else:
-        model = edgequant.load(out)
         measured.update(eval_windows=0, seq_len=seq_len)
+    model = edgequant.load(out)  # the packed model: its speed (and the targets' files)
     speed_ids = _speed_ids(tokenizer, text)
     speed = _speed(model, speed_ids)
     report = {

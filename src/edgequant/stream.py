@@ -19,8 +19,10 @@ assembled from the shards (`edgequant._safetensors.write`, byte for byte what `e
 writes for the in-memory path's model) with the same manifest. A stopped run continues from its
 last finished layer with ``resume=True``; the bundle is the same as an uninterrupted run's.
 
-`evaluate` loads the bundle (only the packed model is in memory) and compares it window by
-window with the float logits on disk.
+The quantized model is evaluated in the same pass: the windows' hidden states also go through
+each packed layer as soon as it is packed, and at the end each window's logits are compared with
+the float ones on disk (`edgequant.eval.Comparison`: the sums `compare` makes, in the same
+order), so neither model is ever whole in memory.
 """
 
 from __future__ import annotations
@@ -68,12 +70,14 @@ class Stopped(RuntimeError):
 class Streamed:
     """What `quantize` returns: the plan, the packed modules' weight SQNR (the entries
     `edgequant.eval.layer_sqnr` gives), the float logits of the windows on disk (``None``
-    without windows) and the work folder (removed by `finish`)."""
+    without windows), the work folder (removed by `finish`) and the quantized model's
+    `edgequant.eval.compare` metrics on the windows."""
 
     plan: Plan
     layers: list[dict[str, Any]]
     float_logits: Path | None
     work: Path
+    metrics: dict[str, float] | None = None  # `edgequant.eval.compare`'s, with windows
 
     def finish(self) -> None:
         shutil.rmtree(self.work, ignore_errors=True)
@@ -129,6 +133,8 @@ def quantize(
         rows[lp.fqn] = _sqnr_row(lp, _weight(model.get_submodule(lp.fqn)), packed[lp.fqn])
         release(model, f"{lp.fqn}.")
         _set_module(model, lp.fqn, packed[lp.fqn])
+    # the quantized model's hidden states of the windows, beside the float ones
+    quantized = _embedded(decoder(), windows) if windows is not None else None
 
     if done_layers:
         carried, facts = _read_carry(work)
@@ -136,6 +142,7 @@ def quantize(
             steps.set_hidden([carried[f"calibration.{k}"] for k in range(len(steps.batches))])
         if hidden is not None:
             hidden = [carried[f"window.{k}"] for k in range(len(hidden))]
+            quantized = [carried[f"quantized.{k}"] for k in range(len(hidden))]
         rows.update(facts["sqnr"])
         for i in range(done_layers):  # their packed modules, on the meta device
             for lp in todo:
@@ -166,11 +173,15 @@ def quantize(
             rows[lp.fqn] = _sqnr_row(lp, reference[lp.fqn], packed[lp.fqn])
             _set_module(model, lp.fqn, packed[lp.fqn])
         del reference, modules, results  # the float linears go with the last references
+        if quantized is not None:
+            block = decoder(f"layers.{i}").layers[i]  # now holding the packed modules
+            quantized = [_run_block(block, spec, h, i) for h in quantized]
+            del block
         _write_layer(work, model, where, i)
-        _write_carry(work, i, steps, hidden, rows)
+        _write_carry(work, i, steps, hidden, quantized, rows)
         release(model, where)
         for lp in mine:
-            packed.pop(lp.fqn)
+            packed.pop(lp.fqn)._kernel_cache.clear()  # a fast kernel's copy of the weights
         _give_back()
         if stop_after is not None and i == stop_after:
             raise Stopped(f"stopped after layer {i} (stop_after={stop_after})")
@@ -199,29 +210,15 @@ def quantize(
     del reference
     for lp in rest:  # the float head goes with the module (its tensor may be the embedding's)
         _set_module(model, lp.fqn, packed[lp.fqn])
+    metrics = None
+    if quantized is not None:
+        metrics = _compare(float_logits, decoder("norm", "output"), quantized, spec, windows)
     model.edgequant_recipe = p.recipe
     if calibration is not None:
         model.edgequant_calibration = getattr(calibration, "source", "token batches given")
     _assemble(model, out, work, prefix, len(layers), tokenizer, overwrite)
     order = [lp.fqn for lp in p if lp.fqn in rows]
-    return Streamed(p, [rows[f] for f in order], float_logits, work)
-
-
-def evaluate(bundle: str | Path, streamed: Streamed, windows: torch.Tensor) -> tuple:
-    """``(packed model, compare metrics)``: the bundle loaded (the packed model only) and
-    compared with the float logits `quantize` wrote, one window at a time."""
-    import edgequant
-    from edgequant.eval import Comparison
-    from edgequant.models.base import logits
-
-    model = edgequant.load(bundle)
-    reference = np.load(streamed.float_logits, mmap_mode="r")
-    totals = Comparison()
-    with torch.inference_mode():
-        for k in progress_bar(range(windows.shape[0]), windows.shape[0], "compare", "window"):
-            q = logits(model, windows[k : k + 1])[0]
-            totals.add(torch.from_numpy(np.array(reference[k])), q, windows[k])
-    return model, totals.result()
+    return Streamed(p, [rows[f] for f in order], float_logits, work, metrics)
 
 
 # ---- pieces ----------------------------------------------------------------------------------
@@ -256,16 +253,35 @@ def _run_block(block: nn.Module, spec, h: torch.Tensor, i: int) -> torch.Tensor:
     return block(h, rope, EagerAttention(spec, T, 0, None, h.device), i)
 
 
+def _logits(decoder, h: torch.Tensor, spec) -> torch.Tensor:
+    """The head's logits ``[T, vocab]`` of the last hidden states, as `Decoder.run` makes them."""
+    lg = decoder.output(decoder.norm(h))
+    if spec.final_logit_softcap is not None:
+        cap = spec.final_logit_softcap
+        lg = torch.tanh(lg / cap) * cap
+    return lg.float()[0]
+
+
+def _compare(float_logits: Path, decoder, quantized, spec, windows) -> dict[str, float]:
+    """`edgequant.eval.compare` of the quantized model's logits with the float ones on disk,
+    one window at a time (the same sums, in the same order)."""
+    from edgequant.eval import Comparison
+
+    reference = np.load(float_logits, mmap_mode="r")
+    totals = Comparison()
+    for k, h in enumerate(quantized):
+        f = torch.from_numpy(np.array(reference[k]))
+        totals.add(f, _logits(decoder, h, spec), windows[k])
+        del f
+    return totals.result()
+
+
 def _float_logits(work: Path, decoder, hidden: list[torch.Tensor], spec) -> Path:
     """The float model's logits of each window, written one window at a time."""
     path = work / FLOAT_LOGITS
     out = None
     for k, h in enumerate(hidden):
-        lg = decoder.output(decoder.norm(h))
-        if spec.final_logit_softcap is not None:
-            cap = spec.final_logit_softcap
-            lg = torch.tanh(lg / cap) * cap
-        lg = lg.float()[0]
+        lg = _logits(decoder, h, spec)
         if out is None:
             out = np.lib.format.open_memmap(
                 path, mode="w+", dtype=np.float32, shape=(len(hidden), *lg.shape)
@@ -390,7 +406,7 @@ def _write_layer(work: Path, model: nn.Module, where: str, i: int) -> None:
         save_file(tensors, str(tmp))
 
 
-def _write_carry(work: Path, i: int, steps, hidden, rows) -> None:
+def _write_carry(work: Path, i: int, steps, hidden, quantized, rows) -> None:
     """The hidden states after layer ``i`` and every SQNR row so far: what resuming needs."""
     from safetensors.torch import save_file
 
@@ -401,6 +417,7 @@ def _write_carry(work: Path, i: int, steps, hidden, rows) -> None:
         tensors.update({f"calibration.{k}": h.contiguous() for k, h in enumerate(steps.hidden())})
     if hidden is not None:
         tensors.update({f"window.{k}": h.contiguous() for k, h in enumerate(hidden)})
+        tensors.update({f"quantized.{k}": h.contiguous() for k, h in enumerate(quantized)})
     facts = {"sqnr": rows}
     with atomic_path(work / CARRY) as tmp:
         save_file(tensors, str(tmp), metadata={"layer": str(i), "facts": json.dumps(facts)})
