@@ -482,9 +482,20 @@ def by_rows(fn, weight: torch.Tensor, scheme: Scheme, **kwargs) -> Quantized:
     step = max(1, BLOCK_ELEMENTS // cols)
     if rows <= step:
         return fn(weight, scheme, **kwargs)
-    parts = [fn(weight[i : i + step], scheme, **kwargs) for i in range(0, rows, step)]
-    zero = None if parts[0].zero_point is None else torch.cat([p.zero_point for p in parts])
-    return Quantized(torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts]), zero)
+    out: Quantized | None = None
+    for i in range(0, rows, step):  # each block written into the result: no list to concatenate
+        part = fn(weight[i : i + step], scheme, **kwargs)
+        if out is None:
+
+            def like(t: torch.Tensor | None) -> torch.Tensor | None:
+                return None if t is None else t.new_empty((rows, *t.shape[1:]))
+
+            out = Quantized(like(part.q), like(part.scale), like(part.zero_point))
+        out.q[i : i + step] = part.q
+        out.scale[i : i + step] = part.scale
+        if out.zero_point is not None:
+            out.zero_point[i : i + step] = part.zero_point
+    return out
 
 
 def quantize_weight(

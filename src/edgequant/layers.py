@@ -23,6 +23,7 @@ from edgequant import kernels
 from edgequant.primitives import (
     PACKABLE_BITS,
     cast_float,
+    count_nonfinite,
     dequantize,
     fitting_group_sizes,
     pack,
@@ -100,7 +101,7 @@ def pack_weight(
     the scheme's algorithm (`edgequant.algorithms`), or store ``result`` (an
     `algorithms.Quantized` computed elsewhere, e.g. by GPTQ with calibration data)."""
     weight = weight.detach().contiguous()
-    bad = int((~torch.isfinite(weight)).sum())
+    bad = count_nonfinite(weight)
     if bad:
         raise ValueError(
             f"{name}: the weight has {bad} NaN/Inf value(s) out of {weight.numel()}; "

@@ -282,3 +282,17 @@ def sqnr(reference: torch.Tensor, approximation: torch.Tensor) -> float:
     if noise == 0:
         return float("inf")
     return float(10 * torch.log10(signal / noise))
+
+
+def count_nonfinite(t: torch.Tensor, block: int = 1 << 22) -> int:
+    """How many values of ``t`` are NaN or infinite, counted ``block`` values at a time (a whole
+    tensor's boolean mask would be a quarter of a float32 embedding's size).
+
+    >>> count_nonfinite(torch.tensor([1.0, float("nan"), float("inf")]))
+    2
+    """
+    flat = t.detach().reshape(-1)
+    return sum(
+        int(flat[i : i + block].numel() - torch.isfinite(flat[i : i + block]).sum())
+        for i in range(0, flat.numel(), block)
+    )

@@ -16,7 +16,6 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
@@ -30,6 +29,7 @@ from edgequant.layers import (
     linear_weight,
     shape_problem,
 )
+from edgequant.primitives import count_nonfinite
 from edgequant.recipe import Recipe
 from edgequant.roles import infer_roles, is_quantizable, is_quantized
 from edgequant.schemes import NEEDS_CALIBRATION, Scheme
@@ -419,7 +419,7 @@ evaluate it (check the checkpoint it was loaded from)
         if id(t) in seen or not t.is_floating_point() or t.is_meta:
             continue
         seen.add(id(t))
-        n = int(t.numel() - torch.isfinite(t).sum())
+        n = count_nonfinite(t)
         if n:
             bad.append(f"{name} ({n} of {t.numel()})")
     if bad:
