@@ -27,6 +27,7 @@ import warnings
 import torch
 
 from edgequant.kernels.reference import quantize_tokens
+from edgequant.primitives import unpack
 
 _HAS_INT4 = hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
 _HAS_INT8 = hasattr(torch.ops.aten, "_weight_int8pack_mm")
@@ -117,8 +118,16 @@ def _int4_packed(layer):
     The kernel computes ``(u - 8) * scale + zero`` with ``u = q + 8``; our value is
     ``(q - zero_point) * scale``, so ``zero = -zero_point * scale``.
     """
-    u = (layer.int_weight().to(torch.int32) + 8).contiguous()
-    prepacked = torch.ops.aten._convert_weight_to_int4pack_for_cpu(u, 1)
+    # converted a block of rows at a time (the layout is per row; N is a multiple of 16): the
+    # int32 copy of a whole 151,936-row head took 0.9 GB for a moment
+    step = max(16, (1 << 20) // max(layer.cols, 1) // 16 * 16)
+    prepacked = None
+    for i in range(0, layer.rows, step):
+        u = (unpack(layer.qweight[i : i + step], 4).to(torch.int32) + 8).contiguous()
+        part = torch.ops.aten._convert_weight_to_int4pack_for_cpu(u, 1)
+        if prepacked is None:
+            prepacked = part.new_empty((layer.rows, *part.shape[1:]))
+        prepacked[i : i + step] = part
     scale = layer.scale.float()
     zero = torch.zeros_like(scale) if layer.zero_point is None else -layer.zero_point * scale
     sz = torch.stack([scale.t(), zero.t()], dim=-1).to(torch.bfloat16).contiguous()
