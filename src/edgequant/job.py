@@ -207,18 +207,9 @@ def _run(
     from edgequant.report import write_compare, write_report
 
     check_writable(out, overwrite)
-    recipe = as_recipe(recipe)
-    if algorithm is not None:
-        recipe = with_algorithm(recipe, algorithm)
-    _check_calibration(recipe, calibration)  # before any work
-    clock = time.perf_counter()
-    seconds: dict[str, float] = {}
-
-    def lap(name: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        seconds[name] = round(now - clock, 2)
-        clock = now
+    recipe = _job_recipe(recipe, algorithm, calibration)  # before any work
+    lap = _Laps()
+    seconds = lap.seconds
 
     float_model, tokenizer, info = load(model_name)
     check_finite(float_model)  # before the float pass: a NaN would end in a misleading report
@@ -243,12 +234,7 @@ def _run(
     edgequant.save(model, out, tokenizer=tokenizer, overwrite=overwrite)
     lap("save")
     report = {
-        "model": str(Path(model_name).resolve()) if Path(model_name).exists() else model_name,
-        "model_source": info["source"],
-        "model_family": info["family"],
-        "recipe": recipe.to_dict(),
-        "calibration": None if calibration_data is None else calibration_data.source,
-        "bundle": str(out),
+        **_what_ran(model_name, info, recipe, calibration_data, out),
         "quantize_seconds": quantize_seconds,
         **measure(float_model, model, plan, float_pass, speed_ids),
         "float_decode_tokens_per_s": float_speed["decode_tokens_per_s"],
@@ -278,6 +264,40 @@ def _run(
     return report
 
 
+def _what_ran(model_name, info, recipe, calibration_data, out: Path) -> dict[str, Any]:
+    """The report's first keys: model, its file and family, recipe, calibration, bundle."""
+    return {
+        "model": str(Path(model_name).resolve()) if Path(model_name).exists() else model_name,
+        "model_source": info["source"],
+        "model_family": info["family"],
+        "recipe": recipe.to_dict(),
+        "calibration": None if calibration_data is None else calibration_data.source,
+        "bundle": str(out),
+    }
+
+
+class _Laps:
+    """``lap(name)``: the wall time since the previous lap, kept as ``seconds[name]``."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._clock = time.perf_counter()
+
+    def __call__(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = round(now - self._clock, 2)
+        self._clock = now
+
+
+def _job_recipe(recipe, algorithm: str | None, calibration: str | None):
+    """The recipe a job runs (``algorithm`` on every integer rule), checked for calibration."""
+    recipe = as_recipe(recipe)
+    if algorithm is not None:
+        recipe = with_algorithm(recipe, algorithm)
+    _check_calibration(recipe, calibration)
+    return recipe
+
+
 def _float_bytes(model_name) -> int:
     """Bytes of the model's weights in float32, read from the file's header (no weights); 0
     for what cannot be read a tensor at a time (the in-memory path's loader says why)."""
@@ -300,18 +320,9 @@ def _run_streaming(
     from edgequant.report import write_report
 
     check_writable(out, overwrite)
-    recipe = as_recipe(recipe)
-    if algorithm is not None:
-        recipe = with_algorithm(recipe, algorithm)
-    _check_calibration(recipe, calibration)
-    clock = time.perf_counter()
-    seconds: dict[str, float] = {}
-
-    def lap(name: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        seconds[name] = round(now - clock, 2)
-        clock = now
+    recipe = _job_recipe(recipe, algorithm, calibration)  # before any work
+    lap = _Laps()
+    seconds = lap.seconds
 
     source = open_source(model_name)
     tokenizer, info = source.tokenizer(), source.info
@@ -349,12 +360,7 @@ def _run_streaming(
     speed_ids = _speed_ids(tokenizer, text)
     speed = _speed(model, speed_ids)
     report = {
-        "model": str(Path(model_name).resolve()) if Path(model_name).exists() else model_name,
-        "model_source": info["source"],
-        "model_family": info["family"],
-        "recipe": recipe.to_dict(),
-        "calibration": None if calibration_data is None else calibration_data.source,
-        "bundle": str(out),
+        **_what_ran(model_name, info, recipe, calibration_data, out),
         "streamed": True,
         "quantize_seconds": quantize_seconds,
         **measured,
