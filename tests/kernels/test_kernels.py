@@ -172,3 +172,17 @@ def test_computing_as_ggml_rounds_inputs_as_llama_cpp():
     with pytest.raises(ValueError, match=r"unknown runtime arithmetic 'mlx'; known: \['ggml'\]"):
         with kernels.computing_as("mlx"):
             pass
+
+
+def test_int4_layout_built_by_row_blocks_equals_one_conversion():
+    """The int4 kernel's weight layout is built a block of rows at a time (a 151,936-row head
+    needed a 0.9 GB int32 copy at once); torch packs tiles of 64 rows, so the blocks must start
+    at multiples of 64 (blocks of 672 rows gave another layout)."""
+    from edgequant.primitives import unpack
+
+    torch.manual_seed(0)
+    layer = QuantizedLinear.from_float(nn.Linear(1536, 1008, bias=False), W8DA4)
+    assert 1008 > (1 << 20) // 1536  # more than one block
+    prepacked, _ = cpu._int4_packed(layer)
+    u = (unpack(layer.qweight, 4).to(torch.int32) + 8).contiguous()
+    assert torch.equal(prepacked, torch.ops.aten._convert_weight_to_int4pack_for_cpu(u, 1))

@@ -118,9 +118,10 @@ def _int4_packed(layer):
     The kernel computes ``(u - 8) * scale + zero`` with ``u = q + 8``; our value is
     ``(q - zero_point) * scale``, so ``zero = -zero_point * scale``.
     """
-    # converted a block of rows at a time (the layout is per row; N is a multiple of 16): the
-    # int32 copy of a whole 151,936-row head took 0.9 GB for a moment
-    step = max(16, (1 << 20) // max(layer.cols, 1) // 16 * 16)
+    # converted a block of rows at a time (the layout packs tiles of 64 rows: a block must
+    # start at a multiple of 64, checked in tests/kernels): the int32 copy of a whole
+    # 151,936-row head took 0.9 GB for a moment
+    step = max(64, (1 << 20) // max(layer.cols, 1) // 64 * 64)
     prepacked = None
     for i in range(0, layer.rows, step):
         u = (unpack(layer.qweight[i : i + step], 4).to(torch.int32) + 8).contiguous()
