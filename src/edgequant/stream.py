@@ -150,7 +150,8 @@ def quantize(
                     _set_module(model, lp.fqn, _empty_packed(model, lp))
         log.info("resuming %s after layer %d of %d", out, done_layers - 1, len(layers))
 
-    spec = getattr(decoder(), "spec", None)
+    if windows is not None:  # what `Decoder.forward` gives each block, for every window
+        ropes, attend = decoder().eager_context(windows.shape[1], device=windows.device)
     for i in progress_bar(range(done_layers, len(layers)), len(layers) - done_layers,
                           "quantize layer by layer", "layer"):  # fmt: skip
         where = f"{prefix}.{i}."
@@ -164,9 +165,9 @@ def quantize(
             for fqn, m in modules.items()
         }  # the float weights, before calibration folds scales into them
         if hidden is not None:
-            block = decoder(f"layers.{i}").layers[i]
-            hidden = [_run_block(block, spec, h, i) for h in hidden]
-            del block  # it holds the layer's float modules
+            layer = decoder(f"layers.{i}")
+            hidden = [layer.run_layer(i, h, ropes, attend) for h in hidden]
+            del layer  # it holds the layer's float modules
         results = steps.step(i) if steps is not None else {}
         for lp in mine:
             packed[lp.fqn] = pack(model, lp, results.get(lp.fqn), packed)
@@ -174,9 +175,9 @@ def quantize(
             _set_module(model, lp.fqn, packed[lp.fqn])
         del reference, modules, results  # the float linears go with the last references
         if quantized is not None:
-            block = decoder(f"layers.{i}").layers[i]  # now holding the packed modules
-            quantized = [_run_block(block, spec, h, i) for h in quantized]
-            del block
+            layer = decoder(f"layers.{i}")  # now holding the packed modules
+            quantized = [layer.run_layer(i, h, ropes, attend) for h in quantized]
+            del layer
         _write_layer(work, model, where, i)
         _write_carry(work, i, steps, hidden, quantized, rows)
         release(model, where)
@@ -195,7 +196,7 @@ def quantize(
     check_finite(model)
     float_logits = None
     if hidden is not None:
-        float_logits = _float_logits(work, decoder("norm", "output"), hidden, spec)
+        float_logits = _float_logits(work, decoder("norm", "output"), hidden)
     results = {}
     late = {lp.fqn: lp.scheme for lp in rest if lp.fqn in schemes}
     reference = {
@@ -212,7 +213,7 @@ def quantize(
         _set_module(model, lp.fqn, packed[lp.fqn])
     metrics = None
     if quantized is not None:
-        metrics = _compare(float_logits, decoder("norm", "output"), quantized, spec, windows)
+        metrics = _compare(float_logits, decoder("norm", "output"), quantized, windows)
     model.edgequant_recipe = p.recipe
     if calibration is not None:
         model.edgequant_calibration = getattr(calibration, "source", "token batches given")
@@ -240,29 +241,7 @@ def _embedded(decoder, windows: torch.Tensor) -> list[torch.Tensor]:
     return [decoder.tok_embeddings(windows[k : k + 1]) for k in range(windows.shape[0])]
 
 
-def _run_block(block: nn.Module, spec, h: torch.Tensor, i: int) -> torch.Tensor:
-    """Block ``i`` on ``h [1, T, dim]`` exactly as `Decoder.forward` runs it (no cache)."""
-    from edgequant.models.decoder import EagerAttention, rope_tables
-
-    T = h.shape[1]
-    if spec.is_local(i):
-        rope = rope_tables(spec, T, local=True, device=h.device)
-    else:
-        rope = rope_tables(spec, T, device=h.device, context=T)
-    rope = (rope[0].to(h.dtype), rope[1].to(h.dtype))
-    return block(h, rope, EagerAttention(spec, T, 0, None, h.device), i)
-
-
-def _logits(decoder, h: torch.Tensor, spec) -> torch.Tensor:
-    """The head's logits ``[T, vocab]`` of the last hidden states, as `Decoder.run` makes them."""
-    lg = decoder.output(decoder.norm(h))
-    if spec.final_logit_softcap is not None:
-        cap = spec.final_logit_softcap
-        lg = torch.tanh(lg / cap) * cap
-    return lg.float()[0]
-
-
-def _compare(float_logits: Path, decoder, quantized, spec, windows) -> dict[str, float]:
+def _compare(float_logits: Path, decoder, quantized, windows) -> dict[str, float]:
     """`edgequant.eval.compare` of the quantized model's logits with the float ones on disk,
     one window at a time (the same sums, in the same order)."""
     from edgequant.eval import Comparison
@@ -271,17 +250,17 @@ def _compare(float_logits: Path, decoder, quantized, spec, windows) -> dict[str,
     totals = Comparison()
     for k, h in enumerate(quantized):
         f = torch.from_numpy(np.array(reference[k]))
-        totals.add(f, _logits(decoder, h, spec), windows[k])
+        totals.add(f, decoder.head(h).float()[0], windows[k])
         del f
     return totals.result()
 
 
-def _float_logits(work: Path, decoder, hidden: list[torch.Tensor], spec) -> Path:
+def _float_logits(work: Path, decoder, hidden: list[torch.Tensor]) -> Path:
     """The float model's logits of each window, written one window at a time."""
     path = work / FLOAT_LOGITS
     out = None
     for k, h in enumerate(hidden):
-        lg = _logits(decoder, h, spec)
+        lg = decoder.head(h).float()[0]
         if out is None:
             out = np.lib.format.open_memmap(
                 path, mode="w+", dtype=np.float32, shape=(len(hidden), *lg.shape)

@@ -363,16 +363,45 @@ class Decoder(nn.Module):
         positions (global, and local for sliding-window layers) and an ``attend``: the body
         every runtime shares. ``gelu`` replaces ``F.gelu(approximate="tanh")`` for a runtime
         that needs it written otherwise (`gelu_tanh`)."""
-        spec = self.spec
         h = self.tok_embeddings(tokens)  # [B, T, dim], times embedding_scale where set
-        for i, block in enumerate(self.layers):
-            rope = ropes[1] if spec.is_local(i) else ropes[0]
-            h = block(h, rope, attend, i, gelu)
+        for i in range(len(self.layers)):
+            h = self.run_layer(i, h, ropes, attend, gelu)
+        return self.head(h)
+
+    def run_layer(
+        self,
+        i: int,
+        h: Tensor,
+        ropes: tuple[Rope, Rope | None],
+        attend: Attend,
+        gelu: Activation | None = None,
+    ) -> Tensor:
+        """Block ``i`` of `run` on the hidden states ``h [B, T, dim]`` (`edgequant.stream` runs
+        the blocks one at a time, each when its weights are in memory)."""
+        rope = ropes[1] if self.spec.is_local(i) else ropes[0]
+        return self.layers[i](h, rope, attend, i, gelu)
+
+    def head(self, h: Tensor) -> Tensor:
+        """The logits ``[B, T, vocab]`` of the last block's hidden states: final norm, output
+        projection and the softcap where the family has one."""
         logits = self.output(self.norm(h))  # [B, T, vocab]
-        if spec.final_logit_softcap is not None:
-            cap = spec.final_logit_softcap
+        cap = self.spec.final_logit_softcap
+        if cap is not None:
             logits = torch.tanh(logits / cap) * cap
         return logits
+
+    def eager_context(
+        self, T: int, start_pos: int = 0, cache: KVCache | None = None, device=None
+    ) -> tuple[tuple[Rope, Rope | None], Attend]:
+        """``(ropes, attend)`` that `forward` gives `run` for ``T`` tokens at ``start_pos``:
+        RoPE tables in the model's float dtype and eager attention (over ``cache``, if any)."""
+        dtype = self.norm.weight.dtype
+        context = T if cache is None else cache.max_len  # LongRoPE's factors go by it
+        ropes = tuple(
+            None if r is None else (r[0].to(dtype), r[1].to(dtype))
+            for r in self.ropes(T, start_pos, device, context)
+        )
+        return ropes, EagerAttention(self.spec, T, start_pos, cache, device)
 
     def ropes(
         self, length: int, start: int = 0, device=None, context: int | None = None
@@ -419,14 +448,7 @@ class Decoder(nn.Module):
             raise ValueError(f"start_pos={start_pos} needs a cache (model.new_cache())")
         if cache is not None and tokens.shape[0] != cache.batch:
             raise ValueError(f"the cache holds batch {cache.batch}, got batch {tokens.shape[0]}")
-        T, device = tokens.shape[1], tokens.device
-        dtype = self.norm.weight.dtype
-        context = T if cache is None else cache.max_len  # LongRoPE's factors go by it
-        ropes = tuple(
-            None if r is None else (r[0].to(dtype), r[1].to(dtype))
-            for r in self.ropes(T, start_pos, device, context)
-        )
-        attend = EagerAttention(self.spec, T, start_pos, cache, device)
+        ropes, attend = self.eager_context(tokens.shape[1], start_pos, cache, tokens.device)
         return self.run(tokens, ropes, attend).float()
 
 
