@@ -160,9 +160,12 @@ class _Packed(nn.Module):
 
     def int_weight(self) -> torch.Tensor:
         """The stored integers, unpacked, as int8 ``[rows, cols]``."""
-        if self.scheme.bits in PACKABLE_BITS:
-            return unpack(self.qweight, self.scheme.bits)
-        return self.qweight
+        return self.int_rows(0, self.rows)
+
+    def int_rows(self, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of `int_weight`, unpacked from those rows only."""
+        q = self.qweight[start:stop]
+        return unpack(q, self.scheme.bits) if self.scheme.bits in PACKABLE_BITS else q
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The float weight this module computes with, ``[rows, cols]``."""
@@ -181,8 +184,7 @@ class _Packed(nn.Module):
         """Rows ``start:stop`` of `dequantized_weight` (float32), computed from those rows only."""
         if not self.scheme.is_integer:
             return self.weight[start:stop].float()
-        q = self.qweight[start:stop]
-        q = unpack(q, self.scheme.bits) if self.scheme.bits in PACKABLE_BITS else q
+        q = self.int_rows(start, stop)
 
         def rows(t: torch.Tensor | None) -> torch.Tensor | None:
             return t[start:stop] if t is not None and t.dim() and t.shape[0] == self.rows else t

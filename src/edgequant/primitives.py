@@ -296,3 +296,27 @@ def count_nonfinite(t: torch.Tensor, block: int = 1 << 22) -> int:
         int(flat[i : i + block].numel() - torch.isfinite(flat[i : i + block]).sum())
         for i in range(0, flat.numel(), block)
     )
+
+
+def by_row_blocks(rows: int, step: int, part):
+    """``part(start, stop)`` (a torch tensor or numpy array of ``stop - start`` rows) for blocks
+    of ``step`` rows, written into one result of ``rows`` rows as each block is made: the
+    temporaries of a 151,936-row embedding stay those of one block.
+
+    >>> by_row_blocks(5, 2, lambda i, j: torch.arange(i, j)[:, None] * 10).flatten().tolist()
+    [0, 10, 20, 30, 40]
+    """
+    out = None
+    for start in range(0, rows, step):
+        stop = min(start + step, rows)
+        block = part(start, stop)
+        if out is None:
+            shape = (rows, *block.shape[1:])
+            if isinstance(block, torch.Tensor):
+                out = block.new_empty(shape)
+            else:
+                import numpy as np
+
+                out = np.empty(shape, dtype=block.dtype)
+        out[start:stop] = block
+    return out

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from edgequant.layers import QuantizedEmbedding, QuantizedLinear
-from edgequant.primitives import PACKABLE_BITS, unpack
+from edgequant.primitives import by_row_blocks
 from edgequant.schemes import Scheme
 
 # Puts a weight's rows (integers, scales or values) in the file's order; see `encode`.
@@ -114,17 +114,10 @@ def _q8_0_blocks(q: torch.Tensor, d: torch.Tensor) -> np.ndarray:
 def _by_rows(blocks, module) -> np.ndarray:
     """``blocks`` of a packed module's integers and scales, a block of rows at a time (the
     blocks are per row): a 151,936-row embedding's int16 temporaries were 1.2 GB at once."""
-    rows, cols = module.rows, module.cols
-    step = max(1, (1 << 20) // max(cols, 1))
-    out = None
-    for i in range(0, rows, step):
-        q = module.qweight[i : i + step]
-        q = unpack(q, module.scheme.bits) if module.scheme.bits in PACKABLE_BITS else q
-        part = blocks(q, module.scale[i : i + step])
-        if out is None:
-            out = np.empty((rows, part.shape[1]), dtype=part.dtype)
-        out[i : i + step] = part
-    return out
+    step = max(1, (1 << 20) // max(module.cols, 1))
+    return by_row_blocks(
+        module.rows, step, lambda i, j: blocks(module.int_rows(i, j), module.scale[i:j])
+    )
 
 
 def encode(

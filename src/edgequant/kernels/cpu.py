@@ -27,7 +27,7 @@ import warnings
 import torch
 
 from edgequant.kernels.reference import quantize_tokens
-from edgequant.primitives import unpack
+from edgequant.primitives import by_row_blocks
 
 _HAS_INT4 = hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
 _HAS_INT8 = hasattr(torch.ops.aten, "_weight_int8pack_mm")
@@ -122,13 +122,12 @@ def _int4_packed(layer):
     # start at a multiple of 64, checked in tests/kernels): the int32 copy of a whole
     # 151,936-row head took 0.9 GB for a moment
     step = max(64, (1 << 20) // max(layer.cols, 1) // 64 * 64)
-    prepacked = None
-    for i in range(0, layer.rows, step):
-        u = (unpack(layer.qweight[i : i + step], 4).to(torch.int32) + 8).contiguous()
-        part = torch.ops.aten._convert_weight_to_int4pack_for_cpu(u, 1)
-        if prepacked is None:
-            prepacked = part.new_empty((layer.rows, *part.shape[1:]))
-        prepacked[i : i + step] = part
+
+    def converted(start: int, stop: int) -> torch.Tensor:
+        u = (layer.int_rows(start, stop).to(torch.int32) + 8).contiguous()
+        return torch.ops.aten._convert_weight_to_int4pack_for_cpu(u, 1)
+
+    prepacked = by_row_blocks(layer.rows, step, converted)
     scale = layer.scale.float()
     zero = torch.zeros_like(scale) if layer.zero_point is None else -layer.zero_point * scale
     sz = torch.stack([scale.t(), zero.t()], dim=-1).to(torch.bfloat16).contiguous()
