@@ -171,9 +171,11 @@ def run(
         from edgequant._io import read_text_file
 
         read_text_file(Path(text), "text file")
+    source = None  # the model read a tensor at a time, opened once (a GGUF file is hashed)
     if stream is None:  # what needs the float model whole keeps it whole
         whole = compare_presets or anchor_names or (calibration or "").strip().startswith("model")
-        stream = not whole and _float_bytes(model_name) > STREAM_ABOVE
+        source = None if whole else _lazy_source(model_name)
+        stream = source is not None and 4 * source.n_weights() > STREAM_ABOVE
     if stream and (compare_presets or anchor_names):
         what = "--compare" if compare_presets else "--compare-anchors"
         raise ValueError(
@@ -185,8 +187,8 @@ def run(
     with writer_lock(out):  # one run per bundle: its reports describe its own bundle
         if stream:
             return _run_streaming(
-                model_name, recipe, out, eval_windows=eval_windows, seq_len=seq_len, text=text,
-                overwrite=overwrite, algorithm=algorithm, calibration=calibration,
+                model_name, source, recipe, out, eval_windows=eval_windows, seq_len=seq_len,
+                text=text, overwrite=overwrite, algorithm=algorithm, calibration=calibration,
                 targets=target_names, allow_fallback=allow_fallback, speed_rounds=speed_rounds,
                 resume=resume,
             )  # fmt: skip
@@ -298,22 +300,23 @@ def _job_recipe(recipe, algorithm: str | None, calibration: str | None):
     return recipe
 
 
-def _float_bytes(model_name) -> int:
-    """Bytes of the model's weights in float32, read from the file's header (no weights); 0
-    for what cannot be read a tensor at a time (the in-memory path's loader says why)."""
+def _lazy_source(model_name):
+    """The model as a `edgequant.models.lazy.Source` (headers only), or None for what cannot be
+    read a tensor at a time (the in-memory path's loader then says why)."""
     from edgequant.models.lazy import open_source
 
     try:
-        return 4 * open_source(model_name).n_weights()
+        return open_source(model_name)
     except (ValueError, OSError, KeyError):
-        return 0
+        return None
 
 
 def _run_streaming(
-    model_name, recipe, out: Path, *, eval_windows, seq_len, text, overwrite, algorithm,
+    model_name, source, recipe, out: Path, *, eval_windows, seq_len, text, overwrite, algorithm,
     calibration, targets, allow_fallback, speed_rounds, resume,
 ) -> dict[str, Any]:  # fmt: skip
-    """`_run` one decoder layer at a time (`edgequant.stream`)."""
+    """`_run` one decoder layer at a time (`edgequant.stream`), from ``source`` (opened here
+    when None)."""
     from edgequant import stream
     from edgequant.artifact import check_writable
     from edgequant.models.lazy import open_source
@@ -324,7 +327,7 @@ def _run_streaming(
     lap = _Laps()
     seconds = lap.seconds
 
-    source = open_source(model_name)
+    source = source or open_source(model_name)
     tokenizer, info = source.tokenizer(), source.info
     calibration_data = None
     if calibration is not None:
