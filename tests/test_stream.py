@@ -203,6 +203,7 @@ def test_the_job_streamed_reports_the_in_memory_jobs_numbers(tiny_folder, tmp_pa
     streamed = job.run(str(tiny_folder), "8da4w", tmp_path / "streamed", stream=True, **options)
     assert streamed["streamed"] is True and "streamed" not in whole
     for key in ("kl_divergence", "perplexity", "float_perplexity", "top1_agreement",
+                "bundle_reloads_identically",
                 "quantized_bytes", "bits_per_weight", "layers", "recipe_resolved"):  # fmt: skip
         assert streamed[key] == whole[key], key
     assert streamed["float_decode_tokens_per_s"] is None

@@ -78,6 +78,7 @@ class Streamed:
     float_logits: Path | None
     work: Path
     metrics: dict[str, float] | None = None  # `edgequant.eval.compare`'s, with windows
+    first_window: str | None = None  # `logits_digest` of the first window's quantized logits
 
     def finish(self) -> None:
         shutil.rmtree(self.work, ignore_errors=True)
@@ -211,15 +212,15 @@ def quantize(
     del reference
     for lp in rest:  # the float head goes with the module (its tensor may be the embedding's)
         _set_module(model, lp.fqn, packed[lp.fqn])
-    metrics = None
+    metrics, digest = None, None
     if quantized is not None:
-        metrics = _compare(float_logits, decoder("norm", "output"), quantized, windows)
+        metrics, digest = _compare(float_logits, decoder("norm", "output"), quantized, windows)
     model.edgequant_recipe = p.recipe
     if calibration is not None:
         model.edgequant_calibration = getattr(calibration, "source", "token batches given")
     _assemble(model, out, work, prefix, len(layers), tokenizer, overwrite)
     order = [lp.fqn for lp in p if lp.fqn in rows]
-    return Streamed(p, [rows[f] for f in order], float_logits, work, metrics)
+    return Streamed(p, [rows[f] for f in order], float_logits, work, metrics, digest)
 
 
 # ---- pieces ----------------------------------------------------------------------------------
@@ -241,18 +242,28 @@ def _embedded(decoder, windows: torch.Tensor) -> list[torch.Tensor]:
     return [decoder.tok_embeddings(windows[k : k + 1]) for k in range(windows.shape[0])]
 
 
-def _compare(float_logits: Path, decoder, quantized, windows) -> dict[str, float]:
+def _compare(float_logits: Path, decoder, quantized, windows) -> tuple[dict[str, float], str]:
     """`edgequant.eval.compare` of the quantized model's logits with the float ones on disk,
-    one window at a time (the same sums, in the same order)."""
+    one window at a time (the same sums, in the same order), and the sha256 of the first
+    window's quantized logits (what the bundle, reloaded, must give again)."""
     from edgequant.eval import Comparison
 
     reference = np.load(float_logits, mmap_mode="r")
     totals = Comparison()
+    digest = ""
     for k, h in enumerate(quantized):
         f = torch.from_numpy(np.array(reference[k]))
-        totals.add(f, decoder.head(h).float()[0], windows[k])
-        del f
-    return totals.result()
+        q = decoder.head(h).float()[0]
+        if k == 0:
+            digest = logits_digest(q)
+        totals.add(f, q, windows[k])
+        del f, q
+    return totals.result(), digest
+
+
+def logits_digest(logits: torch.Tensor) -> str:
+    """sha256 of a logits tensor's bytes."""
+    return hashlib.sha256(logits.contiguous().numpy().tobytes()).hexdigest()
 
 
 def _float_logits(work: Path, decoder, hidden: list[torch.Tensor]) -> Path:
