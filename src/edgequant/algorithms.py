@@ -88,10 +88,17 @@ def _store(scale: torch.Tensor, scheme: Scheme) -> torch.Tensor:
     return scale.to(FLOAT_DTYPES[scheme.scale_dtype])
 
 
-def _round(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, scheme: Scheme):
-    """Integers of ``w`` ``[rows, n, g]`` on the stored ``scale`` (and ``zero``) ``[rows, n]``."""
+def _round(
+    w: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor | None,
+    scheme: Scheme,
+    out: torch.Tensor | None = None,
+):
+    """Integers of ``w`` ``[rows, n, g]`` on the stored ``scale`` (and ``zero``) ``[rows, n]``
+    (into ``out``, shaped like ``w``, when given)."""
     qmin, qmax = grid(scheme)
-    q = torch.div(w, scale.float()[..., None]).round_()
+    q = torch.div(w, scale.float()[..., None], out=out).round_()
     if zero is not None:
         q.add_(zero.float()[..., None])
     return q.clamp_(qmin, qmax)
@@ -143,7 +150,8 @@ def mse(
     best = minmax(weight, scheme)
     best_scale = best.scale.clone()
     best_zero = None if best.zero_point is None else best.zero_point.clone()
-    err = _error(wg, best_scale, best_zero, imp, scheme)
+    buffer = torch.empty_like(wg)
+    err = _error(wg, best_scale, best_zero, imp, scheme, buffer)
     ratios = torch.linspace(min_ratio, 1.0, steps)
     if scheme.symmetric:
         idx = wg.abs().argmax(dim=-1, keepdim=True)
@@ -162,13 +170,13 @@ def mse(
         else:
             scale = _store(((hi - lo) * r / (qmax - qmin)).clamp(min=1e-12), scheme)
             zero = (qmin - torch.round(lo * r / scale.float())).clamp(qmin, qmax)
-        e = _error(wg, scale, zero, imp, scheme)
+        e = _error(wg, scale, zero, imp, scheme, buffer)
         better = e < err
         err = torch.where(better, e, err)
         best_scale = torch.where(better, scale, best_scale)
         if zero is not None:
             best_zero = torch.where(better, zero.to(torch.int8), best_zero)
-    q = _round(wg, best_scale, best_zero, scheme)
+    q = _round(wg, best_scale, best_zero, scheme, buffer)
     return _result(q, best_scale, best_zero, w.shape)
 
 
@@ -195,10 +203,11 @@ def _importance(
     return imp
 
 
-def _error(wg, scale, zero, imp, scheme) -> torch.Tensor:
+def _error(wg, scale, zero, imp, scheme, out: torch.Tensor | None = None) -> torch.Tensor:
     """Per group ``sum imp * (w - dequantized)^2`` (``imp`` None: 1), in place on one buffer
-    (this runs once per candidate scale: allocations cost more than the arithmetic)."""
-    q = _round(wg, scale, zero, scheme)
+    (``out``, shaped like ``wg``, when given; this runs once per candidate scale: allocations
+    cost more than the arithmetic)."""
+    q = _round(wg, scale, zero, scheme, out)
     if zero is not None:
         q.sub_(zero.float()[..., None])
     q.mul_(scale.float()[..., None]).sub_(wg).square_()
@@ -240,35 +249,51 @@ def hqq(
     scale = start.scale.float()
     zero = None if start.zero_point is None else start.zero_point.float()
     best_scale, best_zero = start.scale, start.zero_point
-    best_err = _error(wg, best_scale, best_zero, imp, scheme)
+    # four buffers shaped like the weight, reused by every step (each op writes into one: a
+    # new tensor per op cost more than its arithmetic); the arithmetic is the one written in
+    # the comments, op for op
+    qb, rb, ab, tb = (torch.empty_like(wg) for _ in range(4))
+    best_err = _error(wg, best_scale, best_zero, imp, scheme, qb)
     share = torch.ones(1, cols // g, g) if imp is None else imp
     qmin, qmax = grid(scheme)
     for _ in range(iters):
         z = 0.0 if zero is None else zero[..., None]
-        q = (torch.round(wg / scale[..., None]) + z).clamp(qmin, qmax)
-        residual = wg - (q - z) * scale[..., None]
-        kept = wg - _shrink(residual, beta, p)
+        s = scale[..., None]
+        # q = (round(wg / s) + z).clamp(qmin, qmax)
+        q = torch.div(wg, s, out=qb).round_().add_(z).clamp_(qmin, qmax)
+        # residual = wg - (q - z) * s
+        residual = torch.sub(wg, torch.sub(q, z, out=rb).mul_(s), out=rb)
+        # kept = wg - _shrink(residual, beta, p)
+        kept = torch.sub(wg, _shrink(residual, beta, p, ab, tb), out=rb)
         if zero is None:
-            num, den = (share * kept * q).sum(-1), (share * q * q).sum(-1)
+            # num = (share * kept * q).sum(-1), den = (share * q * q).sum(-1)
+            num = torch.mul(share, kept, out=ab).mul_(q).sum(-1)
+            den = torch.mul(share, q, out=tb).mul_(q).sum(-1)
             scale = torch.where(den > 0, num / den.clamp(min=1e-12), scale)
         else:
-            shift = (share * (q - kept / scale[..., None])).sum(-1)
+            # shift = (share * (q - kept / s)).sum(-1)
+            shift = torch.sub(q, kept.div_(s), out=rb).mul_(share).sum(-1)
             zero = (shift / share.sum(-1).clamp(min=1e-12)).round().clamp(qmin, qmax)
         beta *= kappa
         stored = _store(scale, scheme)
         zq = None if zero is None else zero.to(torch.int8)
-        e = _error(wg, stored, zq, imp, scheme)
+        e = _error(wg, stored, zq, imp, scheme, qb)
         better = e < best_err
         best_err = torch.where(better, e, best_err)
         best_scale = torch.where(better, stored, best_scale)
         if zq is not None:
             best_zero = torch.where(better, zq, best_zero)
-    return _result(_round(wg, best_scale, best_zero, scheme), best_scale, best_zero, w.shape)
+    return _result(_round(wg, best_scale, best_zero, scheme, qb), best_scale, best_zero, w.shape)
 
 
-def _shrink(x: torch.Tensor, beta: float, p: float) -> torch.Tensor:
-    """The proximal step of the l_p (p < 1) norm: small residuals go to 0, large ones stay."""
-    return torch.sign(x) * torch.relu(x.abs() - x.abs().clamp(min=1e-12).pow(p - 1) / beta)
+def _shrink(x: torch.Tensor, beta: float, p: float, a: torch.Tensor, t: torch.Tensor):
+    """The proximal step of the l_p (p < 1) norm, ``sign(x) * relu(|x| - |x|.clamp(min=1e-12)
+    ^ (p - 1) / beta)``: small residuals go to 0, large ones stay. Computed in the buffers
+    ``a`` and ``t`` (shaped like ``x``); returns ``t``."""
+    torch.abs(x, out=a)
+    torch.clamp(a, min=1e-12, out=t).pow_(p - 1).div_(beta)
+    a.sub_(t).relu_()
+    return torch.sign(x, out=t).mul_(a)
 
 
 def gptq(
