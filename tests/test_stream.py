@@ -222,6 +222,26 @@ def test_the_job_streams_and_refuses_what_needs_the_float_model(tiny_folder, tmp
                 compare_presets=True)  # fmt: skip
     with pytest.raises(ValueError, match="--resume continues a streaming run: pass --stream"):
         job.run(str(tiny_folder), "int8-dynamic", tmp_path / "a", stream=False, resume=True)
+    with pytest.raises(ValueError, match="--targets times every model it measures: drop"):
+        job.run(str(tiny_folder), "int8-dynamic", tmp_path / "a", targets="gguf", speed=False)
+
+
+@pytest.mark.parametrize("streamed", [True, False])
+def test_the_job_without_speed_times_nothing(streamed, tiny_folder, tmp_path, monkeypatch):
+    from edgequant import eval as ev
+    from edgequant import job
+
+    def never(*args, **kwargs):
+        raise AssertionError("timed with speed=False")
+
+    monkeypatch.setattr(ev, "speed", never)
+    report = job.run(str(tiny_folder), "int8-dynamic", tmp_path / "b", stream=streamed,
+                     eval_windows=0, speed=False)  # fmt: skip
+    for key in ("decode_tokens_per_s", "prefill_tokens_per_s", "float_decode_tokens_per_s",
+                "speed_prompt_tokens"):  # fmt: skip
+        assert report[key] is None, key
+    assert report["quantized_bytes"] > 0 and report["bundle_reloads_identically"] is True
+    assert "| int8-dynamic |" in (tmp_path / "b/report.md").read_text()
 
 
 # ---- under a memory limit --------------------------------------------------------------------

@@ -107,6 +107,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         compare_anchors=args.compare_anchors,
         stream=args.stream,
         resume=args.resume,
+        speed=args.speed,
     )
     print(f"model: {report['model_source']}")
     print(f"bundle: {args.out}  (report.json, report.md, report.png, report.html)")
@@ -441,6 +442,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume",
         action="store_true",
         help="with --stream: continue a stopped run of this bundle from its last finished layer",
+    )
+    p.add_argument(
+        "--speed",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="time the float and the quantized model (default); --no-speed skips it (timing "
+        "holds the packed model whole with the CPU kernels' copy of its weights)",
     )
     add_eval_options(p)
     p.set_defaults(func=cmd_quantize)

@@ -74,7 +74,9 @@ def _float_pass(model, tokenizer, info, windows_n, seq_len, text) -> dict[str, A
     }
 
 
-def _float_side(float_model, tokenizer, info, eval_windows, seq_len, text, context=None):
+def _float_side(
+    float_model, tokenizer, info, eval_windows, seq_len, text, context=None, speed=True
+):
     """``(speed prompt ids, float pass or None, float speed)``: everything measured on float.
     ``context`` caps the speed run's prompt + new tokens (a program's max_seq_len)."""
     speed_ids = _speed_ids(tokenizer, text)
@@ -83,12 +85,19 @@ def _float_side(float_model, tokenizer, info, eval_windows, seq_len, text, conte
         if eval_windows
         else None
     )
-    return speed_ids, float_pass, _speed(float_model, speed_ids, context)
+    return speed_ids, float_pass, _speed(float_model, speed_ids, context, speed)
 
 
-def _speed(model, ids: list[int], context: int | None = None) -> dict[str, Any]:
+# what `_speed` reports when told not to time
+NOT_TIMED = {"decode_tokens_per_s": None, "prefill_tokens_per_s": None, "prompt_tokens": None,
+             "new_tokens": None}  # fmt: skip
+
+
+def _speed(model, ids: list[int], context: int | None = None, timed=True) -> dict[str, Any]:
     """Prefill of ``SPEED_PROMPT_TOKENS`` and ``SPEED_NEW_TOKENS`` decoded, both shrunk in
-    proportion when ``context`` cannot hold them."""
+    proportion when ``context`` cannot hold them (`NOT_TIMED` unless ``timed``)."""
+    if not timed:
+        return dict(NOT_TIMED)
     prompt, new = SPEED_PROMPT_TOKENS, SPEED_NEW_TOKENS
     if context is not None and prompt + new > context:
         new = max(1, context * new // (prompt + new))
@@ -97,9 +106,15 @@ def _speed(model, ids: list[int], context: int | None = None) -> dict[str, Any]:
 
 
 def measure(
-    float_model, quant_model, plan, float_pass: dict[str, Any] | None, speed_ids: list[int]
+    float_model,
+    quant_model,
+    plan,
+    float_pass: dict[str, Any] | None,
+    speed_ids: list[int],
+    speed: bool = True,
 ) -> dict[str, Any]:
-    """Quality, size and speed of one quantized model against its float model."""
+    """Quality, size and (unless not ``speed``) speed of one quantized model against its float
+    model."""
     out: dict[str, Any] = dict(ev.size_report(plan))
     out["bytes_by_role"] = plan.to_dict()["by_role"]
     if float_pass is not None:
@@ -109,9 +124,9 @@ def measure(
         out.update(ev.compare(float_pass["logits"], quant_logits, windows))
         out["eval_windows"], out["seq_len"] = int(windows.shape[0]), int(windows.shape[1])
         out["text"] = float_pass["text"]
-    speed = _speed(quant_model, speed_ids)
-    out["decode_tokens_per_s"] = speed["decode_tokens_per_s"]
-    out["prefill_tokens_per_s"] = speed["prefill_tokens_per_s"]
+    timed = _speed(quant_model, speed_ids, timed=speed)
+    out["decode_tokens_per_s"] = timed["decode_tokens_per_s"]
+    out["prefill_tokens_per_s"] = timed["prefill_tokens_per_s"]
     out["layers"] = ev.layer_sqnr(float_model, quant_model)
     return out
 
@@ -134,8 +149,13 @@ def run(
     compare_anchors: str | list[str] | None = None,
     stream: bool | None = None,
     resume: bool = False,
+    speed: bool = True,
 ) -> dict[str, Any]:
     """Quantize ``model_name`` with ``recipe``, save to ``out``, evaluate, write the reports.
+
+    ``speed=False`` does not time the float and quantized models (their speed keys are
+    ``null``): timing needs the packed model whole with the CPU kernels' copy of its weights
+    (twice its packed size; a 7B model's is 4.8 GB).
 
     ``stream`` (default: when the float32 weights exceed `STREAM_ABOVE` bytes) reads, quantizes
     and evaluates the model one decoder layer at a time (`edgequant.stream`), so only one
@@ -184,25 +204,28 @@ def run(
         )
     if resume and not stream:
         raise ValueError("--resume continues a streaming run: pass --stream too")
+    if not speed and (target_names or compare_presets):
+        what = "--targets" if target_names else "--compare"
+        raise ValueError(f"{what} times every model it measures: drop --no-speed")
     with writer_lock(out):  # one run per bundle: its reports describe its own bundle
         if stream:
             return _run_streaming(
                 model_name, source, recipe, out, eval_windows=eval_windows, seq_len=seq_len,
                 text=text, overwrite=overwrite, algorithm=algorithm, calibration=calibration,
                 targets=target_names, allow_fallback=allow_fallback, speed_rounds=speed_rounds,
-                resume=resume,
+                resume=resume, speed=speed,
             )  # fmt: skip
         return _run(
             model_name, recipe, out, eval_windows=eval_windows, seq_len=seq_len, text=text,
             overwrite=overwrite, compare_presets=compare_presets, algorithm=algorithm,
             calibration=calibration, targets=target_names, allow_fallback=allow_fallback,
-            speed_rounds=speed_rounds, anchors=anchor_names,
+            speed_rounds=speed_rounds, anchors=anchor_names, speed=speed,
         )  # fmt: skip
 
 
 def _run(
     model_name, recipe, out: Path, *, eval_windows, seq_len, text, overwrite, compare_presets,
-    algorithm, calibration, targets, allow_fallback, speed_rounds, anchors,
+    algorithm, calibration, targets, allow_fallback, speed_rounds, anchors, speed,
 ) -> dict[str, Any]:  # fmt: skip
     from edgequant.artifact import check_writable
     from edgequant.models import load
@@ -224,7 +247,7 @@ def _run(
         )
     lap("load")
     speed_ids, float_pass, float_speed = _float_side(
-        float_model, tokenizer, info, eval_windows, seq_len, text
+        float_model, tokenizer, info, eval_windows, seq_len, text, speed=speed
     )
     lap("float_pass")
     started = time.perf_counter()
@@ -238,7 +261,7 @@ def _run(
     report = {
         **_what_ran(model_name, info, recipe, calibration_data, out),
         "quantize_seconds": quantize_seconds,
-        **measure(float_model, model, plan, float_pass, speed_ids),
+        **measure(float_model, model, plan, float_pass, speed_ids, speed),
         "float_decode_tokens_per_s": float_speed["decode_tokens_per_s"],
         "float_prefill_tokens_per_s": float_speed["prefill_tokens_per_s"],
         "speed_prompt_tokens": float_speed["prompt_tokens"],
@@ -313,7 +336,7 @@ def _lazy_source(model_name):
 
 def _run_streaming(
     model_name, source, recipe, out: Path, *, eval_windows, seq_len, text, overwrite, algorithm,
-    calibration, targets, allow_fallback, speed_rounds, resume,
+    calibration, targets, allow_fallback, speed_rounds, resume, speed,
 ) -> dict[str, Any]:  # fmt: skip
     """`_run` one decoder layer at a time (`edgequant.stream`), from ``source`` (opened here
     when None)."""
@@ -367,19 +390,19 @@ def _run_streaming(
         reloads = stream.logits_digest(again) == streamed.first_window
         del again
     speed_ids = _speed_ids(tokenizer, text)
-    speed = _speed(model, speed_ids)
+    timed = _speed(model, speed_ids, timed=speed)
     report = {
         **_what_ran(model_name, info, recipe, calibration_data, out),
         "streamed": True,
         "quantize_seconds": quantize_seconds,
         **measured,
-        "decode_tokens_per_s": speed["decode_tokens_per_s"],
-        "prefill_tokens_per_s": speed["prefill_tokens_per_s"],
+        "decode_tokens_per_s": timed["decode_tokens_per_s"],
+        "prefill_tokens_per_s": timed["prefill_tokens_per_s"],
         "layers": streamed.layers,
         "float_decode_tokens_per_s": None,  # the float model is never whole in memory
         "float_prefill_tokens_per_s": None,
-        "speed_prompt_tokens": speed["prompt_tokens"],
-        "speed_new_tokens": speed["new_tokens"],
+        "speed_prompt_tokens": timed["prompt_tokens"],
+        "speed_new_tokens": timed["new_tokens"],
         "bundle_reloads_identically": reloads,
         "kernels": _kernel_counts(model),
         "torch_threads": torch.get_num_threads(),
