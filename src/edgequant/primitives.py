@@ -228,12 +228,21 @@ def pack(q: torch.Tensor, bits: int) -> torch.Tensor:
     qmin, qmax = qrange(bits)
     if q.numel() and (int(q.min()) < qmin or int(q.max()) > qmax):
         raise ValueError(f"values out of the int{bits} range [{qmin}, {qmax}]")
-    u = (q.to(torch.int16) - qmin).to(torch.uint8)
-    u = u.reshape(*q.shape[:-1], q.shape[-1] // per_byte, per_byte)
-    out = torch.zeros(u.shape[:-1], dtype=torch.uint8)
-    for i in range(per_byte):
-        out |= u[..., i] << (bits * i)
-    return out
+
+    def packed(x: torch.Tensor) -> torch.Tensor:
+        u = (x.to(torch.int16) - qmin).to(torch.uint8)
+        u = u.reshape(*x.shape[:-1], x.shape[-1] // per_byte, per_byte)
+        out = torch.zeros(u.shape[:-1], dtype=torch.uint8)
+        for i in range(per_byte):
+            out |= u[..., i] << (bits * i)
+        return out
+
+    if q.dim() < 2:
+        return packed(q)
+    # a block of rows at a time: the int16 temporaries of a whole 151,936-row embedding were
+    # four times its integers
+    step = max(1, (1 << 20) // max(1, q[0].numel()))
+    return by_row_blocks(q.shape[0], step, lambda i, j: packed(q[i:j]))
 
 
 def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:

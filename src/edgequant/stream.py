@@ -54,6 +54,7 @@ from edgequant.quantize import (
     pack,
     plan,
 )
+from edgequant.schemes import SMOOTHING
 
 log = logging.getLogger(__name__)
 
@@ -160,10 +161,11 @@ def quantize(
         check_finite(model.get_submodule(where[:-1]))
         mine = [lp for lp in todo if lp.fqn.startswith(where)]
         modules = {lp.fqn: model.get_submodule(lp.fqn) for lp in mine}
-        calibrated = steps is not None and any(lp.fqn in schemes for lp in mine)
+        folds = steps is not None and any(
+            lp.fqn in schemes and schemes[lp.fqn].algorithm in SMOOTHING for lp in mine
+        )  # AWQ / SmoothQuant fold scales into the weights in place (GPTQ rounds a copy)
         reference = {
-            fqn: _weight(m).detach().clone() if calibrated else _weight(m)
-            for fqn, m in modules.items()
+            fqn: _weight(m).detach().clone() if folds else _weight(m) for fqn, m in modules.items()
         }  # the float weights, before calibration folds scales into them
         if hidden is not None:
             layer = decoder(f"layers.{i}")
@@ -202,8 +204,8 @@ def quantize(
     late = {lp.fqn: lp.scheme for lp in rest if lp.fqn in schemes}
     reference = {
         lp.fqn: _weight(model.get_submodule(lp.fqn)).detach() for lp in rest
-    }  # what calibration rounds in place is cloned first
-    reference.update({fqn: reference[fqn].clone() for fqn in late})
+    }  # what calibration changes in place is cloned first
+    reference.update({f: reference[f].clone() for f, s in late.items() if s.algorithm in SMOOTHING})
     if late and steps is not None:
         results = steps.outside(model, late, _final_norm(model))
     for lp in rest:
