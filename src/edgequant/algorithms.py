@@ -318,8 +318,9 @@ def gptq(
     propagates: the result is round-to-nearest on the chosen scales.
 
     Memory: the inverse Hessian is computed in one ``[cols, cols]`` float64 matrix (a copy of
-    ``hessian``, or ``hessian`` itself with ``overwrite_hessian``: 640 MB for 8,960 inputs), and
-    the weight in one float32 copy beside its int8 integers."""
+    ``hessian``, or ``hessian`` itself with ``overwrite_hessian``: 640 MB for 8,960 inputs) and
+    used as float32 a block of rows at a time, and the weight in one float32 copy beside its
+    int8 integers."""
     w = weight.detach().float().clone()
     rows, cols = w.shape
     g = group_size_of(scheme, cols)
@@ -349,7 +350,7 @@ def gptq(
     try:  # each step in place: one float64 matrix throughout
         torch.linalg.cholesky(H, out=H)
         torch.cholesky_inverse(H, out=H)
-        Hinv = torch.linalg.cholesky(H, upper=True, out=H).float()
+        Hinv = torch.linalg.cholesky(H, upper=True, out=H)  # float32 a block of rows at a time
         del H
     except torch.linalg.LinAlgError as e:
         raise ValueError(
@@ -371,7 +372,8 @@ def gptq(
         i2 = min(i1 + block, cols)
         W1 = wp[:, i1:i2].clone()
         Err = torch.zeros_like(W1)
-        Hinv1 = Hinv[i1:i2, i1:i2]
+        Hrows = Hinv[i1:i2].float()  # the rows of this block, as float32
+        Hinv1 = Hrows[:, i1:i2]
         for i in range(i2 - i1):
             col = int(order[i1 + i])
             grp = col // g
@@ -389,7 +391,7 @@ def gptq(
             e = (x - (q - z) * s) / Hinv1[i, i]
             W1[:, i:] -= e[:, None] * Hinv1[i, i:][None, :]
             Err[:, i] = e
-        wp[:, i2:] -= Err @ Hinv[i1:i2, i2:]
+        wp[:, i2:] -= Err @ Hrows[:, i2:]
     return Quantized(q_out, scale, zero)
 
 
