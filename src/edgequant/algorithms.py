@@ -29,7 +29,14 @@ from dataclasses import dataclass
 import torch
 
 from edgequant.kernels.reference import fake_quantize_tokens
-from edgequant.primitives import FLOAT_DTYPES, choose_qparams, quantize, stored_range
+from edgequant.primitives import (
+    BLOCK_ELEMENTS,
+    FLOAT_DTYPES,
+    choose_qparams,
+    quantize,
+    rows_per_block,
+    stored_range,
+)
 from edgequant.schemes import Scheme
 
 
@@ -506,18 +513,17 @@ def _best_scale(stats, weights, schemes, candidates) -> torch.Tensor:
     return best
 
 
-# mse and hqq work group by group, so a large weight is quantized a block of rows at a time: the
-# same integers and scales, while every temporary stays a few MiB, which the allocator reuses.
-# Whole-tensor temporaries (113 MB each for SmolLM2's 49152 x 576 embedding, a dozen per step)
-# were mapped and unmapped by the kernel on every step, and their pages faulted in anew.
-BLOCK_ELEMENTS = 1 << 20
+# mse and hqq work group by group, so a large weight is quantized a block of rows at a time
+# (`primitives.BLOCK_ELEMENTS` values): the same integers and scales. Whole-tensor temporaries
+# (113 MB each for SmolLM2's 49152 x 576 embedding, a dozen per step) were mapped and unmapped by
+# the kernel on every step.
 
 
 def by_rows(fn, weight: torch.Tensor, scheme: Scheme, **kwargs) -> Quantized:
     """``fn(rows, scheme, **kwargs)`` on blocks of about `BLOCK_ELEMENTS` weights (whole rows),
     the results stacked: equal to ``fn(weight, ...)`` for an algorithm that works per group."""
     rows, cols = weight.shape
-    step = max(1, BLOCK_ELEMENTS // cols)
+    step = rows_per_block(cols, BLOCK_ELEMENTS)
     if rows <= step:
         return fn(weight, scheme, **kwargs)
     out: Quantized | None = None

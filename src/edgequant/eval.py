@@ -327,10 +327,10 @@ def layer_sqnr(float_model: nn.Module, quantized_model: nn.Module) -> list[dict[
 def weight_sqnr(reference: torch.Tensor, module: nn.Module) -> float:
     """`edgequant.primitives.sqnr` of a packed module's weight against ``reference``, a block
     of rows at a time (float64 sums of a 150 M-value embedding would otherwise take GBs)."""
-    from edgequant.algorithms import BLOCK_ELEMENTS
+    from edgequant.primitives import rows_per_block
 
     rows, cols = reference.shape
-    step = max(1, BLOCK_ELEMENTS // max(cols, 1))
+    step = rows_per_block(cols)
     signal = noise = 0.0
     for start in range(0, rows, step):
         ref = reference[start : start + step].detach().double()

@@ -29,6 +29,7 @@ from torch import nn
 from edgequant import algorithms, smoothing
 from edgequant._progress import progress_bar
 from edgequant.layers import is_conv1d, linear_weight
+from edgequant.primitives import rows_per_block
 from edgequant.schemes import SMOOTHING, Scheme
 
 log = logging.getLogger(__name__)
@@ -83,7 +84,7 @@ class _Hessian:
             x2 = x.detach().reshape(-1, x.shape[-1]).float()
             self.shared.update(input=x, product=x2.T @ x2, rows=x2.shape[0])
         product = self.shared["product"]
-        step = max(1, (1 << 20) // product.shape[1])
+        step = rows_per_block(product.shape[1])
         for i in range(0, product.shape[0], step):
             self.sum[i : i + step] += product[i : i + step]
         self.rows += self.shared["rows"]

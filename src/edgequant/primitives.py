@@ -241,8 +241,7 @@ def pack(q: torch.Tensor, bits: int) -> torch.Tensor:
         return packed(q)
     # a block of rows at a time: the int16 temporaries of a whole 151,936-row embedding were
     # four times its integers
-    step = max(1, (1 << 20) // max(1, q[0].numel()))
-    return by_row_blocks(q.shape[0], step, lambda i, j: packed(q[i:j]))
+    return by_row_blocks(q.shape[0], rows_per_block(q[0].numel()), lambda i, j: packed(q[i:j]))
 
 
 def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
@@ -305,6 +304,21 @@ def count_nonfinite(t: torch.Tensor, block: int = 1 << 22) -> int:
         int(flat[i : i + block].numel() - torch.isfinite(flat[i : i + block]).sum())
         for i in range(0, flat.numel(), block)
     )
+
+
+# Large tensors are worked on a block of whole rows at a time, about this many values a block:
+# the temporaries stay a few MiB, which the allocator reuses, where whole-tensor ones were
+# mapped and unmapped by the kernel on every step and their pages faulted in anew.
+BLOCK_ELEMENTS = 1 << 20
+
+
+def rows_per_block(row_values: int, block: int = BLOCK_ELEMENTS) -> int:
+    """Rows of ``row_values`` values each in a block of about ``block`` values (at least one).
+
+    >>> rows_per_block(576), rows_per_block(3_000_000)
+    (1820, 1)
+    """
+    return max(1, block // max(row_values, 1))
 
 
 def by_row_blocks(rows: int, step: int, part):

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from edgequant.layers import QuantizedEmbedding, QuantizedLinear
-from edgequant.primitives import by_row_blocks
+from edgequant.primitives import by_row_blocks, rows_per_block
 from edgequant.schemes import Scheme
 
 # Puts a weight's rows (integers, scales or values) in the file's order; see `encode`.
@@ -114,9 +114,10 @@ def _q8_0_blocks(q: torch.Tensor, d: torch.Tensor) -> np.ndarray:
 def _by_rows(blocks, module) -> np.ndarray:
     """``blocks`` of a packed module's integers and scales, a block of rows at a time (the
     blocks are per row): a 151,936-row embedding's int16 temporaries were 1.2 GB at once."""
-    step = max(1, (1 << 20) // max(module.cols, 1))
     return by_row_blocks(
-        module.rows, step, lambda i, j: blocks(module.int_rows(i, j), module.scale[i:j])
+        module.rows,
+        rows_per_block(module.cols),
+        lambda i, j: blocks(module.int_rows(i, j), module.scale[i:j]),
     )
 
 

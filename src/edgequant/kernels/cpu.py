@@ -27,7 +27,7 @@ import warnings
 import torch
 
 from edgequant.kernels.reference import quantize_tokens
-from edgequant.primitives import by_row_blocks
+from edgequant.primitives import by_row_blocks, rows_per_block
 
 _HAS_INT4 = hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
 _HAS_INT8 = hasattr(torch.ops.aten, "_weight_int8pack_mm")
@@ -121,7 +121,7 @@ def _int4_packed(layer):
     # converted a block of rows at a time (the layout packs tiles of 64 rows: a block must
     # start at a multiple of 64, checked in tests/kernels): the int32 copy of a whole
     # 151,936-row head took 0.9 GB for a moment
-    step = max(64, (1 << 20) // max(layer.cols, 1) // 64 * 64)
+    step = max(64, rows_per_block(layer.cols) // 64 * 64)
 
     def converted(start: int, stop: int) -> torch.Tensor:
         u = (layer.int_rows(start, stop).to(torch.int32) + 8).contiguous()

@@ -175,9 +175,9 @@ def _dequantized(data: np.ndarray, kind, dequantize, block: int = 1 << 22) -> np
 
     if kind == GGMLQuantizationType.F32 or data.ndim < 2:
         return dequantize(data, kind).astype(np.float32, copy=False)
-    from edgequant.primitives import by_row_blocks
+    from edgequant.primitives import by_row_blocks, rows_per_block
 
-    step = max(1, block // dequantize(data[:1], kind).size)
+    step = rows_per_block(dequantize(data[:1], kind).size, block)
     return by_row_blocks(
         data.shape[0], step, lambda i, j: dequantize(data[i:j], kind).astype(np.float32)
     )
