@@ -235,3 +235,22 @@ def test_blocks_of_rows_give_the_whole_weights_result(layer, scheme, name, monke
     # and through the dispatcher, which blocks every mse / hqq weight
     via = alg.quantize_weight(w, dataclasses.replace(scheme, algorithm=name))
     assert torch.equal(via.q, algorithm(w, dataclasses.replace(scheme, algorithm=name)).q)
+
+
+def test_gptq_reads_the_hessians_lower_triangle_in_blocks(monkeypatch):
+    # the Cholesky runs in place on the column-major view of H after H's upper triangle is
+    # made its lower one's mirror, a block of rows at a time (a float x^T x need not be
+    # symmetric bit for bit): the same result as on the mirrored matrix, however it is cut
+    torch.manual_seed(5)
+    w = torch.randn(64, 96)
+    x = torch.randn(400, 96) * torch.rand(96)
+    h = (2 * x.T @ x / 400).double()
+    skewed = h + torch.randn_like(h).tril(-1) * 1e-3  # lower triangle differs from the upper
+    mirrored = skewed.tril() + skewed.tril(-1).T
+    want = alg.gptq(w, INT4, mirrored)
+    monkeypatch.setattr(alg, "BLOCK_ELEMENTS", 96 * 7)  # blocks of 7 rows, the last of 5
+    assert torch.equal(alg._mirror_lower(skewed.clone()), mirrored)
+    got = alg.gptq(w, INT4, skewed.clone(), overwrite_hessian=True)
+    assert torch.equal(got.q, want.q) and torch.equal(got.scale, want.scale)
+    other = alg.gptq(w, INT4, skewed.triu() + skewed.triu(1).T)  # the upper one: not the same
+    assert not torch.equal(other.q, want.q)

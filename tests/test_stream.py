@@ -214,6 +214,42 @@ def test_the_job_streamed_reports_the_in_memory_jobs_numbers(tiny_folder, tmp_pa
     assert not stream.work_dir(tmp_path / "streamed").exists()
 
 
+def test_window_digest_is_the_whole_models_logits_digest(tiny_folder, tmp_path):
+    from edgequant.models.base import logits
+
+    stream.quantize(open_source(str(tiny_folder)), "8da4w", tmp_path / "q").finish()
+    model = edgequant.load(tmp_path / "q")
+    window = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(3))
+    kernels = [m for m in model.modules() if hasattr(m, "_kernel_cache")]
+    with torch.inference_mode():
+        digest = stream.window_digest(model, window)
+        # the decoder layers' kernel copies dropped (the head's may stay: it runs last)
+        in_layers = [m for m in model.model.layers.modules() if hasattr(m, "_kernel_cache")]
+        assert in_layers and not any(set(m._kernel_cache) - {"name"} for m in in_layers)
+        assert digest == stream.logits_digest(logits(model, window)[0])
+        assert any(set(m._kernel_cache) - {"name"} for m in kernels)  # the whole run keeps them
+        changed = model.model.layers[1].mlp.down_proj
+        changed.scale.mul_(1.01)
+        changed._kernel_cache.clear()  # the whole run's copy holds the old scales
+        assert stream.window_digest(model, window) != digest
+
+
+def test_the_streamed_reload_check_sees_a_bundle_that_differs(tiny_folder, tmp_path, monkeypatch):
+    from edgequant import job
+
+    load = edgequant.load
+
+    def changed(*args, **kwargs):
+        model = load(*args, **kwargs)
+        model.model.layers[0].self_attn.o_proj.scale.mul_(1.01)
+        return model
+
+    monkeypatch.setattr(edgequant, "load", changed)
+    report = job.run(str(tiny_folder), "8da4w", tmp_path / "r", stream=True, eval_windows=1,
+                     seq_len=32, speed=False)  # fmt: skip
+    assert report["bundle_reloads_identically"] is False
+
+
 def test_the_job_streams_and_refuses_what_needs_the_float_model(tiny_folder, tmp_path):
     from edgequant import job
 

@@ -386,9 +386,7 @@ def _run_streaming(
     reloads = True  # without windows every number below is the reloaded bundle's
     if windows is not None:  # the bundle gives the logits the pass computed, bit for bit
         with torch.inference_mode():
-            again = logits(model, windows[:1])[0]
-        reloads = stream.logits_digest(again) == streamed.first_window
-        del again
+            reloads = stream.window_digest(model, windows[:1]) == streamed.first_window
     speed_ids = _speed_ids(tokenizer, text)
     timed = _speed(model, speed_ids, timed=speed)
     report = {

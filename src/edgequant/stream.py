@@ -191,6 +191,9 @@ def quantize(
             raise Stopped(f"stopped after layer {i} (stop_after={stop_after})")
 
     rest = [lp for lp in outside if lp.kind != "embedding"]
+    late = {lp.fqn: lp.scheme for lp in rest if lp.fqn in schemes}
+    if not late:
+        steps = None  # the calibration batches' hidden states: nothing after the layers reads them
     for name, t in model.named_parameters():  # the final norm (and an untied head, below)
         if t.is_meta and not name.startswith(f"{prefix}.") and not _under(name, rest):
             source.fill(model, name)
@@ -201,7 +204,6 @@ def quantize(
     if hidden is not None:
         float_logits = _float_logits(work, decoder("norm", "output"), hidden)
     results = {}
-    late = {lp.fqn: lp.scheme for lp in rest if lp.fqn in schemes}
     reference = {
         lp.fqn: _weight(model.get_submodule(lp.fqn)).detach() for lp in rest
     }  # what calibration changes in place is cloned first
@@ -240,6 +242,14 @@ def _parts(model: nn.Module):
     return lambda *parts: family.adopt(model, parts or ("tok_embeddings",))
 
 
+def _whole(model: nn.Module):
+    """The one decoder holding all of ``model``'s modules (the model itself for llama2.c)."""
+    from edgequant.models.decoder import Decoder
+    from edgequant.models.families import for_model
+
+    return model if isinstance(model, Decoder) else for_model(model).adopt(model)
+
+
 def _embedded(decoder, windows: torch.Tensor) -> list[torch.Tensor]:
     return [decoder.tok_embeddings(windows[k : k + 1]) for k in range(windows.shape[0])]
 
@@ -250,11 +260,10 @@ def _compare(float_logits: Path, decoder, quantized, windows) -> tuple[dict[str,
     window's quantized logits (what the bundle, reloaded, must give again)."""
     from edgequant.eval import Comparison
 
-    reference = np.load(float_logits, mmap_mode="r")
     totals = Comparison()
     digest = ""
     for k, h in enumerate(quantized):
-        f = torch.from_numpy(np.array(reference[k]))
+        f = torch.from_numpy(_read_window(float_logits, k))
         q = decoder.head(h).float()[0]
         if k == 0:
             digest = logits_digest(q)
@@ -269,19 +278,50 @@ def logits_digest(logits: torch.Tensor) -> str:
 
 
 def _float_logits(work: Path, decoder, hidden: list[torch.Tensor]) -> Path:
-    """The float model's logits of each window, written one window at a time."""
+    """The float model's logits of each window, written one window at a time (a ``.npy`` file
+    of ``[windows, L, vocab]`` float32). Written and read (`_read_window`) with plain file
+    calls: pages of a mapped file count as the process's resident memory while mapped (311 MB
+    a window for a 152k vocabulary)."""
     path = work / FLOAT_LOGITS
-    out = None
-    for k, h in enumerate(hidden):
-        lg = decoder.head(h).float()[0]
-        if out is None:
-            out = np.lib.format.open_memmap(
-                path, mode="w+", dtype=np.float32, shape=(len(hidden), *lg.shape)
-            )
-        out[k] = lg.numpy()
-        out.flush()
-    del out
+    with open(path, "wb") as f:
+        for k, h in enumerate(hidden):
+            lg = decoder.head(h).float()[0].numpy()
+            if k == 0:
+                header = {"descr": "<f4", "fortran_order": False,
+                          "shape": (len(hidden), *lg.shape)}  # fmt: skip
+                np.lib.format.write_array_header_1_0(f, header)
+            f.write(np.ascontiguousarray(lg, dtype="<f4").tobytes())
+            del lg
     return path
+
+
+def _read_window(path: Path, k: int) -> np.ndarray:
+    """Window ``k``'s logits ``[L, vocab]`` from the file `_float_logits` wrote."""
+    with open(path, "rb") as f:
+        np.lib.format.read_magic(f)
+        shape, _, _ = np.lib.format.read_array_header_1_0(f)
+        one = int(np.prod(shape[1:]))
+        f.seek(k * one * 4, 1)
+        out = np.empty(shape[1:], dtype="<f4")
+        if f.readinto(memoryview(out).cast("B")) != one * 4:
+            raise ValueError(f"{str(path)!r} ends before window {k} of {shape[0]}")
+    return out
+
+
+def window_digest(model: nn.Module, window: torch.Tensor) -> str:
+    """`logits_digest` of ``model``'s (a packed model's) logits of ``window [1, L]``, computed
+    as `quantize`'s pass does, one block at a time, each block's kernel copies of its weights
+    dropped after it runs: the packed model in memory, not also every kernel's copy of it.
+    What a bundle reloaded must give again (`Streamed.first_window`)."""
+    decoder = _whole(model)
+    ropes, attend = decoder.eager_context(window.shape[1], device=window.device)
+    h = decoder.tok_embeddings(window)
+    for i, layer in enumerate(decoder.layers):
+        h = decoder.run_layer(i, h, ropes, attend)
+        for m in layer.modules():
+            if hasattr(m, "_kernel_cache"):
+                m._kernel_cache.clear()
+    return logits_digest(decoder.head(h).float()[0])
 
 
 def _give_back() -> None:
