@@ -111,7 +111,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     )
     print(f"model: {report['model_source']}")
     print(f"bundle: {args.out}  (report.json, report.md, report.png, report.html)")
-    if not report["bundle_reloads_identically"]:
+    if report["bundle_reloads_identically"] is False:  # None: nothing ran on the bundle
         print("CHECK FAILED: the saved bundle, reloaded, gives different logits", file=sys.stderr)
         return EXIT_CHECK_FAILED
     if report["eval_windows"]:

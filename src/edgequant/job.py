@@ -20,6 +20,7 @@ import torch
 
 import edgequant
 from edgequant import eval as ev
+from edgequant import kernels
 from edgequant._modules import shallow_copy
 from edgequant.models.base import logits
 from edgequant.quantize import as_recipe, check_finite
@@ -93,10 +94,10 @@ NOT_TIMED = {"decode_tokens_per_s": None, "prefill_tokens_per_s": None, "prompt_
              "new_tokens": None}  # fmt: skip
 
 
-def _speed(model, ids: list[int], context: int | None = None, timed=True) -> dict[str, Any]:
+def _speed(model, ids: list[int], context: int | None = None, speed=True) -> dict[str, Any]:
     """Prefill of ``SPEED_PROMPT_TOKENS`` and ``SPEED_NEW_TOKENS`` decoded, both shrunk in
-    proportion when ``context`` cannot hold them (`NOT_TIMED` unless ``timed``)."""
-    if not timed:
+    proportion when ``context`` cannot hold them (`NOT_TIMED` without ``speed``)."""
+    if not speed:
         return dict(NOT_TIMED)
     prompt, new = SPEED_PROMPT_TOKENS, SPEED_NEW_TOKENS
     if context is not None and prompt + new > context:
@@ -124,7 +125,7 @@ def measure(
         out.update(ev.compare(float_pass["logits"], quant_logits, windows))
         out["eval_windows"], out["seq_len"] = int(windows.shape[0]), int(windows.shape[1])
         out["text"] = float_pass["text"]
-    timed = _speed(quant_model, speed_ids, timed=speed)
+    timed = _speed(quant_model, speed_ids, speed=speed)
     out["decode_tokens_per_s"] = timed["decode_tokens_per_s"]
     out["prefill_tokens_per_s"] = timed["prefill_tokens_per_s"]
     out["layers"] = ev.layer_sqnr(float_model, quant_model)
@@ -267,7 +268,7 @@ def _run(
         "speed_prompt_tokens": float_speed["prompt_tokens"],
         "speed_new_tokens": float_speed["new_tokens"],
         "bundle_reloads_identically": _reloads_identically(out, model, float_model, speed_ids),
-        "kernels": _kernel_counts(model),
+        "kernels": kernels.counts(model),
         "torch_threads": torch.get_num_threads(),
         "edgequant_version": edgequant.__version__,
         "torch_version": torch.__version__,
@@ -382,13 +383,15 @@ def _run_streaming(
                         seq_len=int(windows.shape[1]), text=text_path)  # fmt: skip
     else:
         measured.update(eval_windows=0, seq_len=seq_len)
-    model = edgequant.load(out)  # the packed model: its speed (and the targets' files)
-    reloads = True  # without windows every number below is the reloaded bundle's
+    model, reloads = None, None  # nothing runs on the bundle: not loaded, not checked
+    if windows is not None or speed or targets:  # the packed model: its speed, targets' files
+        model = edgequant.load(out)
+        reloads = True  # without windows every number below is the reloaded bundle's
     if windows is not None:  # the bundle gives the logits the pass computed, bit for bit
         with torch.inference_mode():
             reloads = stream.window_digest(model, windows[:1]) == streamed.first_window
     speed_ids = _speed_ids(tokenizer, text)
-    timed = _speed(model, speed_ids, timed=speed)
+    timed = _speed(model, speed_ids, speed=speed)
     report = {
         **_what_ran(model_name, info, recipe, calibration_data, out),
         "streamed": True,
@@ -402,7 +405,7 @@ def _run_streaming(
         "speed_prompt_tokens": timed["prompt_tokens"],
         "speed_new_tokens": timed["new_tokens"],
         "bundle_reloads_identically": reloads,
-        "kernels": _kernel_counts(model),
+        "kernels": streamed.kernels,
         "torch_threads": torch.get_num_threads(),
         "edgequant_version": edgequant.__version__,
         "torch_version": torch.__version__,
@@ -538,18 +541,6 @@ def _reloads_identically(out: Path, model, float_model, ids: list[int]) -> bool:
     x = torch.tensor([ids])
     with torch.inference_mode():
         return bool(torch.equal(logits(reloaded, x), logits(model, x)))
-
-
-def _kernel_counts(model) -> dict[str, int]:
-    """How many packed modules run each kernel (``reference`` or a fast path)."""
-    from collections import Counter
-
-    from edgequant import kernels
-    from edgequant.layers import QuantizedLinear
-
-    return dict(
-        Counter(kernels.kernel_name(m) for m in model.modules() if isinstance(m, QuantizedLinear))
-    )
 
 
 def _float_row(float_speed: dict[str, Any], **fields: Any) -> dict[str, Any]:

@@ -65,12 +65,18 @@ def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return best
 
 
+# the largest ``x^T x`` (values) made whole and shared by the linears reading one input
+SHARED_PRODUCT = 4096 * 4096
+
+
 class _Hessian:
-    """Sums ``x^T x`` of a linear's inputs (each batch's product in fp32, added into a fp64 sum
-    a block of rows at a time: adding it whole makes a fp64 copy of it, 640 MB for a 1.5B
-    model's down projection) and counts rows. Linears reading the same input tensor (q/k/v,
-    gate/up) share one product through ``shared``, which holds the last input seen and its
-    product (dropped before the next one is made)."""
+    """Sums ``x^T x`` of a linear's inputs in fp64 and counts rows. Each batch's product is made
+    in fp32 and added into the sum a block of rows at a time (adding it whole makes a fp64 copy
+    of it). A product of up to `SHARED_PRODUCT` values is made whole once and shared, through
+    ``shared``, by the linears reading the same input tensor (q/k/v, gate/up); a bigger one (a
+    1.5B model's down projection: 8,960 x 8,960, 321 MB) is made a block of rows at a time too,
+    the same values (each row of a product is the same sums whichever rows are made with it;
+    tests)."""
 
     def __init__(self, cols: int, shared: dict) -> None:
         self.sum = torch.zeros(cols, cols, dtype=torch.float64)
@@ -79,15 +85,18 @@ class _Hessian:
 
     def __call__(self, module, args, output) -> None:
         x = args[0]
+        cols = self.sum.shape[0]
         if self.shared.get("input") is not x:
             self.shared.clear()
             x2 = x.detach().reshape(-1, x.shape[-1]).float()
-            self.shared.update(input=x, product=x2.T @ x2, rows=x2.shape[0])
-        product = self.shared["product"]
-        step = rows_per_block(product.shape[1])
-        for i in range(0, product.shape[0], step):
-            self.sum[i : i + step] += product[i : i + step]
-        self.rows += self.shared["rows"]
+            whole = x2.T @ x2 if cols * cols <= SHARED_PRODUCT else None
+            self.shared.update(input=x, x2=x2, product=whole)
+        x2, product = self.shared["x2"], self.shared["product"]
+        step = rows_per_block(cols)
+        for i in range(0, cols, step):
+            part = x2[:, i : i + step].T @ x2 if product is None else product[i : i + step]
+            self.sum[i : i + step] += part
+        self.rows += x2.shape[0]
 
     def value(self) -> torch.Tensor:
         return 2.0 * self.sum / max(self.rows, 1)

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgequant import __version__
+from edgequant import __version__, kernels
 from edgequant._progress import progress_bar
 from edgequant.eval import weight_sqnr
 from edgequant.models.lazy import Source, release
@@ -80,6 +80,7 @@ class Streamed:
     work: Path
     metrics: dict[str, float] | None = None  # `edgequant.eval.compare`'s, with windows
     first_window: str | None = None  # `logits_digest` of the first window's quantized logits
+    kernels: dict[str, int] | None = None  # `edgequant.kernels.counts` of the packed model
 
     def finish(self) -> None:
         shutil.rmtree(self.work, ignore_errors=True)
@@ -224,7 +225,8 @@ def quantize(
         model.edgequant_calibration = getattr(calibration, "source", "token batches given")
     _assemble(model, out, work, prefix, len(layers), tokenizer, overwrite)
     order = [lp.fqn for lp in p if lp.fqn in rows]
-    return Streamed(p, [rows[f] for f in order], float_logits, work, metrics, digest)
+    return Streamed(p, [rows[f] for f in order], float_logits, work, metrics, digest,
+                    kernels.counts(model))  # fmt: skip
 
 
 # ---- pieces ----------------------------------------------------------------------------------

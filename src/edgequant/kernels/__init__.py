@@ -66,6 +66,16 @@ def kernel_name(layer) -> str:
     return name
 
 
+def counts(model) -> dict[str, int]:
+    """How many of ``model``'s packed linears run each kernel (`kernel_name`); the choice
+    reads only schemes and shapes, so a model on the meta device counts too."""
+    from collections import Counter
+
+    from edgequant.layers import QuantizedLinear
+
+    return dict(Counter(kernel_name(m) for m in model.modules() if isinstance(m, QuantizedLinear)))
+
+
 def linear(x: torch.Tensor, layer) -> torch.Tensor:
     if _runtime is not None:
         return reference.linear_as(x, layer, _runtime)
