@@ -30,3 +30,38 @@ def test_hessian_sums_are_the_same_made_whole_or_by_row_blocks(monkeypatch):
     assert torch.equal(whole[0].sum, whole[2].sum)
     expected = 2.0 * whole[1].sum / 768
     assert torch.equal(whole[1].take(), expected) and whole[1].sum is None
+
+
+def _gemma3_with_local_and_global_layers():
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.Gemma3TextConfig(
+        hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, num_hidden_layers=4, vocab_size=128, max_position_embeddings=64,
+        sliding_window=4, layer_types=["sliding_attention", "full_attention"] * 2,
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10.0},
+                         "full_attention": {"rope_type": "default", "rope_theta": 1e4}},
+    )  # fmt: skip
+    return transformers.Gemma3ForCausalLM(config).eval()
+
+
+@torch.no_grad()
+def test_every_layer_runs_with_the_mask_and_rope_the_model_gives_it():
+    # Gemma 3's sliding-window layers get another mask and RoPE table than its global ones:
+    # calibration runs each layer with its own (all with layer 0's gave other hidden states)
+    model = _gemma3_with_local_and_global_layers()
+    batches = [torch.randint(0, 128, (1, 24), generator=torch.Generator().manual_seed(k))
+               for k in range(2)]  # fmt: skip
+    outputs = []
+    last = model.model.layers[-1]
+    handle = last.register_forward_hook(lambda m, a, out: outputs.append(out))
+    for ids in batches:
+        model(ids, use_cache=False)
+    handle.remove()
+    steps = layerwise.LayerByLayer(model, {}, batches)
+    for i in range(len(steps.layers)):
+        steps.step(i)
+    for got, want in zip(steps.hidden(), outputs, strict=True):
+        assert torch.equal(got, want)
+    assert "forward" not in vars(model.model.layers[0])  # the recording forward is gone

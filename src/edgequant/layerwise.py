@@ -1,7 +1,7 @@
 """Run calibration data through a model one decoder layer at a time (AWQ, SmoothQuant, GPTQ).
 
-The inputs of the first decoder layer are caught once for every calibration batch; then, layer
-by layer:
+The inputs of the first decoder layer are caught once for every calibration batch, with what
+the model gives each layer besides (its mask, RoPE tables, index); then, layer by layer:
 
 1. AWQ / SmoothQuant: the inputs of the layer's linears are gathered (per-channel statistics and
    a sample of rows), each group of linears reading one input (`edgequant.smoothing`) gets its
@@ -166,15 +166,29 @@ def _gptq(module: nn.Module, scheme: Scheme, h: _Hessian) -> algorithms.Quantize
     return result
 
 
-def _layer_inputs(model: nn.Module, layers: nn.ModuleList, batches: list) -> list:
-    """``(args, kwargs)`` of the first decoder layer for every batch."""
+def _layer_inputs(model: nn.Module, layers: nn.ModuleList, batches: list) -> tuple[list, list]:
+    """``(args, kwargs)`` of the first decoder layer for every batch, and what the model gives
+    every layer besides its hidden states (``(args[1:], kwargs)`` for every batch): a model may
+    give its layers different masks and RoPE tables (Gemma 3's sliding-window layers) or a
+    layer index. Each layer's forward is replaced for the pass by one that records its inputs
+    and hands its hidden states on unchanged, the last one stopping the pass: nothing runs but
+    what comes before the first layer (the layers may be on the meta device)."""
     inputs: list[tuple[tuple, dict]] = []
+    contexts: list[list[tuple[tuple, dict]]] = [[] for _ in layers]
 
-    def catch(module, args, kwargs):
-        inputs.append((args, kwargs))
-        raise _Caught
+    def recorder(i: int):
+        def forward(*args, **kwargs):
+            if i == 0:
+                inputs.append((args, kwargs))
+            contexts[i].append((args[1:], kwargs))
+            if i == len(layers) - 1:
+                raise _Caught
+            return args[0]
 
-    handle = layers[0].register_forward_pre_hook(catch, with_kwargs=True)
+        return forward
+
+    for i, layer in enumerate(layers):
+        layer.forward = recorder(i)  # an instance attribute, over the class's forward
     try:
         for ids in progress_bar(batches, len(batches), "calibration inputs", "batch"):
             try:
@@ -182,8 +196,9 @@ def _layer_inputs(model: nn.Module, layers: nn.ModuleList, batches: list) -> lis
             except _Caught:
                 pass
     finally:
-        handle.remove()
-    return inputs
+        for layer in layers:
+            del layer.forward
+    return inputs, contexts
 
 
 def _run_layer(layer: nn.Module, inputs: list, hooks: dict) -> None:
@@ -240,7 +255,7 @@ class LayerByLayer:
             raise ValueError("calibration has no batches")
         self.schemes = schemes
         self.prefix, self.layers = decoder_layers(model)
-        self.inputs = _layer_inputs(model, self.layers, self.batches)
+        self.inputs, self.contexts = _layer_inputs(model, self.layers, self.batches)
         self.label = " + ".join(sorted({s.algorithm for s in schemes.values()}))
 
     def hidden(self) -> list[torch.Tensor]:
@@ -254,7 +269,12 @@ class LayerByLayer:
 
     def step(self, i: int, _scales: dict | None = None) -> dict[str, algorithms.Quantized]:
         """Calibrate and round layer ``i``; returns fqn -> `Quantized` for its linears."""
-        prefix, layer, inputs, schemes = self.prefix, self.layers[i], self.inputs, self.schemes
+        prefix, layer, schemes = self.prefix, self.layers[i], self.schemes
+        # layer i's own masks, RoPE tables and index with the hidden states it is given
+        inputs = self.inputs = [
+            ((args[0], *rest), kwargs)
+            for (args, _), (rest, kwargs) in zip(self.inputs, self.contexts[i], strict=True)
+        ]
         local = {
             name: schemes[f"{prefix}.{i}.{name}"]
             for name, _ in layer.named_modules()
