@@ -244,14 +244,6 @@ def _parts(model: nn.Module):
     return lambda *parts: family.adopt(model, parts or ("tok_embeddings",))
 
 
-def _whole(model: nn.Module):
-    """The one decoder holding all of ``model``'s modules (the model itself for llama2.c)."""
-    from edgequant.models.decoder import Decoder
-    from edgequant.models.families import for_model
-
-    return model if isinstance(model, Decoder) else for_model(model).adopt(model)
-
-
 def _embedded(decoder, windows: torch.Tensor) -> list[torch.Tensor]:
     return [decoder.tok_embeddings(windows[k : k + 1]) for k in range(windows.shape[0])]
 
@@ -316,7 +308,9 @@ def window_digest(model: nn.Module, window: torch.Tensor) -> str:
     as `quantize`'s pass does, one block at a time, each block's kernel copies of its weights
     dropped after it runs: the packed model in memory, not also every kernel's copy of it.
     What a bundle reloaded must give again (`Streamed.first_window`)."""
-    decoder = _whole(model)
+    from edgequant.models.families import decoder_of
+
+    decoder = decoder_of(model)
     ropes, attend = decoder.eager_context(window.shape[1], device=window.device)
     h = decoder.tok_embeddings(window)
     for i, layer in enumerate(decoder.layers):

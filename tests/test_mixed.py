@@ -1,0 +1,115 @@
+"""edgequant.mixed: budgets, candidates per target, sensitivity and the knapsack."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+
+import pytest
+import torch
+
+import edgequant
+from edgequant import eval as ev
+from edgequant import mixed
+from edgequant.mixed import Option
+from edgequant.models.base import logits
+from edgequant.schemes import Scheme
+
+
+def test_budgets_parse_and_refuse_what_is_not_a_budget():
+    assert mixed.parse_budget("4.5bpw").bytes_for(1000) == 562
+    assert mixed.parse_budget("92.5MB").bytes_for(10) == 92_500_000
+    assert mixed.parse_budget("2 MiB").bytes_for(10) == 2 * 2**20
+    for bad in ("4.5", "-3MB", "0bpw", "12 parsecs", ""):
+        with pytest.raises(ValueError, match=r"give bits per weight \(e.g. 4.5bpw\) or a size"):
+            mixed.parse_budget(bad)
+
+
+def test_candidates_are_what_every_named_target_runs():
+    pte = mixed.candidates(["pte"], "linear")
+    assert [s.describe() for s in pte][:2] == [
+        "int4 g32 sym fp16-scales, act int8 dynamic asym",
+        "int4 g64 sym fp16-scales, act int8 dynamic asym",
+    ]
+    assert mixed.candidates(["pte", "tflite"], "linear") == pte  # LiteRT runs each of them
+    both = mixed.candidates(["pte", "gguf"], "embedding")
+    assert [s.describe() for s in both] == ["int4 g32 sym fp16-scales", "fp16"]
+    with pytest.raises(ValueError, match=r"targets \['coreml'\]: choose one or more of"):
+        mixed.candidates(["coreml"], "linear")
+
+
+def _brute_force(groups, budget):
+    best = None
+    for choice in itertools.product(*(range(len(o)) for o in groups.values())):
+        opts = [o[k] for o, k in zip(groups.values(), choice, strict=True)]
+        size, cost = sum(o.bytes for o in opts), sum(o.cost for o in opts)
+        if size <= budget and (best is None or cost < best):
+            best = cost
+    return best
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_allocation_is_the_least_cost_that_fits(seed):
+    g = torch.Generator().manual_seed(seed)
+    groups = {}
+    for name in "abcde":
+        n = int(torch.randint(1, 4, (1,), generator=g))
+        sizes = torch.randint(1, 40, (n,), generator=g).tolist()
+        costs = torch.rand(n, generator=g).tolist()
+        groups[name] = [Option(None, s, c) for s, c in zip(sizes, costs, strict=True)]
+    low, high = mixed.reachable(groups)
+    budget = int(torch.randint(low, high + 1, (1,), generator=g))
+    chosen = mixed.allocate(groups, budget)  # 1-byte steps here: exact
+    opts = [groups[n][k] for n, k in chosen.items()]
+    assert list(chosen) == list(groups)
+    assert sum(o.bytes for o in opts) <= budget
+    assert sum(o.cost for o in opts) == pytest.approx(_brute_force(groups, budget), abs=1e-12)
+
+
+def test_allocation_refuses_budgets_out_of_reach():
+    groups = {"a": [Option(None, 10, 0.0), Option(None, 3, 1.0)], "b": [Option(None, 5, 0.0)]}
+    with pytest.raises(
+        ValueError,
+        match=r"a budget of 7 bytes is outside what these modules can "
+        r"store: from 8 \(every module at its smallest scheme\) to 15 bytes",
+    ):
+        mixed.allocate(groups, 7)
+    with pytest.raises(ValueError, match="a budget of 16 bytes is outside"):
+        mixed.allocate(groups, 16)
+    assert mixed.allocate(groups, 8) == {"a": 1, "b": 0}
+    assert mixed.allocate(groups, 15) == {"a": 0, "b": 0}
+
+
+def test_a_tied_embedding_and_head_are_one_group(tiny_hf_llama):
+    model = copy.deepcopy(tiny_hf_llama)
+    model.lm_head.weight = model.model.embed_tokens.weight
+    groups = mixed.groups_of(model)
+    assert groups[0].fqns == ("model.embed_tokens", "lm_head") and groups[0].kind == "embedding"
+    assert [g.name for g in groups[1:3]] == ["model.layers.0.self_attn.q_proj",
+                                             "model.layers.0.self_attn.k_proj"]  # fmt: skip
+    assert len(groups) == 1 + 2 * 7 and groups[1].layer == 0
+
+
+INT4 = Scheme("int4", "per_group", 32, scale_dtype="fp16", activation="int8_dynamic")
+
+
+def test_sensitivity_is_the_kl_of_the_model_with_that_group_alone_quantized(tiny_hf_llama):
+    model = copy.deepcopy(tiny_hf_llama)
+    model.lm_head.weight = model.model.embed_tokens.weight  # tied: the embedding runs it all
+    groups = mixed.groups_of(model)
+    windows = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(1))
+    picked = {groups[0]: [None, INT4], groups[8]: [INT4, Scheme("int8")],
+              groups[14]: [INT4]}  # fmt: skip
+    measured = mixed.sensitivity(model, picked, windows)
+    with torch.inference_mode():
+        reference = logits(model, windows)
+        for group, schemes in picked.items():
+            for scheme, kl in zip(schemes, measured[group], strict=True):
+                if scheme is None:
+                    assert kl == 0.0
+                    continue
+                q, _ = edgequant.quantize(copy.deepcopy(model),
+                                          mixed.group_recipe({group: scheme}))  # fmt: skip
+                want = ev.compare(reference, logits(q, windows), windows)["kl_divergence"]
+                assert kl == pytest.approx(want, rel=1e-9, abs=1e-12), (group.name, scheme)
+    assert measured[groups[8]][0] > measured[groups[8]][1] > 0  # int4 costs more than int8
