@@ -113,3 +113,66 @@ def test_sensitivity_is_the_kl_of_the_model_with_that_group_alone_quantized(tiny
                 want = ev.compare(reference, logits(q, windows), windows)["kl_divergence"]
                 assert kl == pytest.approx(want, rel=1e-9, abs=1e-12), (group.name, scheme)
     assert measured[groups[8]][0] > measured[groups[8]][1] > 0  # int4 costs more than int8
+
+
+def test_the_budget_recipe_fits_and_is_an_ordinary_recipe(tiny_hf_llama, tmp_path):
+    model = copy.deepcopy(tiny_hf_llama)
+    windows = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(2))
+    recipe, facts = mixed.budget_recipe(model, "6bpw", ["pte"], windows)
+    n_weights = sum(g.n_weights for g in mixed.groups_of(model))
+    assert facts["budget_bytes"] == 6 * n_weights // 8
+    assert facts["allocated_bytes"] <= facts["budget_bytes"]
+    assert facts["predicted_kl"] == pytest.approx(sum(m["kl"] for m in facts["modules"]))
+    schemes = {m["scheme"] for m in facts["modules"]}
+    assert len(schemes) > 1  # mixed: not one scheme everywhere
+    q, plan = edgequant.quantize(copy.deepcopy(model), recipe)
+    assert plan.bytes_after == facts["allocated_bytes"]  # what was allocated is stored
+    from edgequant.recipe import Recipe
+
+    again = Recipe.from_dict(recipe.to_dict())  # the recipe round-trips as any other
+    assert edgequant.plan(model, again).to_dict() == plan.to_dict() | {
+        "recipe": again.to_dict()
+    }
+    low, high = facts["reachable_bytes"]
+    with pytest.raises(ValueError, match=f"from {low:,} .* to {high:,} bytes"):
+        mixed.budget_recipe(model, "1bpw", ["pte"], windows)
+
+
+def test_the_job_refuses_a_budget_it_cannot_allocate(tmp_path):
+    from edgequant import job
+
+    out = tmp_path / "b"
+    with pytest.raises(ValueError, match="--budget chooses the recipe: drop --recipe"):
+        job.run("stories260k", "8da4w", out, budget="4.5bpw", targets="gguf")
+    with pytest.raises(ValueError, match=r"--budget chooses among the schemes a runtime runs "
+                       r"exactly: pass --targets \(pte, tflite, gguf"):  # fmt: skip
+        job.run("stories260k", None, out, budget="4.5bpw")
+    with pytest.raises(ValueError, match="budget '4.5': give bits per weight"):
+        job.run("stories260k", None, out, budget="4.5", targets="gguf")
+    with pytest.raises(ValueError, match="--budget needs the whole float model in memory"):
+        job.run("stories260k", None, out, budget="6bpw", targets="gguf", stream=True)
+    with pytest.raises(ValueError, match="give a recipe .* or a budget"):
+        job.run("stories260k", None, out)
+    assert not out.exists()
+
+
+def test_quantize_with_a_budget_writes_the_chosen_recipe_and_its_file(tmp_path):
+    import json
+
+    from edgequant.cli import main
+
+    out = tmp_path / "bundle"
+    assert main(["quantize", "--model", "stories260k", "--budget", "12bpw", "--targets", "gguf",
+                 "--out", str(out), "--eval-windows", "1", "--seq-len", "64",
+                 "--speed-rounds", "1"]) == 0  # fmt: skip
+    report = json.loads((out / "report.json").read_text())
+    allocation = report["allocation"]
+    assert allocation["budget"] == "12bpw" and allocation["targets"] == ["gguf"]
+    assert allocation["allocated_bytes"] <= allocation["budget_bytes"]
+    chosen = {m["scheme"] for m in allocation["modules"]}
+    assert chosen <= {"int4 g32 sym fp16-scales", "int8 g32 sym fp16-scales", "fp16", None}
+    assert report["recipe"]["name"] == "budget-12bpw"
+    assert edgequant.load(out).edgequant_recipe.to_dict() == report["recipe"]
+    gguf = report["targets"]["gguf"]  # llama.cpp runs every chosen scheme as stored
+    assert "skipped" not in gguf and gguf["fallback"] is None, gguf
+    assert abs(gguf["kl_divergence"] - gguf["eager_kl_divergence"]) < 0.01

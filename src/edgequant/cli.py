@@ -108,6 +108,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         stream=args.stream,
         resume=args.resume,
         speed=args.speed,
+        budget=args.budget,
     )
     print(f"model: {report['model_source']}")
     print(f"bundle: {args.out}  (report.json, report.md, report.png, report.html)")
@@ -386,7 +387,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("quantize", help="the main job: quantize, save, evaluate, report")
     p.add_argument("--model", default="default", help=model_help + " (default: default)")
-    p.add_argument("--recipe", required=True, help=recipe_help)
+    how = p.add_mutually_exclusive_group(required=True)
+    how.add_argument("--recipe", help=recipe_help)
+    how.add_argument(
+        "--budget",
+        help="choose the recipe instead: a scheme per module, among those every --targets "
+        "runtime runs exactly, the least KL whose weights fit SIZE (4.5bpw or 92.5MB); "
+        "the choice is stored as the bundle's recipe",
+    )
     p.add_argument("--out", required=True, help="bundle folder to write (reports go inside)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
     p.add_argument("--compare", action="store_true", help="also run every preset; one table")

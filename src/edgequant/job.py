@@ -151,8 +151,14 @@ def run(
     stream: bool | None = None,
     resume: bool = False,
     speed: bool = True,
+    budget: str | None = None,
 ) -> dict[str, Any]:
     """Quantize ``model_name`` with ``recipe``, save to ``out``, evaluate, write the reports.
+
+    ``budget`` (``4.5bpw``, ``92.5MB``; `edgequant.mixed`) chooses the recipe instead (pass
+    ``recipe=None``): a scheme per module among those every one of ``targets`` runs exactly,
+    the least summed KL whose stored weight bytes fit; the choice is the report's
+    ``allocation`` and the bundle's recipe.
 
     ``speed=False`` does not time the float and quantized models (their speed keys are
     ``null``): timing needs the packed model whole with the CPU kernels' copy of its weights
@@ -192,13 +198,18 @@ def run(
         from edgequant._io import read_text_file
 
         read_text_file(Path(text), "text file")
+    if budget is not None:
+        _check_budget(budget, recipe, target_names)
+    elif recipe is None:
+        raise ValueError("give a recipe (a preset name, a file or a Recipe) or a budget")
     source = None  # the model read a tensor at a time, opened once (a GGUF file is hashed)
     if stream is None:  # what needs the float model whole keeps it whole
         whole = compare_presets or anchor_names or (calibration or "").strip().startswith("model")
+        whole = whole or budget is not None
         source = None if whole else _lazy_source(model_name)
         stream = source is not None and 4 * source.n_weights() > STREAM_ABOVE
-    if stream and (compare_presets or anchor_names):
-        what = "--compare" if compare_presets else "--compare-anchors"
+    if stream and (compare_presets or anchor_names or budget is not None):
+        what = "--compare" if compare_presets else "--budget" if budget else "--compare-anchors"
         raise ValueError(
             f"{what} needs the whole float model in memory; it cannot run with streaming "
             "(pass --no-stream where the model fits)"
@@ -220,20 +231,23 @@ def run(
             model_name, recipe, out, eval_windows=eval_windows, seq_len=seq_len, text=text,
             overwrite=overwrite, compare_presets=compare_presets, algorithm=algorithm,
             calibration=calibration, targets=target_names, allow_fallback=allow_fallback,
-            speed_rounds=speed_rounds, anchors=anchor_names, speed=speed,
+            speed_rounds=speed_rounds, anchors=anchor_names, speed=speed, budget=budget,
         )  # fmt: skip
 
 
 def _run(
     model_name, recipe, out: Path, *, eval_windows, seq_len, text, overwrite, compare_presets,
-    algorithm, calibration, targets, allow_fallback, speed_rounds, anchors, speed,
+    algorithm, calibration, targets, allow_fallback, speed_rounds, anchors, speed, budget=None,
 ) -> dict[str, Any]:  # fmt: skip
     from edgequant.artifact import check_writable
     from edgequant.models import load
     from edgequant.report import write_compare, write_report
 
     check_writable(out, overwrite)
-    recipe = _job_recipe(recipe, algorithm, calibration)  # before any work
+    if budget is None:
+        recipe = _job_recipe(recipe, algorithm, calibration)  # before any work
+    else:
+        _job_recipe("8da4w", algorithm, calibration)  # what the algorithm needs: before any work
     lap = _Laps()
     seconds = lap.seconds
 
@@ -246,6 +260,14 @@ def _run(
         calibration_data = parse(
             calibration, tokenizer, model=float_model, eval_tokens=eval_windows * seq_len
         )
+    allocation = None
+    if budget is not None:
+        from edgequant import mixed
+
+        recipe, allocation = mixed.budget_recipe(
+            float_model, budget, targets, mixed.sensitivity_windows(tokenizer),
+            algorithm=algorithm,
+        )  # fmt: skip
     lap("load")
     speed_ids, float_pass, float_speed = _float_side(
         float_model, tokenizer, info, eval_windows, seq_len, text, speed=speed
@@ -275,6 +297,8 @@ def _run(
     }
     if float_pass is None:
         report.update(eval_windows=0, seq_len=seq_len)
+    if allocation is not None:
+        report["allocation"] = allocation
     report["recipe_resolved"] = [lp.to_dict() for lp in plan]
     lap("measure")
     if targets:
@@ -499,6 +523,19 @@ def _deploy(
 def seq_len_of(float_pass: dict[str, Any] | None) -> int:
     """The evaluation windows' length (0 without evaluation)."""
     return 0 if float_pass is None else int(float_pass["windows"].shape[1])
+
+
+def _check_budget(budget: str, recipe, targets: list[str]) -> None:
+    from edgequant import mixed
+
+    mixed.parse_budget(budget)  # a bad budget: before any work
+    if recipe is not None:
+        raise ValueError("--budget chooses the recipe: drop --recipe (or --budget)")
+    if not targets:
+        raise ValueError(
+            "--budget chooses among the schemes a runtime runs exactly: pass --targets "
+            "(pte, tflite, gguf; with several, only schemes all of them run)"
+        )
 
 
 def _check_calibration(recipe, calibration: str | None) -> None:

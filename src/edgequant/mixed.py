@@ -23,6 +23,7 @@ import logging
 import math
 import re
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,6 +34,9 @@ from edgequant.schemes import Scheme
 log = logging.getLogger(__name__)
 
 UNITS = 100_000  # steps of the budget in the knapsack
+# calibration windows the sensitivity is measured on: WikiText-2 past the evaluation windows
+# (`edgequant.calibration.wikitext`), seed 1
+SENSITIVITY_WINDOWS, SENSITIVITY_TOKENS = 4, 256
 
 _INT4_GROUPS = (32, 64, 128, 256)
 
@@ -323,3 +327,92 @@ def sensitivity(
                 _set_module(decoder, where, module)
     return {g: [0.0 if s is None else measured[g, s] for s in schemes]
             for g, schemes in options.items()}  # fmt: skip
+
+
+# ---- the recipe for a budget -----------------------------------------------------------------
+
+
+def options_for(group: Group, targets: list[str], algorithm: str | None = None) -> list:
+    """``group``'s candidate schemes (`candidates` whose groups divide its rows), float last
+    (None). A tied embedding and head takes the linear schemes whose storage every target
+    also looks up as an embedding. ``algorithm`` replaces each scheme's (minmax)."""
+    import dataclasses
+
+    from edgequant.layers import shape_problem
+
+    if group.kind == "embedding" and len(group.fqns) > 1:
+        lookups = {_storage(s) for s in candidates(targets, "embedding")}
+        schemes = [s for s in candidates(targets, "linear") if _storage(s) in lookups]
+    else:
+        schemes = candidates(targets, group.kind)
+    if algorithm is not None:
+        schemes = [dataclasses.replace(s, algorithm=algorithm) if s.is_integer else s
+                   for s in schemes]  # fmt: skip
+    return [*(s for s in schemes if shape_problem(s, group.shape[1]) is None), None]
+
+
+def _storage(scheme: Scheme) -> Scheme:
+    import dataclasses
+
+    return dataclasses.replace(scheme, activation="none", activation_symmetric=False)
+
+
+def budget_recipe(
+    model: nn.Module,
+    budget: str | Budget,
+    targets: list[str],
+    windows: torch.Tensor,
+    *,
+    algorithm: str | None = None,
+) -> tuple[Any, dict[str, Any]]:
+    """The recipe (FQN rules) whose stored weight bytes fit ``budget`` with the least summed
+    `sensitivity` on ``windows`` (calibration text, disjoint from the evaluation windows),
+    choosing for each module among the schemes all ``targets`` run exactly (and float);
+    ``algorithm`` rounds the integer schemes (minmax by default). Returns the recipe and the
+    allocation's facts (budget, bytes, the predicted KL as the sum of the chosen costs, and
+    each module's choice)."""
+    if isinstance(budget, str):
+        budget = parse_budget(budget)
+    groups = groups_of(model)
+    options = {g: options_for(g, targets, algorithm) for g in groups}
+    n_weights = sum(g.n_weights for g in groups)
+    limit = budget.bytes_for(n_weights)
+    table = {g.name: [Option(s, stored_bytes(g, s), 0.0) for s in options[g]] for g in groups}
+    low, high = reachable(table)
+    if not low <= limit <= high:
+        allocate(table, limit)  # raises, naming the reachable range
+    costs = sensitivity(model, options, windows)
+    table = {g.name: [Option(s, stored_bytes(g, s), c) for s, c in zip(options[g], costs[g],
+                                                                       strict=True)]
+             for g in groups}  # fmt: skip
+    chosen = allocate(table, limit)
+    picks = {g: table[g.name][chosen[g.name]] for g in groups}
+    recipe = group_recipe({g: o.scheme for g, o in picks.items()}, name=f"budget-{budget}")
+    facts = {
+        "budget": str(budget),
+        "budget_bytes": limit,
+        "targets": list(targets),
+        "reachable_bytes": [low, high],
+        "allocated_bytes": sum(o.bytes for o in picks.values()),
+        "predicted_kl": sum(o.cost for o in picks.values()),
+        "sensitivity_windows": list(windows.shape),
+        "modules": [
+            {
+                "fqns": list(g.fqns),
+                "scheme": None if o.scheme is None else o.scheme.describe(),
+                "bytes": o.bytes,
+                "kl": o.cost,
+            }
+            for g, o in picks.items()
+        ],  # fmt: skip
+    }
+    return recipe, facts
+
+
+def sensitivity_windows(tokenizer) -> torch.Tensor:
+    """``[SENSITIVITY_WINDOWS, SENSITIVITY_TOKENS]`` token ids of WikiText-2 past the
+    evaluation windows (the job's `budget_recipe` measures on them)."""
+    from edgequant.calibration import wikitext
+
+    batches = wikitext(tokenizer, SENSITIVITY_WINDOWS, SENSITIVITY_TOKENS, seed=1).batches
+    return torch.cat(list(batches))
