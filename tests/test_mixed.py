@@ -130,9 +130,7 @@ def test_the_budget_recipe_fits_and_is_an_ordinary_recipe(tiny_hf_llama, tmp_pat
     from edgequant.recipe import Recipe
 
     again = Recipe.from_dict(recipe.to_dict())  # the recipe round-trips as any other
-    assert edgequant.plan(model, again).to_dict() == plan.to_dict() | {
-        "recipe": again.to_dict()
-    }
+    assert edgequant.plan(model, again).to_dict() == plan.to_dict() | {"recipe": again.to_dict()}
     low, high = facts["reachable_bytes"]
     with pytest.raises(ValueError, match=f"from {low:,} .* to {high:,} bytes"):
         mixed.budget_recipe(model, "1bpw", ["pte"], windows)
