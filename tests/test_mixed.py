@@ -174,3 +174,14 @@ def test_quantize_with_a_budget_writes_the_chosen_recipe_and_its_file(tmp_path):
     gguf = report["targets"]["gguf"]  # llama.cpp runs every chosen scheme as stored
     assert "skipped" not in gguf and gguf["fallback"] is None, gguf
     assert abs(gguf["kl_divergence"] - gguf["eager_kl_divergence"]) < 0.01
+
+
+def test_plan_shows_the_allocation_of_a_budget(capsys):
+    from edgequant.cli import main
+
+    assert main(["plan", "--model", "stories260k", "--budget", "10bpw", "--targets", "gguf"]) == 0
+    out = capsys.readouterr().out
+    assert "budget 10bpw (" in out and "predicted KL" in out
+    assert "fp16" in out or "int8 g32 sym fp16-scales" in out
+    assert main(["plan", "--model", "stories260k", "--budget", "10bpw"]) == 2
+    assert "--budget chooses among the schemes a runtime runs exactly" in capsys.readouterr().err

@@ -37,9 +37,27 @@ def cmd_plan(args: argparse.Namespace) -> int:
     import edgequant
     from edgequant.models import load
 
-    model, _, _ = load(args.model)
-    plan = edgequant.plan(model, args.recipe)
+    model, tokenizer, _ = load(args.model)
+    recipe = args.recipe
+    if args.budget is not None:
+        from edgequant import mixed, targets
+
+        names = targets.parse(args.targets)
+        if not names:
+            raise ValueError("--budget chooses among the schemes a runtime runs exactly: pass "
+                             "--targets (pte, tflite, gguf; with several, only schemes all of "
+                             "them run)")  # fmt: skip
+        windows = mixed.sensitivity_windows(tokenizer)
+        recipe, allocation = mixed.budget_recipe(model, args.budget, names, windows)
+    plan = edgequant.plan(model, recipe)
     print(plan.table())
+    if args.budget is not None:
+        print(
+            f"\nbudget {allocation['budget']} ({allocation['budget_bytes']:,} bytes of weights; "
+            f"reachable {allocation['reachable_bytes'][0]:,}..{allocation['reachable_bytes'][1]:,}"
+            f"): allocated {allocation['allocated_bytes']:,} bytes, predicted KL "
+            f"{allocation['predicted_kl']:.4f} (the sum of each module's measured KL)"
+        )
     if args.targets:
         from edgequant import speed, targets
         from edgequant.models.families import decoder_of
@@ -379,7 +397,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plan", help="show what a recipe would do to each module")
     p.add_argument("--model", required=True, help=model_help)
-    p.add_argument("--recipe", required=True, help=recipe_help)
+    how = p.add_mutually_exclusive_group(required=True)
+    how.add_argument("--recipe", help=recipe_help)
+    how.add_argument(
+        "--budget",
+        help="show the recipe quantize --budget SIZE would choose (with --targets): measures "
+        "each module's sensitivity",
+    )
     p.add_argument(
         "--targets", help="also predict decode tok/s in these runtimes: pte, tflite, gguf or all"
     )
