@@ -246,8 +246,8 @@ def _run(
     check_writable(out, overwrite)
     if budget is None:
         recipe = _job_recipe(recipe, algorithm, calibration)  # before any work
-    else:
-        _job_recipe("8da4w", algorithm, calibration)  # what the algorithm needs: before any work
+    else:  # the recipe is chosen later: the algorithm and its data checked now on a stand-in
+        _job_recipe("8da4w", algorithm, calibration)
     lap = _Laps()
     seconds = lap.seconds
 
@@ -260,6 +260,7 @@ def _run(
         calibration_data = parse(
             calibration, tokenizer, model=float_model, eval_tokens=eval_windows * seq_len
         )
+    lap("load")
     allocation = None
     if budget is not None:
         from edgequant import mixed
@@ -268,7 +269,7 @@ def _run(
             float_model, budget, targets, mixed.sensitivity_windows(tokenizer),
             algorithm=algorithm,
         )  # fmt: skip
-    lap("load")
+        lap("allocate")
     speed_ids, float_pass, float_speed = _float_side(
         float_model, tokenizer, info, eval_windows, seq_len, text, speed=speed
     )
