@@ -285,7 +285,7 @@ def _float_logits(work: Path, decoder, hidden: list[torch.Tensor]) -> Path:
                 header = {"descr": "<f4", "fortran_order": False,
                           "shape": (len(hidden), *lg.shape)}  # fmt: skip
                 np.lib.format.write_array_header_1_0(f, header)
-            f.write(np.ascontiguousarray(lg, dtype="<f4").tobytes())
+            f.write(np.ascontiguousarray(lg, dtype="<f4").data)  # in place, not a copy
             del lg
     return path
 
