@@ -35,11 +35,16 @@ def _hf_folder(folder, *, hidden=64, ffn=128, layers=3, vocab=256, tied=False, d
     import transformers
 
     torch.manual_seed(0)
-    cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config}[model_type]
+    cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
+           "gemma3_text": transformers.Gemma3TextConfig}[model_type]  # fmt: skip
+    extra = {}
+    if model_type == "gemma3_text":  # sliding-window layers with their own RoPE, then global
+        kinds = ["sliding_attention", "full_attention"] * layers
+        extra = dict(head_dim=16, sliding_window=8, layer_types=kinds[:layers])
     config = cls(
         hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab,
-        max_position_embeddings=128, tie_word_embeddings=tied,
+        max_position_embeddings=128, tie_word_embeddings=tied, **extra,
     )  # fmt: skip
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
     if dtype is not None:
@@ -154,6 +159,17 @@ def test_tied_head_and_qwen_biases_equal_the_in_memory_path(case, tiny_qwen_tied
     assert streamed.metrics == metrics
     assert [r["fqn"] for r in streamed.layers] == [r["fqn"] for r in sqnr]
     assert streamed.layers == sqnr
+
+
+def test_gemma3_with_sliding_window_layers_streams_to_the_same_bundle(tmp_path):
+    folder = _hf_folder(tmp_path / "gemma3", model_type="gemma3_text", layers=3, tied=True)
+    recipe = CASES["8da4w+gptq"]()
+    windows = torch.randint(0, 256, (1, 32), generator=torch.Generator().manual_seed(4))
+    _, metrics, sqnr = _in_memory(folder, recipe, tmp_path / "mem", _batches(), windows)
+    streamed = stream.quantize(open_source(folder), recipe, tmp_path / "st",
+                               calibration=_batches(), windows=windows)  # fmt: skip
+    assert _digest(tmp_path / "st/model.safetensors") == _digest(tmp_path / "mem/model.safetensors")
+    assert streamed.metrics == metrics and streamed.layers == sqnr
 
 
 def test_llama2c_checkpoint_streams_to_the_same_bundle(stories260k, tmp_path):
