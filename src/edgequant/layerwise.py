@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from edgequant import algorithms, smoothing
+from edgequant._memory import give_back
 from edgequant._progress import progress_bar
 from edgequant.layers import is_conv1d, linear_weight
 from edgequant.primitives import rows_per_block
@@ -295,8 +296,10 @@ class LayerByLayer:
             hessians = {n: _Hessian(linear_weight(m).shape[1], shared) for n, m in modules.items()}
             _run_layer(layer, inputs, {modules[n]: hessians[n] for n in gptq})
             shared.clear()
+            give_back()  # the pass's activations, before the inverse Hessians
             for n, scheme in gptq.items():
                 done[n] = _gptq(modules[n], scheme, hessians[n])
+                give_back()
         _advance(layer, inputs)
         return {f"{prefix}.{i}.{n}": r for n, r in done.items()}
 

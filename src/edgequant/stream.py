@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from edgequant import __version__, kernels
+from edgequant._memory import give_back
 from edgequant._progress import progress_bar
 from edgequant.eval import weight_sqnr
 from edgequant.models.lazy import Source, release
@@ -187,7 +188,7 @@ def quantize(
         release(model, where)
         for lp in mine:
             packed.pop(lp.fqn)._kernel_cache.clear()  # a fast kernel's copy of the weights
-        _give_back()
+        give_back()
         if stop_after is not None and i == stop_after:
             raise Stopped(f"stopped after layer {i} (stop_after={stop_after})")
 
@@ -319,19 +320,6 @@ def window_digest(model: nn.Module, window: torch.Tensor) -> str:
             if hasattr(m, "_kernel_cache"):
                 m._kernel_cache.clear()
     return logits_digest(decoder.head(h).float()[0])
-
-
-def _give_back() -> None:
-    """Return the heap's free pages to the system. glibc keeps memory freed inside its heap,
-    and the layers' tensors of a few MB each leave it fragmented: without this a 16-layer
-    model's run grew by 18 MB of resident memory a layer (measured), the layer size times a
-    fraction, for every layer."""
-    import ctypes
-
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: its allocator does what it does
-        pass
 
 
 def _module_name(model: nn.Module, decoder_name: str) -> str:
