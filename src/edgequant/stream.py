@@ -160,6 +160,7 @@ def quantize(
                           "quantize layer by layer", "layer"):  # fmt: skip
         where = f"{prefix}.{i}."
         source.fill(model, where)
+        give_back()  # reading (and dequantizing) the layer's tensors left freed blocks
         check_finite(model.get_submodule(where[:-1]))
         mine = [lp for lp in todo if lp.fqn.startswith(where)]
         modules = {lp.fqn: model.get_submodule(lp.fqn) for lp in mine}
