@@ -328,7 +328,7 @@ def gptq(
     ``hessian``, or ``hessian`` itself with ``overwrite_hessian``: 640 MB for 8,960 inputs) and
     used as float32 a block of rows at a time, and the weight in one float32 copy beside its
     int8 integers."""
-    w = weight.detach().float().clone()
+    w = weight.detach()  # copied as float32 a block of rows at a time, below
     rows, cols = w.shape
     g = group_size_of(scheme, cols)
     if hessian.shape != (cols, cols):
@@ -348,7 +348,6 @@ def gptq(
 
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
-    w[:, dead] = 0.0
     H.diagonal().add_(damp * torch.diag(H).mean())
     order = torch.arange(cols)
     if act_order:
@@ -373,39 +372,55 @@ def gptq(
     n_groups = cols // g
     scale = torch.zeros(rows, n_groups, dtype=FLOAT_DTYPES[scheme.scale_dtype])
     zero = None if scheme.symmetric else torch.zeros(rows, n_groups, dtype=torch.int8)
-    if act_order:  # static groups: scales from the original weights
-        start = choose(w, scheme, torch.arange(cols))
-        scale, zero = start.scale, start.zero_point
     if g < cols:  # whole groups per block, so a group's scale sees all its updates
         block = g * max(1, block // g)
-    wp = w[:, order] if act_order else w  # w is this function's own copy
     q_out = torch.zeros(rows, cols, dtype=torch.int8)
     qmin, qmax = grid(scheme)
-    for i1 in range(0, cols, block):
-        i2 = min(i1 + block, cols)
-        W1 = wp[:, i1:i2].clone()
-        Err = torch.zeros_like(W1)
-        Hrows = Hinv[i1:i2].float()  # the rows of this block, as float32
-        Hinv1 = Hrows[:, i1:i2]
-        for i in range(i2 - i1):
-            col = int(order[i1 + i])
-            grp = col // g
-            if not act_order and col % g == 0:  # entering a group: its scale from W now
-                part = torch.cat([W1[:, i:], wp[:, i2:]], dim=1)[:, :g]
-                chosen = choose(part, _per_channel(scheme), torch.arange(col, col + g))
-                scale[:, grp] = chosen.scale[:, 0]
-                if zero is not None:
-                    zero[:, grp] = chosen.zero_point[:, 0]
-            s = scale[:, grp].float()
-            z = 0.0 if zero is None else zero[:, grp].float()
-            x = W1[:, i]
-            q = (torch.round(x / s) + z).clamp(qmin, qmax)
-            q_out[:, col] = q
-            e = (x - (q - z) * s) / Hinv1[i, i]
-            W1[:, i:] -= e[:, None] * Hinv1[i, i:][None, :]
-            Err[:, i] = e
-        wp[:, i2:] -= Err @ Hrows[:, i2:]
+    # rows are independent given Hinv: a block of rows at a time (a 151,936-row head's float32
+    # copy is 0.9 GB); a model's decoder linears fit one block
+    step = rows_per_block(cols, GPTQ_ROWS_ELEMENTS)
+    for r0 in range(0, rows, step):
+        r1 = min(r0 + step, rows)
+        w_rows = w[r0:r1].float().clone()
+        w_rows[:, dead] = 0.0
+        s_rows, z_rows = scale[r0:r1], None if zero is None else zero[r0:r1]
+        if act_order:  # static groups: scales from the original weights
+            start = choose(w_rows, scheme, torch.arange(cols))
+            s_rows.copy_(start.scale)
+            if z_rows is not None:
+                z_rows.copy_(start.zero_point)
+        wp = w_rows[:, order] if act_order else w_rows
+        q_rows = q_out[r0:r1]
+        for i1 in range(0, cols, block):
+            i2 = min(i1 + block, cols)
+            W1 = wp[:, i1:i2].clone()
+            Err = torch.zeros_like(W1)
+            Hrows = Hinv[i1:i2].float()  # the rows of this block, as float32
+            Hinv1 = Hrows[:, i1:i2]
+            for i in range(i2 - i1):
+                col = int(order[i1 + i])
+                grp = col // g
+                if not act_order and col % g == 0:  # entering a group: its scale from W now
+                    part = torch.cat([W1[:, i:], wp[:, i2:]], dim=1)[:, :g]
+                    chosen = choose(part, _per_channel(scheme), torch.arange(col, col + g))
+                    s_rows[:, grp] = chosen.scale[:, 0]
+                    if z_rows is not None:
+                        z_rows[:, grp] = chosen.zero_point[:, 0]
+                sc = s_rows[:, grp].float()
+                z = 0.0 if z_rows is None else z_rows[:, grp].float()
+                x = W1[:, i]
+                q = (torch.round(x / sc) + z).clamp(qmin, qmax)
+                q_rows[:, col] = q
+                e = (x - (q - z) * sc) / Hinv1[i, i]
+                W1[:, i:] -= e[:, None] * Hinv1[i, i:][None, :]
+                Err[:, i] = e
+            wp[:, i2:] -= Err @ Hrows[:, i2:]
     return Quantized(q_out, scale, zero)
+
+
+# values of the weight GPTQ copies as float32 at once: every decoder linear of a 1.5B model
+# fits, a 151,936-row head is done in 14 blocks
+GPTQ_ROWS_ELEMENTS = 16 * BLOCK_ELEMENTS
 
 
 def _mirror_lower(h: torch.Tensor) -> torch.Tensor:

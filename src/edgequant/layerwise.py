@@ -156,14 +156,15 @@ def _rounds_by_gptq(scheme: Scheme) -> bool:
     )
 
 
-def _gptq(module: nn.Module, scheme: Scheme, h: _Hessian) -> algorithms.Quantized:
+def _gptq(module: nn.Module, scheme: Scheme, h: _Hessian, write: bool = True):
     params = scheme.params
     if scheme.algorithm != "gptq":  # awq with gptq: true passes on its magnitude only
         params = {k: v for k, v in params.items() if k == "magnitude"}
     result = algorithms.gptq(
         linear_weight(module), scheme, h.take(), overwrite_hessian=True, **params
     )
-    _write(module, result, scheme)
+    if write:
+        _write(module, result, scheme)
     return result
 
 
@@ -229,8 +230,9 @@ def run(
 ) -> dict[str, algorithms.Quantized]:
     """The calibrated algorithms (GPTQ, AWQ, SmoothQuant) for every linear named in ``schemes``
     (fqn -> scheme), layer by layer on the ``calibration`` batches; returns fqn -> `Quantized`.
-    The model's float weights of those linears are left at their dequantized values (the caller
-    swaps in packed modules); AWQ's and SmoothQuant's scales are folded into the model's norms
+    The model's float weights of the decoder layers' linears are left at their dequantized
+    values (a linear after the layers keeps its float weight; the caller swaps in packed
+    modules); AWQ's and SmoothQuant's scales are folded into the model's norms
     and linears (the float function is unchanged)."""
     steps = LayerByLayer(model, schemes, calibration)
     results: dict[str, algorithms.Quantized] = {}
@@ -433,10 +435,11 @@ def _outside_layers(model, schemes, batches, results) -> None:
 def _round_outside(modules, schemes, hessians, results) -> None:
     for fqn, module in modules.items():
         scheme = schemes[fqn]
+        # nothing runs after these: their dequantized weights are not written back (a
+        # 151,936-row head's would be 0.9 GB)
         if _rounds_by_gptq(scheme):
-            results[fqn] = _gptq(module, scheme, hessians[fqn])
+            results[fqn] = _gptq(module, scheme, hessians[fqn], write=False)
             continue
         energy = torch.diag(hessians[fqn].value()).float() / 2
         stats = algorithms.InputStats(torch.empty(0), energy, energy, energy)
         results[fqn] = _smoothed_rounding(module, scheme, stats, None)
-        _write(module, results[fqn], scheme)
