@@ -57,7 +57,8 @@ def test_allocation_is_the_least_cost_that_fits(seed):
         sizes = torch.randint(1, 40, (n,), generator=g).tolist()
         costs = torch.rand(n, generator=g).tolist()
         groups[name] = [Option(None, s, c) for s, c in zip(sizes, costs, strict=True)]
-    low, high = mixed.reachable(groups)
+    low = sum(min(o.bytes for o in opts) for opts in groups.values())
+    high = sum(max(o.bytes for o in opts) for opts in groups.values())
     budget = int(torch.randint(low, high + 1, (1,), generator=g))
     chosen = mixed.allocate(groups, budget)  # 1-byte steps here: exact
     opts = [groups[n][k] for n, k in chosen.items()]
@@ -100,7 +101,7 @@ def test_sensitivity_is_the_kl_of_the_model_with_that_group_alone_quantized(tiny
     windows = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(1))
     picked = {groups[0]: [None, INT4], groups[8]: [INT4, Scheme("int8")],
               groups[14]: [INT4]}  # fmt: skip
-    measured = mixed.sensitivity(model, picked, windows)
+    measured = mixed.sensitivity(model, picked, windows, measure="every")
     with torch.inference_mode():
         reference = logits(model, windows)
         for group, schemes in picked.items():
@@ -113,6 +114,38 @@ def test_sensitivity_is_the_kl_of_the_model_with_that_group_alone_quantized(tiny
                 want = ev.compare(reference, logits(q, windows), windows)["kl_divergence"]
                 assert kl == pytest.approx(want, rel=1e-9, abs=1e-12), (group.name, scheme)
     assert measured[groups[8]][0] > measured[groups[8]][1] > 0  # int4 costs more than int8
+
+
+def test_fisher_estimates_rank_like_measuring_every_option(tiny_hf_llama):
+    model = copy.deepcopy(tiny_hf_llama)
+    groups = mixed.groups_of(model)
+    windows = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(3))
+    options = {g: mixed.options_for(g, ["pte"]) for g in groups}
+    every = mixed.sensitivity(model, options, windows, measure="every")
+    fisher = mixed.sensitivity(model, options, windows)
+    assert fisher == mixed.sensitivity(model, options, windows)  # seeded: deterministic
+    pairs = []
+    for g in groups:
+        if g.layer is None:  # the embedding and head are measured
+            assert fisher[g] == every[g]
+            continue
+        assert fisher[g][-1] == every[g][-1] == 0.0  # float
+        pairs += list(zip(fisher[g][:-1], every[g][:-1], strict=True))
+    assert len(pairs) == sum(len(options[g]) - 1 for g in groups if g.layer is not None) > 40
+    rho = mixed.rank_correlation([a for a, _ in pairs], [b for _, b in pairs])
+    assert rho > 0.9, rho
+    ratio = sum(a for a, _ in pairs) / sum(b for _, b in pairs)
+    assert 0.3 < ratio < 3, ratio  # an estimate of the same KL, not only of its ranks
+    assert all(p.requires_grad for p in model.parameters())  # given back as it was
+    with pytest.raises(ValueError, match="measure 'all': choose one of"):
+        mixed.sensitivity(model, options, windows, measure="all")
+
+
+def test_rank_correlation_is_spearmans():
+    assert mixed.rank_correlation([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert mixed.rank_correlation([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    # ties take their mean rank: ranks (1, 2.5, 2.5, 4) against (1, 2, 3, 4)
+    assert mixed.rank_correlation([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(0.9486833, 1e-6)
 
 
 def test_the_budget_recipe_fits_and_is_an_ordinary_recipe(tiny_hf_llama, tmp_path):

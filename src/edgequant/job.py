@@ -556,20 +556,12 @@ def _check_calibration(recipe, calibration: str | None) -> None:
 def with_algorithm(recipe, algorithm: str, **params):
     """``recipe`` with ``algorithm`` (and its ``params``) on every integer rule (float rules stay
     as they are)."""
-    import dataclasses
-
     from edgequant.recipe import Recipe
     from edgequant.schemes import ALGORITHMS
 
     if algorithm not in ALGORITHMS:
         raise ValueError(f"algorithm {algorithm!r} does not exist; choose from {list(ALGORITHMS)}")
-
-    def change(scheme):
-        if not scheme.is_integer:
-            return scheme
-        return dataclasses.replace(scheme, algorithm=algorithm, algorithm_params=params)
-
-    changed = recipe.map_schemes(change)
+    changed = recipe.map_schemes(lambda scheme: scheme.rounded_by(algorithm, **params))
     return Recipe(changed.rules, name=f"{recipe.name or 'recipe'}+{algorithm}")
 
 

@@ -158,10 +158,17 @@ class Option:
     cost: float
 
 
-def reachable(groups: dict[str, list[Option]]) -> tuple[int, int]:
-    """The fewest and the most bytes any choice of ``groups``' options stores."""
-    return (sum(min(o.bytes for o in opts) for opts in groups.values()),
-            sum(max(o.bytes for o in opts) for opts in groups.values()))  # fmt: skip
+def check_reachable(sizes, budget: int) -> tuple[int, int]:
+    """The fewest and the most bytes a choice among ``sizes`` (each group's options' bytes)
+    stores; a ``budget`` outside them is refused, naming the range."""
+    sizes = [list(s) for s in sizes]
+    low, high = sum(min(s) for s in sizes), sum(max(s) for s in sizes)
+    if budget < low or budget > high:
+        raise ValueError(
+            f"a budget of {budget:,} bytes is outside what these modules can store: from "
+            f"{low:,} (every module at its smallest scheme) to {high:,} bytes (at its largest)"
+        )
+    return low, high
 
 
 def allocate(groups: dict[str, list[Option]], budget: int, units: int = UNITS) -> dict[str, int]:
@@ -173,12 +180,7 @@ def allocate(groups: dict[str, list[Option]], budget: int, units: int = UNITS) -
     ...           "b": [Option(None, 4, 0.0), Option(None, 1, 3.0)]}, budget=5)
     {'a': 1, 'b': 0}
     """
-    low, high = reachable(groups)
-    if budget < low or budget > high:
-        raise ValueError(
-            f"a budget of {budget:,} bytes is outside what these modules can store: from "
-            f"{low:,} (every module at its smallest scheme) to {high:,} bytes (at its largest)"
-        )
+    low, _ = check_reachable(([o.bytes for o in opts] for opts in groups.values()), budget)
     step = max(budget / units, 1.0)
     size = int(budget // step)
     best = np.zeros(size + 1)  # least cost of the groups so far within b steps
@@ -238,17 +240,17 @@ class Group:
 def groups_of(model: nn.Module) -> list[Group]:
     """Every quantizable module of ``model`` in module order, modules sharing a weight in one
     group (under the first one's name)."""
-    from edgequant.quantize import Plan, _weight, plan
+    from edgequant.quantize import plan, sharing_one_weight
     from edgequant.recipe import Recipe, Rule
 
-    p: Plan = plan(model, Recipe([Rule(None, role="default")]))  # every module, float
-    by_storage: dict[int, list] = {}
-    for lp in p:
-        weight = _weight(model.get_submodule(lp.fqn))
-        by_storage.setdefault(id(weight.untyped_storage()), []).append(lp)
-    return [Group(tuple(lp.fqn for lp in lps), lps[0].kind if lps[0].kind == "embedding"
-                  else "linear", lps[0].shape, lps[0].role, lps[0].layer)
-            for lps in by_storage.values()]  # fmt: skip
+    entries = {lp.fqn: lp for lp in plan(model, Recipe([Rule(None, role="default")]))}
+    shared = sharing_one_weight({fqn: model.get_submodule(fqn) for fqn in entries})
+    groups = []
+    for fqns in shared:
+        first = entries[fqns[0]]
+        kind = "embedding" if first.kind == "embedding" else "linear"
+        groups.append(Group(tuple(fqns), kind, first.shape, first.role, first.layer))
+    return groups
 
 
 def group_recipe(choice: dict[Group, Scheme | None], name: str = "mixed"):
@@ -269,30 +271,67 @@ def stored_bytes(group: Group, scheme: Scheme | None) -> int:
     return 4 * rows * cols if scheme is None else layout_bytes(rows, cols, scheme)
 
 
+def _packed(model: nn.Module, group: Group, scheme: Scheme) -> dict[str, nn.Module]:
+    """The packed modules of ``group`` (by FQN) as ``scheme`` makes them, without calibration
+    (gptq and awq round as mse does: `edgequant.quantize.pack`)."""
+    from edgequant.quantize import pack, plan
+
+    packed: dict[str, nn.Module] = {}
+    for lp in plan(model, group_recipe({group: scheme})):
+        if lp.scheme is not None:
+            packed[lp.fqn] = pack(model, lp, None, packed)
+    return packed
+
+
+MEASURES = ("fisher", "every")
+FISHER_SEED = 0  # the labels the Fisher pass samples
+
+
 @torch.no_grad()
 def sensitivity(
     model: nn.Module,
     options: dict[Group, list[Scheme | None]],
     windows: torch.Tensor,
+    *,
+    measure: str = "fisher",
 ) -> dict[Group, list[float]]:
     """The mean KL divergence (nats/token) of ``model`` against itself in float on
     ``windows [n, L]`` when one group alone takes each of its ``options`` (None: float,
-    cost 0). The float model's hidden states at each decoder layer's input are kept, so a
-    module in layer ``l`` runs layers ``l..`` only; an embedding (and a head tied to it) runs
-    the whole model, an untied head only the head."""
+    cost 0), measured or estimated.
+
+    ``measure="every"`` runs the model for every group and option. The float model's hidden
+    states at each decoder layer's input are kept, so a module in layer ``l`` runs layers
+    ``l..`` only; an embedding (and a head tied to it) runs the whole model, an untied head only
+    the head.
+
+    ``measure="fisher"`` (the default) runs embeddings and heads so, and estimates every decoder
+    layer's linear from one backward pass of the float model (`fisher_estimates`)."""
     from edgequant._progress import progress_bar
     from edgequant.eval import Comparison
     from edgequant.models.families import decoder_of
-    from edgequant.quantize import _set_module, pack, plan
+    from edgequant.quantize import _set_module
 
+    if measure not in MEASURES:
+        raise ValueError(f"measure {measure!r}: choose one of {list(MEASURES)}")
     decoder = decoder_of(model)
     names = {id(m): n for n, m in decoder.named_modules()}
     ropes, attend = decoder.eager_context(windows.shape[1], device=windows.device)
     n_layers = len(decoder.layers)
-    inputs = [[decoder.tok_embeddings(w[None]) for w in windows]]
+    estimated: dict[tuple[Group, Scheme], float] = {}
+    if measure == "fisher":
+        in_layers = {g: options[g] for g in options if g.kind == "linear" and g.layer is not None}
+        estimated = fisher_estimates(model, in_layers, windows)
+    work = [(g, s) for g, schemes in options.items() for s in schemes
+            if s is not None and (g, s) not in estimated]  # fmt: skip
+    starts = {g.layer for g, _ in work if g.kind != "embedding" and g.layer is not None}
+    hidden = [decoder.tok_embeddings(w[None]) for w in windows]
+    inputs: dict[int, list] = {}  # the float hidden states entering the layers measured from
     for i in range(n_layers):
-        inputs.append([decoder.run_layer(i, h, ropes, attend) for h in inputs[-1]])
-    reference = [decoder.head(h).float()[0] for h in inputs[-1]]
+        if i in starts:
+            inputs[i] = hidden
+        hidden = [decoder.run_layer(i, h, ropes, attend) for h in hidden]
+    inputs[n_layers] = hidden
+    reference = [decoder.head(h).float()[0] for h in hidden]
 
     def kl(start: int | None) -> float:  # None: from the embedding
         if start is None:
@@ -306,17 +345,13 @@ def sensitivity(
             totals.add(reference[k], decoder.head(h).float()[0], windows[k])
         return totals.result()["kl_divergence"]
 
-    work = [(g, s) for g, schemes in options.items() for s in schemes if s is not None]
-    measured: dict[tuple[Group, Scheme], float] = {}
-    for group, scheme in progress_bar(work, len(work), "sensitivity", "option"):
-        p = plan(model, group_recipe({group: scheme}))
-        packed: dict[str, nn.Module] = {}
+    measured: dict[tuple[Group, Scheme], float] = dict(estimated)
+    for group, scheme in progress_bar(work, len(work), "sensitivity", "run"):
         saved = {}
-        for lp in (lp for lp in p if lp.scheme is not None):
-            packed[lp.fqn] = pack(model, lp, None, packed)
-            where = names[id(model.get_submodule(lp.fqn))]
+        for fqn, module in _packed(model, group, scheme).items():
+            where = names[id(model.get_submodule(fqn))]
             saved[where] = decoder.get_submodule(where)
-            _set_module(decoder, where, packed[lp.fqn])
+            _set_module(decoder, where, module)
         start = None if group.kind == "embedding" else group.layer
         if start is None and group.kind != "embedding":
             start = n_layers  # a head: the last hidden states
@@ -329,6 +364,85 @@ def sensitivity(
             for g, schemes in options.items()}  # fmt: skip
 
 
+def fisher_estimates(
+    model: nn.Module, options: dict[Group, list[Scheme | None]], windows: torch.Tensor
+) -> dict[tuple[Group, Scheme], float]:
+    """The KL each linear of ``options`` would cost alone in each of its schemes, estimated
+    from one forward and backward pass of the float model on ``windows [n, L]``.
+
+    For a small change ``d`` of a module's outputs, the mean KL of the model's next-token
+    distributions is about ``d^T F d / 2`` per position (``F``: their Fisher information with
+    respect to those outputs). With one label per position drawn from the float model's own
+    distribution (seed `FISHER_SEED`), the gradient ``g`` of the labels' log-likelihood has
+    ``E[g g^T] = F``; the estimate keeps the diagonal, ``sum(g^2 d^2) / 2``, where
+    ``d = X dW^T`` is the change a scheme's weight error ``dW`` makes on the module's inputs
+    ``X``. Positions are those `edgequant.eval.compare` counts (all but each window's last)."""
+    from edgequant.layers import linear_weight
+    from edgequant.models.families import decoder_of
+
+    decoder = decoder_of(model)
+    errors: dict[tuple[Group, Scheme], float] = {}
+    positions = windows.shape[0] * (windows.shape[1] - 1)
+
+    def on_forward(group: Group):
+        def hook(module, args, output):
+            x = args[0].detach().float()
+
+            def on_grad(grad):
+                g2 = grad.detach().float().square()
+                weight = linear_weight(module).detach().float()
+                for scheme in (s for s in options[group] if s is not None):
+                    dw = _packed(model, group, scheme)[group.name].dequantized_weight() - weight
+                    d2 = (x @ dw.T).square()
+                    errors[group, scheme] = float((g2 * d2).sum(dtype=torch.float64))
+                    errors[group, scheme] /= 2 * positions
+
+            output.register_hook(on_grad)
+
+        return hook
+
+    hooks = [model.get_submodule(g.name).register_forward_hook(on_forward(g)) for g in options]
+    frozen = [p for p in model.parameters() if p.requires_grad]  # no weight gradients
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        with torch.inference_mode(False), torch.enable_grad():
+            ropes, attend = decoder.eager_context(windows.shape[1], device=windows.device)
+            h0 = decoder.tok_embeddings(windows).detach().requires_grad_()
+            h = h0
+            for i in range(len(decoder.layers)):
+                h = decoder.run_layer(i, h, ropes, attend)
+            log_p = torch.log_softmax(decoder.head(h).float()[:, :-1], -1).flatten(0, 1)
+            generator = torch.Generator(device=windows.device).manual_seed(FISHER_SEED)
+            with torch.no_grad():
+                labels = torch.multinomial(log_p.exp(), 1, generator=generator)
+            total = log_p.gather(-1, labels).sum()
+            del log_p
+            torch.autograd.grad(total, h0)
+    finally:
+        for handle in hooks:
+            handle.remove()
+        for p in frozen:
+            p.requires_grad_(True)
+    return errors
+
+
+def rank_correlation(a, b) -> float:
+    """Spearman's rank correlation of two equally long sequences (ties take their mean rank)."""
+
+    def ranks(values) -> np.ndarray:
+        values = np.asarray(values, dtype=np.float64)
+        order = np.argsort(values, kind="stable")
+        r = np.empty(len(values))
+        r[order] = np.arange(len(values), dtype=np.float64)
+        for value in np.unique(values):  # ties: their mean rank
+            tied = values == value
+            r[tied] = r[tied].mean()
+        return r
+
+    return float(np.corrcoef(ranks(a), ranks(b))[0, 1])
+
+
 # ---- the recipe for a budget -----------------------------------------------------------------
 
 
@@ -336,8 +450,6 @@ def options_for(group: Group, targets: list[str], algorithm: str | None = None) 
     """``group``'s candidate schemes (`candidates` whose groups divide its rows), float last
     (None). A tied embedding and head takes the linear schemes whose storage every target
     also looks up as an embedding. ``algorithm`` replaces each scheme's (minmax)."""
-    import dataclasses
-
     from edgequant.layers import shape_problem
 
     if group.kind == "embedding" and len(group.fqns) > 1:
@@ -346,8 +458,7 @@ def options_for(group: Group, targets: list[str], algorithm: str | None = None) 
     else:
         schemes = candidates(targets, group.kind)
     if algorithm is not None:
-        schemes = [dataclasses.replace(s, algorithm=algorithm) if s.is_integer else s
-                   for s in schemes]  # fmt: skip
+        schemes = [s.rounded_by(algorithm) for s in schemes]
     return [*(s for s in schemes if shape_problem(s, group.shape[1]) is None), None]
 
 
@@ -357,45 +468,36 @@ def _storage(scheme: Scheme) -> Scheme:
     return dataclasses.replace(scheme, activation="none", activation_symmetric=False)
 
 
-def budget_recipe(
+def option_table(
     model: nn.Module,
-    budget: str | Budget,
-    targets: list[str],
+    options: dict[Group, list[Scheme | None]],
     windows: torch.Tensor,
     *,
-    algorithm: str | None = None,
-) -> tuple[Any, dict[str, Any]]:
-    """The recipe (FQN rules) whose stored weight bytes fit ``budget`` with the least summed
-    `sensitivity` on ``windows`` (calibration text, disjoint from the evaluation windows),
-    choosing for each module among the schemes all ``targets`` run exactly (and float);
-    ``algorithm`` rounds the integer schemes (minmax by default). Returns the recipe and the
-    allocation's facts (budget, bytes, the predicted KL as the sum of the chosen costs, and
-    each module's choice)."""
+    measure: str = "fisher",
+) -> dict[Group, list[Option]]:
+    """Every group's ``options`` with their stored bytes and `sensitivity` on ``windows``."""
+    costs = sensitivity(model, options, windows, measure=measure)
+    return {g: [Option(s, stored_bytes(g, s), c) for s, c in zip(schemes, costs[g], strict=True)]
+            for g, schemes in options.items()}  # fmt: skip
+
+
+def choose(table: dict[Group, list[Option]], budget: str | Budget) -> tuple[Any, dict[str, Any]]:
+    """The recipe (FQN rules) of the options in ``table`` whose bytes fit ``budget`` with the
+    least summed cost (`allocate`), and the allocation's facts: budget, bytes, the predicted KL
+    (the sum of the chosen costs) and each group's choice."""
     if isinstance(budget, str):
         budget = parse_budget(budget)
-    groups = groups_of(model)
-    options = {g: options_for(g, targets, algorithm) for g in groups}
-    n_weights = sum(g.n_weights for g in groups)
-    limit = budget.bytes_for(n_weights)
-    table = {g.name: [Option(s, stored_bytes(g, s), 0.0) for s in options[g]] for g in groups}
-    low, high = reachable(table)
-    if not low <= limit <= high:
-        allocate(table, limit)  # raises, naming the reachable range
-    costs = sensitivity(model, options, windows)
-    table = {g.name: [Option(s, stored_bytes(g, s), c) for s, c in zip(options[g], costs[g],
-                                                                       strict=True)]
-             for g in groups}  # fmt: skip
-    chosen = allocate(table, limit)
-    picks = {g: table[g.name][chosen[g.name]] for g in groups}
+    limit = budget.bytes_for(sum(g.n_weights for g in table))
+    low, high = check_reachable(([o.bytes for o in opts] for opts in table.values()), limit)
+    chosen = allocate({g.name: opts for g, opts in table.items()}, limit)
+    picks = {g: opts[chosen[g.name]] for g, opts in table.items()}
     recipe = group_recipe({g: o.scheme for g, o in picks.items()}, name=f"budget-{budget}")
     facts = {
         "budget": str(budget),
         "budget_bytes": limit,
-        "targets": list(targets),
         "reachable_bytes": [low, high],
         "allocated_bytes": sum(o.bytes for o in picks.values()),
         "predicted_kl": sum(o.cost for o in picks.values()),
-        "sensitivity_windows": list(windows.shape),
         "modules": [
             {
                 "fqns": list(g.fqns),
@@ -407,6 +509,31 @@ def budget_recipe(
         ],  # fmt: skip
     }
     return recipe, facts
+
+
+def budget_recipe(
+    model: nn.Module,
+    budget: str | Budget,
+    targets: list[str],
+    windows: torch.Tensor,
+    *,
+    algorithm: str | None = None,
+    measure: str = "fisher",
+) -> tuple[Any, dict[str, Any]]:
+    """The recipe (FQN rules) whose stored weight bytes fit ``budget`` with the least summed
+    `sensitivity` (``measure``) on ``windows`` (calibration text, disjoint from the evaluation
+    windows), choosing for each module among the schemes all ``targets`` run exactly (and
+    float); ``algorithm`` rounds the integer schemes (minmax by default). Returns the recipe and
+    `choose`'s facts, with the targets and how the sensitivity was found."""
+    if isinstance(budget, str):
+        budget = parse_budget(budget)
+    groups = groups_of(model)
+    options = {g: options_for(g, targets, algorithm) for g in groups}
+    limit = budget.bytes_for(sum(g.n_weights for g in groups))
+    check_reachable(([stored_bytes(g, s) for s in options[g]] for g in groups), limit)  # early
+    recipe, facts = choose(option_table(model, options, windows, measure=measure), budget)
+    return recipe, {**facts, "targets": list(targets), "sensitivity": measure,
+                    "sensitivity_windows": list(windows.shape)}  # fmt: skip
 
 
 def sensitivity_windows(tokenizer) -> torch.Tensor:

@@ -192,6 +192,15 @@ def _stored_as(scheme: Scheme | None) -> Scheme | None:
     return None if scheme is None or scheme.weight == "fp32" else scheme
 
 
+def sharing_one_weight(modules: dict[str, nn.Module]) -> list[list[str]]:
+    """The FQNs of ``modules`` grouped by the weight storage they read (a tied embedding and
+    head in one group), in module order."""
+    groups: dict[int, list[str]] = {}
+    for fqn, module in modules.items():
+        groups.setdefault(id(_weight(module).untyped_storage()), []).append(fqn)
+    return list(groups.values())
+
+
 def _check_rules(model: nn.Module, recipe: Recipe, candidates: dict[str, nn.Module], roles) -> None:
     """Refuse rules aimed at modules edgequant cannot quantize; warn on rules matching nothing."""
     leaves = {
@@ -272,11 +281,9 @@ def plan(model: nn.Module, recipe: Any) -> Plan:
         raise ValueError("; ".join(messages))
 
     # Tied weights: one tensor used by several modules (first in module order owns it).
-    groups: dict[int, list[str]] = {}
-    for fqn, module in candidates.items():
-        groups.setdefault(id(_weight(module).untyped_storage()), []).append(fqn)
+    groups = sharing_one_weight(candidates)
     tied_to: dict[str, str] = {}
-    for members in groups.values():
+    for members in groups:
         stored = {_stored_as(decided[f][0]) for f in members}
         if len(members) < 2 or stored == {None}:  # untied, or the float tensor stays shared
             continue
@@ -293,7 +300,7 @@ def plan(model: nn.Module, recipe: Any) -> Plan:
     layers = []
     before_total = after_total = n_weights = 0
     by_role: dict[str, list[int]] = {}
-    for members in groups.values():
+    for members in groups:
         float_counted = False
         for i, fqn in enumerate(members):
             module = candidates[fqn]

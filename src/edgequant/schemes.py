@@ -259,6 +259,17 @@ algorithm_params=())
         extra = torch.finfo(self.torch_scale_dtype).bits + (0 if self.symmetric else 8)
         return value_bits + extra * groups / (rows * cols)
 
+    def rounded_by(self, algorithm: str, **params: Any) -> Scheme:
+        """This scheme with its integers found by ``algorithm`` (and its ``params``); a float
+        scheme is returned as it is.
+
+        >>> Scheme("int8").rounded_by("hqq").algorithm, Scheme("fp16").rounded_by("hqq").algorithm
+        ('hqq', 'minmax')
+        """
+        if not self.is_integer:
+            return self
+        return dataclasses.replace(self, algorithm=algorithm, algorithm_params=params)
+
     def describe(self) -> str:
         """A short human label, e.g. ``int4 g32 sym fp16-scales, act int8 dynamic``.
 
