@@ -374,10 +374,10 @@ def fisher_estimates(
     distributions is about ``d^T F d / 2`` per position (``F``: their Fisher information with
     respect to those outputs). With one label per position drawn from the float model's own
     distribution (seed `FISHER_SEED`), the gradient ``g`` of the labels' log-likelihood has
-    ``E[g g^T] = F``; the estimate keeps the diagonal, ``sum(g^2 d^2) / 2``, where
-    ``d = X dW^T`` is the change a scheme's weight error ``dW`` makes on the module's inputs
-    ``X``. Positions are those `edgequant.eval.compare` counts (all but each window's last)."""
-    from edgequant.layers import linear_weight
+    ``E[g g^T] = F``; the estimate keeps the diagonal, ``sum(g^2 d^2) / 2``, where ``d`` is
+    the change of the module's outputs on its float inputs when it takes the scheme (weights
+    and, where the scheme has them, quantized activations). Positions are those
+    `edgequant.eval.compare` counts (all but each window's last)."""
     from edgequant.models.families import decoder_of
 
     decoder = decoder_of(model)
@@ -386,14 +386,12 @@ def fisher_estimates(
 
     def on_forward(group: Group):
         def hook(module, args, output):
-            x = args[0].detach().float()
+            x, y = args[0].detach(), output.detach()
 
             def on_grad(grad):
                 g2 = grad.detach().float().square()
-                weight = linear_weight(module).detach().float()
                 for scheme in (s for s in options[group] if s is not None):
-                    dw = _packed(model, group, scheme)[group.name].dequantized_weight() - weight
-                    d2 = (x @ dw.T).square()
+                    d2 = (_packed(model, group, scheme)[group.name](x) - y).float().square()
                     errors[group, scheme] = float((g2 * d2).sum(dtype=torch.float64))
                     errors[group, scheme] /= 2 * positions
 
