@@ -56,7 +56,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
             f"\nbudget {allocation['budget']} ({allocation['budget_bytes']:,} bytes of weights; "
             f"reachable {allocation['reachable_bytes'][0]:,}..{allocation['reachable_bytes'][1]:,}"
             f"): allocated {allocation['allocated_bytes']:,} bytes, predicted KL "
-            f"{allocation['predicted_kl']:.4f} (the sum of each module's measured KL)"
+            f"{allocation['predicted_kl']:.4f} (the sum of each module's KL alone)"
         )
     if args.targets:
         from edgequant import speed, targets
