@@ -2,16 +2,17 @@
 
 1. `candidates` lists the schemes each target runs exactly (`TARGET_SCHEMES`; with several
    targets, only the schemes every one of them runs), for linears and for embeddings.
-2. `sensitivity` measures, for every group of modules sharing one weight (a module, or a tied
+2. `sensitivity` gives, for every group of modules sharing one weight (a module, or a tied
    embedding and head) and every candidate, the model's mean KL divergence against the float
-   model on calibration windows when that group alone takes that scheme. The float model's
-   hidden states at each decoder layer's input are kept, so a module of layer ``l`` is measured
-   by running layers ``l..`` only.
+   model on calibration windows when that group alone takes that scheme: measured for
+   embeddings and heads (the model run with the group quantized), estimated for the decoder
+   layers' linears from one forward and backward pass (`fisher_estimates`).
 3. `allocate` picks one candidate per group so that the stored bytes fit the budget and the
    summed KL is least: a multiple-choice knapsack, solved exactly by dynamic programming over
    bytes counted in `UNITS` steps of the budget (each option's bytes rounded up, so the choice
    always fits; it can miss the optimum by at most one step per group).
-4. `recipe` writes the choice as an ordinary recipe of FQN rules.
+4. `choose` (or `budget_recipe`, all of it) writes the choice as an ordinary recipe of FQN
+   rules (`group_recipe`).
 
 Budgets (`parse_budget`): bits per weight (``4.5bpw``, of the weights the allocator decides, a
 tied tensor counted once) or bytes (``92.5MB``, ``88MiB``: decimal and binary units).
