@@ -31,7 +31,7 @@ from edgequant import eval as ev
 from edgequant import mixed
 from edgequant.export import load_program
 from edgequant.job import with_algorithm
-from edgequant.models import default_model_path, load
+from edgequant.models import load
 from edgequant.models.base import logits as eager_logits
 from edgequant.recipe import Recipe, Rule
 from edgequant.schemes import NEEDS_CALIBRATION, Scheme
@@ -59,6 +59,7 @@ def references(target: str) -> dict[str, Recipe]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="default")
     parser.add_argument("--targets", default="pte,gguf")
     parser.add_argument("--algorithm", default="hqq")
     parser.add_argument("--calibration", default="wikitext:128x512")
@@ -73,8 +74,8 @@ def main() -> None:
     folder.mkdir(parents=True, exist_ok=True)
     targets = args.targets.split(",")
 
-    model, tokenizer, _ = load("default")
-    source = str(default_model_path())
+    model, tokenizer, info = load(args.model)
+    source = info["source"]
     windows = ev.windows(ev.tokenize_file(tokenizer, ev.default_text()), 512, args.windows)
     reference = ev.float_logits(model, windows)
     sensitivity_windows = mixed.sensitivity_windows(tokenizer)
@@ -151,8 +152,8 @@ def main() -> None:
             overhead = row["file_bytes"] - row["weight_bytes"] if overhead is None else overhead
             budgets.append((f"at {name}", row["weight_bytes"]))
         if target == "gguf":
-            row = llama_cpp_mix(model, tokenizer, folder, data or cal.parse(
-                args.calibration, tokenizer, model=model), reference, windows)  # fmt: skip
+            data = data or cal.parse(args.calibration, tokenizer, model=model)
+            row = llama_cpp_mix(model, tokenizer, folder, data, reference, windows, source)
             rows.append(row)
             budgets.append(("at llama.cpp Q4_K_M imatrix", row["file_bytes"] - overhead))
         budgets += [(f"{b}bpw", int(float(b) * n_weights / 8)) for b in args.bpw.split(",")]
@@ -186,13 +187,13 @@ def main() -> None:
     plot(rows, Path(args.png))
 
 
-def llama_cpp_mix(model, tokenizer, folder: Path, data, reference, windows) -> dict:
+def llama_cpp_mix(model, tokenizer, folder: Path, data, reference, windows, source) -> dict:
     """llama.cpp's own Q4_K_M with an importance matrix, on edgequant's F32 file."""
     from edgequant.export.llama_quantize import importance_matrix, llama_quantize
 
     path = folder / "gguf-llama.cpp-Q4_K_M-imatrix.gguf"
     if not path.is_file():
-        f32 = write(model, tokenizer, "gguf", folder / "f32.gguf", source=str(default_model_path()))
+        f32 = write(model, tokenizer, "gguf", folder / "f32.gguf", source=source)
         llama_quantize(f32, path, "Q4_K_M", imatrix=importance_matrix(model, data), overwrite=True)
         f32.unlink()
     program = load_program(path)
