@@ -214,11 +214,12 @@ def quantize(
     if late and steps is not None:
         results = steps.outside(model, late, _final_norm(model))
     for lp in rest:
-        packed[lp.fqn] = pack(model, lp, results.get(lp.fqn), packed)
+        packed[lp.fqn] = pack(model, lp, results.pop(lp.fqn, None), packed)
         rows[lp.fqn] = _sqnr_row(lp, reference[lp.fqn], packed[lp.fqn])
-    del reference
+    del reference, results, steps
     for lp in rest:  # the float head goes with the module (its tensor may be the embedding's)
         _set_module(model, lp.fqn, packed[lp.fqn])
+    give_back()
     metrics, digest = None, None
     if quantized is not None:
         metrics, digest = _compare(float_logits, decoder("norm", "output"), quantized, windows)
