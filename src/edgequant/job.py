@@ -410,6 +410,9 @@ def _run_streaming(
         measured.update(eval_windows=0, seq_len=seq_len)
     model, reloads = None, None  # nothing runs on the bundle: not loaded, not checked
     if windows is not None or speed or targets:  # the packed model: its speed, targets' files
+        from edgequant._memory import give_back
+
+        give_back()  # what the pass freed, before the bundle is read back
         model = edgequant.load(out)
         reloads = True  # without windows every number below is the reloaded bundle's
     if windows is not None:  # the bundle gives the logits the pass computed, bit for bit
