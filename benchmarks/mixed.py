@@ -38,7 +38,8 @@ from edgequant.schemes import NEEDS_CALIBRATION, Scheme
 from edgequant.targets import write
 
 MAX_SEQ_LEN = 512
-INT8 = Scheme("int8")  # per channel, weight only: ExecuTorch's 8-bit embedding and output layer
+INT8 = Scheme("int8")  # per channel, weight only: ExecuTorch's 8-bit embedding
+INT8_DYNAMIC = Scheme("int8", activation="int8_dynamic")  # its 8-bit output layer (8da8w)
 Q4_0 = Scheme("int4", "per_group", 32, scale_dtype="fp16")
 
 
@@ -47,9 +48,9 @@ def references(target: str) -> dict[str, Recipe]:
     if target == "pte":
         base = edgequant.recipes.get("8da4w")
         layout = Recipe(
-            base.rules + (Rule(INT8, role="embedding"), Rule(INT8, role="lm_head")),
+            base.rules + (Rule(INT8, role="embedding"), Rule(INT8_DYNAMIC, role="lm_head")),
             name="executorch-llama3.2-layout",
-        )  # 8da4w g32 linears, 8-bit per-channel output layer and embedding
+        )  # 8da4w g32 linears, 8-bit per-channel output layer (8da8w) and embedding
         return {"uniform 8da4w": base, "ExecuTorch Llama 3.2 layout": layout}
     if target == "gguf":
         return {"uniform Q4_0": Recipe((Rule(Q4_0, role="default"),), name="q4_0")}
