@@ -127,10 +127,10 @@ def main() -> None:
 
     for target in targets:
         options = {g: mixed.options_for(g, [target], args.algorithm) for g in groups}
-        t = time.perf_counter()
-        table = mixed.option_table(model, options, sensitivity_windows)
-        meta[f"{target}_sensitivity_seconds"] = time.perf_counter() - t
-        print(f"{target}: sensitivity {meta[f'{target}_sensitivity_seconds']:.0f} s", flush=True)
+        table, seconds = sensitivity_table(model, options, sensitivity_windows, folder,
+                                           f"{target}-{args.algorithm}")  # fmt: skip
+        meta[f"{target}_sensitivity_seconds"] = seconds
+        print(f"{target}: sensitivity {seconds:.0f} s", flush=True)
         if args.rho_layers and target == targets[0]:
             layers = {int(x) for x in args.rho_layers.split(",")}
             subset = {g: o for g, o in options.items() if g.layer in layers}
@@ -186,6 +186,26 @@ def main() -> None:
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     print(f"wrote {out}")
     plot(rows, Path(args.png))
+
+
+def sensitivity_table(model, options, windows, folder: Path, name: str):
+    """`mixed.option_table` and the seconds it took, kept in ``folder`` (reused when the same
+    schemes were measured)."""
+    path = folder / f"sensitivity-{name}.json"
+    schemes = {g.name: [s.describe() if s else None for s in opts] for g, opts in options.items()}
+    if path.is_file():
+        kept = json.loads(path.read_text())
+        if kept["schemes"] == schemes:
+            table = {g: [mixed.Option(s, mixed.stored_bytes(g, s), c)
+                         for s, c in zip(opts, kept["costs"][g.name], strict=True)]
+                     for g, opts in options.items()}  # fmt: skip
+            return table, kept["seconds"]
+    t = time.perf_counter()
+    table = mixed.option_table(model, options, windows)
+    seconds = time.perf_counter() - t
+    costs = {g.name: [o.cost for o in opts] for g, opts in table.items()}
+    path.write_text(json.dumps({"seconds": seconds, "schemes": schemes, "costs": costs}) + "\n")
+    return table, seconds
 
 
 def llama_cpp_mix(model, tokenizer, folder: Path, data, reference, windows, source) -> dict:
