@@ -157,7 +157,7 @@ def main() -> None:
             row = llama_cpp_mix(model, tokenizer, folder, data, reference, windows, source)
             rows.append(row)
             budgets.append(("at llama.cpp Q4_K_M imatrix", row["file_bytes"] - overhead))
-        budgets += [(f"{b}bpw", int(float(b) * n_weights / 8)) for b in args.bpw.split(",")]
+        budgets += [(f"{b}bpw", int(float(b) * n_weights / 8)) for b in args.bpw.split(",") if b]
         for label, limit in budgets:
             try:
                 recipe, facts = mixed.choose(table, mixed.Budget(limit, "bytes"))
