@@ -74,7 +74,7 @@ def hadamard(n: int) -> torch.Tensor | None:
     if n % 4 == 0 and _is_prime(n - 1) and (n - 1) % 4 == 3:
         return _paley(n - 1)
     for q in range(3, n, 4):  # a Paley factor times the rest
-        if n % (q + 1) == 0 and _is_prime(q) and n // (q + 1) < n:
+        if n % (q + 1) == 0 and _is_prime(q):
             rest = hadamard(n // (q + 1))
             if rest is not None:
                 return torch.kron(_paley(q), rest)
