@@ -8,9 +8,10 @@ candidates against measuring every one (Spearman's rank correlation on a few lay
         [--calibration wikitext:128x512] [--windows 8] [--bpw 4.25,4.75,5.5,6.5,8]
         [--rho-layers 0,14,29] [--folder build/mixed] [--out FILE] [--png FILE]
 
-Budgets are bytes of the quantizable weights (as `quantize --budget`); a budget "at the bytes
-of" a reference file is that file's bytes less what the target writes besides those weights
-(the uniform file's bytes minus its weights'). The sensitivity is measured on WikiText-2 past
+Budgets are bytes of the quantizable weights as the target's file stores them (as `quantize
+--budget`; `mixed.written_bytes`: a ``.pte`` keeps a tied embedding and head twice); a budget
+"at" a reference file is that file's weights counted the same way (llama.cpp's mix: its file's
+bytes less what the uniform file writes besides its weights). The sensitivity is measured on WikiText-2 past
 the evaluation windows (`mixed.sensitivity_windows`). Files already in --folder are reused
 when their sidecar ``.json`` names the same recipe. Time the sensitivity on a quiet machine.
 """
@@ -111,7 +112,8 @@ def main() -> None:
             with torch.inference_mode():
                 got = torch.stack([program(w[None])[0] for w in windows])
             row = {
-                "weight_bytes": plan.bytes_after,
+                "weight_bytes": plan.bytes_after,  # in the bundle
+                "written_bytes": mixed.recipe_bytes(model, recipe, [target]),  # in the file
                 "file_bytes": path.stat().st_size,
                 "quantize_seconds": seconds,
                 "eager_kl": ev.compare(reference, eager, windows)["kl_divergence"],
@@ -128,7 +130,7 @@ def main() -> None:
     for target in targets:
         options = {g: mixed.options_for(g, [target], args.algorithm) for g in groups}
         table, seconds = sensitivity_table(model, options, sensitivity_windows, folder,
-                                           f"{target}-{args.algorithm}")  # fmt: skip
+                                           f"{target}-{args.algorithm}", target)  # fmt: skip
         meta[f"{target}_sensitivity_seconds"] = seconds
         print(f"{target}: sensitivity {seconds:.0f} s", flush=True)
         if args.rho_layers and target == targets[0]:
@@ -150,8 +152,9 @@ def main() -> None:
         budgets: list[tuple[str, int]] = []
         for name, recipe in references(target).items():
             row = measure(target, name, recipe)
-            overhead = row["file_bytes"] - row["weight_bytes"] if overhead is None else overhead
-            budgets.append((f"at {name}", row["weight_bytes"]))
+            written = mixed.recipe_bytes(model, recipe, [target])
+            overhead = row["file_bytes"] - written if overhead is None else overhead
+            budgets.append((f"at {name}", written))
         if target == "gguf":
             data = data or cal.parse(args.calibration, tokenizer, model=model)
             row = llama_cpp_mix(model, tokenizer, folder, data, reference, windows, source)
@@ -172,12 +175,12 @@ def main() -> None:
 
     print(f"\nSmolLM2-135M, {args.windows} x 512 tokens of WikiText-2 test, each file in its "
           f"runtime; algorithm {args.algorithm}\n")  # fmt: skip
-    print("| target | variant | weight MB | file MB | predicted KL | eager KL | KL | top-1 % |")
+    print("| target | variant | weights MB | file MB | predicted KL | eager KL | KL | top-1 % |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         pred = f"{r['predicted_kl']:.4f}" if "predicted_kl" in r else "-"
         eager = f"{r['eager_kl']:.4f}" if "eager_kl" in r else "-"
-        weights = f"{r['weight_bytes'] / 1e6:.2f}" if r.get("weight_bytes") else "-"
+        weights = f"{r['written_bytes'] / 1e6:.2f}" if r.get("written_bytes") else "-"
         kl, top1 = r["kl_divergence"], r["top1_agreement"]
         print(f"| {r['target']} | {r['variant']} | {weights} | {r['file_bytes'] / 1e6:.2f} | "
               f"{pred} | {eager} | {kl:.4f} | {top1:.1f} |")  # fmt: skip
@@ -188,7 +191,7 @@ def main() -> None:
     plot(rows, Path(args.png))
 
 
-def sensitivity_table(model, options, windows, folder: Path, name: str):
+def sensitivity_table(model, options, windows, folder: Path, name: str, target: str):
     """`mixed.option_table` and the seconds it took, kept in ``folder`` (reused when the same
     schemes were measured)."""
     path = folder / f"sensitivity-{name}.json"
@@ -196,12 +199,12 @@ def sensitivity_table(model, options, windows, folder: Path, name: str):
     if path.is_file():
         kept = json.loads(path.read_text())
         if kept["schemes"] == schemes:
-            table = {g: [mixed.Option(s, mixed.stored_bytes(g, s), c)
+            table = {g: [mixed.Option(s, mixed.stored_bytes(g, s, [target]), c)
                          for s, c in zip(opts, kept["costs"][g.name], strict=True)]
                      for g, opts in options.items()}  # fmt: skip
             return table, kept["seconds"]
     t = time.perf_counter()
-    table = mixed.option_table(model, options, windows)
+    table = mixed.option_table(model, options, windows, targets=[target])
     seconds = time.perf_counter() - t
     costs = {g.name: [o.cost for o in opts] for g, opts in table.items()}
     path.write_text(json.dumps({"seconds": seconds, "schemes": schemes, "costs": costs}) + "\n")

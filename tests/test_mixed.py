@@ -94,6 +94,35 @@ def test_a_tied_embedding_and_head_are_one_group(tiny_hf_llama):
 INT4 = Scheme("int4", "per_group", 32, scale_dtype="fp16", activation="int8_dynamic")
 
 
+@pytest.mark.parametrize("target", ["pte", "tflite"])
+def test_written_bytes_are_what_the_file_spends(target, tmp_path):
+    """A tied embedding and head as int8 and as fp16 (the rest float): the two files differ by
+    what `stored_bytes` counts for the target (the .pte keeps the tied weight twice)."""
+    import transformers
+
+    from edgequant.export import to_pte, to_tflite
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=4096, max_position_embeddings=64,
+        tie_word_embeddings=True,
+    )  # fmt: skip
+    model = transformers.LlamaForCausalLM(config).eval()
+    tied = mixed.groups_of(model)[0]
+    assert tied.fqns == ("model.embed_tokens", "lm_head")
+    sizes, counted = [], []
+    for k, scheme in enumerate([Scheme("int8", activation="int8_dynamic"), Scheme("fp16")]):
+        packed, _ = edgequant.quantize(copy.deepcopy(model), mixed.group_recipe({tied: scheme}))
+        path = (to_pte if target == "pte" else to_tflite)(packed, tmp_path / f"{k}.{target}")
+        sizes.append(path.stat().st_size)
+        counted.append(mixed.stored_bytes(tied, scheme, [target]))
+        if target == "pte":
+            assert counted[-1] == 2 * mixed.stored_bytes(tied, scheme)  # the bundle's, twice
+    assert sizes[1] - sizes[0] == pytest.approx(counted[1] - counted[0], rel=0.01)
+    assert mixed.stored_bytes(tied, None, ["tflite", "pte"]) == 2 * 4 * 4096 * 64  # the largest
+
+
 def test_sensitivity_is_the_kl_of_the_model_with_that_group_alone_quantized(tiny_hf_llama):
     model = copy.deepcopy(tiny_hf_llama)
     model.lm_head.weight = model.model.embed_tokens.weight  # tied: the embedding runs it all
@@ -218,3 +247,22 @@ def test_plan_shows_the_allocation_of_a_budget(capsys):
     assert "fp16" in out or "int8 g32 sym fp16-scales" in out
     assert main(["plan", "--model", "stories260k", "--budget", "10bpw"]) == 2
     assert "--budget chooses among the schemes a runtime runs exactly" in capsys.readouterr().err
+
+
+def test_recipe_bytes_count_what_each_target_writes(tiny_hf_llama):
+    from edgequant.recipe import Recipe, Rule
+
+    model = copy.deepcopy(tiny_hf_llama)
+    model.lm_head.weight = model.model.embed_tokens.weight
+    groups = mixed.groups_of(model)
+    tied = groups[0]
+    int8 = Scheme("int8", activation="int8_dynamic")
+    one = mixed.stored_bytes(tied, int8)
+    everything = Recipe([Rule(int8, role="default")])
+    bundle = mixed.recipe_bytes(model, everything)
+    assert bundle == sum(mixed.stored_bytes(g, int8) for g in groups)  # the tied pair once
+    assert mixed.recipe_bytes(model, everything, ["pte"]) == bundle + one  # twice in a .pte
+    # the embedding int8 weight-only, the head int8 dynamic: two storages for every target
+    apart = Recipe([Rule(int8, role="default"), Rule(Scheme("int8"), role="embedding")])
+    assert mixed.recipe_bytes(model, apart, ["gguf"]) == bundle + one
+    assert mixed.recipe_bytes(model, apart, ["pte"]) == bundle + one

@@ -7,15 +7,17 @@
    model on calibration windows when that group alone takes that scheme: measured for
    embeddings and heads (the model run with the group quantized), estimated for the decoder
    layers' linears from one forward and backward pass (`fisher_estimates`).
-3. `allocate` picks one candidate per group so that the stored bytes fit the budget and the
-   summed KL is least: a multiple-choice knapsack, solved exactly by dynamic programming over
-   bytes counted in `UNITS` steps of the budget (each option's bytes rounded up, so the choice
-   always fits; it can miss the optimum by at most one step per group).
+3. `allocate` picks one candidate per group so that the bytes the targets' files spend on
+   the weights fit the budget (`written_bytes`: a ``.pte`` stores a tied embedding and head
+   twice) and the summed KL is least: a multiple-choice knapsack, solved exactly by dynamic
+   programming over bytes counted in `UNITS` steps of the budget (each option's bytes rounded
+   up, so the choice always fits; it can miss the optimum by at most one step per group).
 4. `choose` (or `budget_recipe`, all of it) writes the choice as an ordinary recipe of FQN
    rules (`group_recipe`).
 
 Budgets (`parse_budget`): bits per weight (``4.5bpw``, of the weights the allocator decides, a
-tied tensor counted once) or bytes (``92.5MB``, ``88MiB``: decimal and binary units).
+tied tensor counted once) or bytes of those weights in the file (``92.5MB``, ``88MiB``:
+decimal and binary units; the file adds its program, norms and metadata, about 1 MB).
 """
 
 from __future__ import annotations
@@ -264,12 +266,60 @@ def group_recipe(choice: dict[Group, Scheme | None], name: str = "mixed"):
     return Recipe(rules, name=name)
 
 
-def stored_bytes(group: Group, scheme: Scheme | None) -> int:
-    """Bytes ``group``'s weight takes stored as ``scheme`` (float: 4 bytes a weight)."""
+def stored_bytes(group: Group, scheme: Scheme | None, targets: list[str] | None = None) -> int:
+    """Bytes ``group``'s weight takes stored as ``scheme`` (float: 4 bytes a weight): in the
+    bundle (one copy of a shared weight), or, with ``targets``, in the largest of their files
+    (`written_bytes`)."""
+    if targets:
+        return max(written_bytes(group, scheme, t) for t in targets)
     from edgequant.layers import layout_bytes
 
     rows, cols = group.shape
     return 4 * rows * cols if scheme is None else layout_bytes(rows, cols, scheme)
+
+
+# bytes a .tflite adds to each row of an int8 per-channel weight beyond its int8 values and
+# float32 scale (an int64 zero point and more; measured: tests/test_mixed.py)
+TFLITE_INT8_ROW = 20
+
+
+def written_bytes(group: Group, scheme: Scheme | None, target: str) -> int:
+    """Bytes the ``target``'s file spends on ``group``'s weight stored as ``scheme``, measured
+    on exported files (tests/test_mixed.py): the ``.pte`` keeps a copy of a shared weight for
+    every module reading it (XNNPACK packs the head's; the embedding's lookup reads its own),
+    so a tied embedding and head cost twice; LiteRT and GGUF store it once. Each stores a
+    scheme's integers and scales as the bundle does (within 1 %), but for the ``.tflite``'s
+    `TFLITE_INT8_ROW` bytes more a row of an int8 per-channel weight."""
+    if target not in TARGET_SCHEMES:
+        raise ValueError(f"target {target!r}: choose one of {sorted(TARGET_SCHEMES)}")
+    once = stored_bytes(group, scheme)
+    if target == "pte":
+        return once * len(group.fqns)
+    if target == "tflite" and scheme is not None and scheme.weight == "int8":
+        if scheme.granularity == "per_channel":
+            return once + TFLITE_INT8_ROW * group.shape[0]
+    return once
+
+
+def recipe_bytes(model: nn.Module, recipe, targets: list[str] | None = None) -> int:
+    """`stored_bytes` of every group of ``model`` as ``recipe`` stores it (float where it
+    leaves a module float; each module of a group on its own where the recipe gives them
+    different schemes): what an allocation at the same budget may spend."""
+    import dataclasses
+
+    from edgequant.quantize import plan
+
+    schemes = {lp.fqn: lp.scheme for lp in plan(model, recipe)}
+    total = 0
+    for g in groups_of(model):
+        found = [schemes.get(f) for f in g.fqns]
+        found = [None if s is None or s.weight == "fp32" else s for s in found]
+        if len(set(found)) == 1:  # one storage, as `edgequant.quantize.plan` ties them
+            total += stored_bytes(g, found[0], targets)
+            continue
+        for fqn, scheme in zip(g.fqns, found, strict=True):
+            total += stored_bytes(dataclasses.replace(g, fqns=(fqn,)), scheme, targets)
+    return total
 
 
 def _packed(model: nn.Module, group: Group, scheme: Scheme) -> dict[str, nn.Module]:
@@ -473,10 +523,13 @@ def option_table(
     windows: torch.Tensor,
     *,
     measure: str = "fisher",
+    targets: list[str] | None = None,
 ) -> dict[Group, list[Option]]:
-    """Every group's ``options`` with their stored bytes and `sensitivity` on ``windows``."""
+    """Every group's ``options`` with their `stored_bytes` (in the largest of the ``targets``'
+    files when given) and `sensitivity` on ``windows``."""
     costs = sensitivity(model, options, windows, measure=measure)
-    return {g: [Option(s, stored_bytes(g, s), c) for s, c in zip(schemes, costs[g], strict=True)]
+    return {g: [Option(s, stored_bytes(g, s, targets), c)
+                for s, c in zip(schemes, costs[g], strict=True)]
             for g, schemes in options.items()}  # fmt: skip
 
 
@@ -519,18 +572,21 @@ def budget_recipe(
     algorithm: str | None = None,
     measure: str = "fisher",
 ) -> tuple[Any, dict[str, Any]]:
-    """The recipe (FQN rules) whose stored weight bytes fit ``budget`` with the least summed
-    `sensitivity` (``measure``) on ``windows`` (calibration text, disjoint from the evaluation
-    windows), choosing for each module among the schemes all ``targets`` run exactly (and
-    float); ``algorithm`` rounds the integer schemes (minmax by default). Returns the recipe and
-    `choose`'s facts, with the targets and how the sensitivity was found."""
+    """The recipe (FQN rules) whose weights, as the ``targets``' files store them
+    (`stored_bytes`), fit ``budget`` with the least summed `sensitivity` (``measure``) on
+    ``windows`` (calibration text, disjoint from the evaluation windows), choosing for each
+    module among the schemes all ``targets`` run exactly (and float); ``algorithm`` rounds the
+    integer schemes (minmax by default). Returns the recipe and `choose`'s facts, with the
+    targets and how the sensitivity was found."""
     if isinstance(budget, str):
         budget = parse_budget(budget)
     groups = groups_of(model)
     options = {g: options_for(g, targets, algorithm) for g in groups}
     limit = budget.bytes_for(sum(g.n_weights for g in groups))
-    check_reachable(([stored_bytes(g, s) for s in options[g]] for g in groups), limit)  # early
-    recipe, facts = choose(option_table(model, options, windows, measure=measure), budget)
+    sizes = ([stored_bytes(g, s, targets) for s in options[g]] for g in groups)
+    check_reachable(sizes, limit)  # before measuring
+    table = option_table(model, options, windows, measure=measure, targets=targets)
+    recipe, facts = choose(table, budget)
     return recipe, {**facts, "targets": list(targets), "sensitivity": measure,
                     "sensitivity_windows": list(windows.shape)}  # fmt: skip
 
