@@ -11,9 +11,10 @@ candidates against measuring every one (Spearman's rank correlation on a few lay
 Budgets are bytes of the quantizable weights as the target's file stores them (as `quantize
 --budget`; `mixed.written_bytes`: a ``.pte`` keeps a tied embedding and head twice); a budget
 "at" a reference file is that file's weights counted the same way (llama.cpp's mix: its file's
-bytes less what the uniform file writes besides its weights). The sensitivity is measured on WikiText-2 past
-the evaluation windows (`mixed.sensitivity_windows`). Files already in --folder are reused
-when their sidecar ``.json`` names the same recipe. Time the sensitivity on a quiet machine.
+bytes less what the uniform file writes besides its weights). The sensitivity is measured on
+WikiText-2 past the evaluation windows (`mixed.sensitivity_windows`). Files already in
+--folder are reused when their sidecar ``.json`` names the same recipe. Time the sensitivity
+on a quiet machine.
 """
 
 from __future__ import annotations

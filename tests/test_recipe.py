@@ -145,7 +145,8 @@ def test_to_dict_file_form():
 
 
 @pytest.mark.parametrize(
-    "recipe", [example_recipe(), Recipe(()), Recipe((Rule(None, role="norm"),))]
+    "recipe",
+    [example_recipe(), Recipe(()), Recipe((Rule(None, role="norm"),), rotate="hadamard")],
 )
 def test_text_round_trips(recipe):
     assert Recipe.from_json(recipe.to_json()) == recipe
@@ -198,7 +199,7 @@ BAD_YAML = [
     (
         "unknown-top-level-key",
         "version: 1\nrule: []\nrules: []\n",
-        "{p}: unknown key(s) ['rule']; allowed: ['format', 'version', 'name', 'rules']",
+        "{p}: unknown key(s) ['rule']; allowed: ['format', 'version', 'name', 'rotate', 'rules']",
     ),
     (
         "unknown-rule-key",
@@ -260,6 +261,11 @@ BAD_YAML = [
         "wrong-format",
         "format: gguf\nrules: []\n",
         "{p}: format 'gguf' is not 'edgequant.recipe'",
+    ),
+    (
+        "unknown-rotation",
+        "rotate: spinquant\nrules: []\n",
+        "{p}: rotate 'spinquant' is not one of ['hadamard', 'random'] (or null)",
     ),
     (
         "rules-not-a-list",

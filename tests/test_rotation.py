@@ -84,3 +84,45 @@ def test_gemma3_and_quantized_models_are_refused():
     q, _ = edgequant.quantize(build("llama"), "8da4w")
     with pytest.raises(ValueError, match="rotate the float model, before quantizing"):
         rotation.rotate(q)
+
+
+def test_a_recipe_that_rotates_quantizes_saves_and_reloads(tmp_path):
+    """``rotate`` in a recipe: the plan unties the head the rotation unties, the rotated model
+    is rounded, and the bundle (recipe and untied head) reloads to the same logits, on its
+    own and over the float model's tied skeleton."""
+    import dataclasses
+
+    import edgequant
+    from edgequant import eval as ev
+    from edgequant._modules import shallow_copy
+    from edgequant.recipes import get
+
+    model = build("llama")
+    assert model.config.tie_word_embeddings
+    recipe = dataclasses.replace(get("int8-dynamic"), rotate="hadamard")
+    plain = edgequant.plan(model, get("int8-dynamic"))
+    before = edgequant.plan(model, recipe)
+    head = [lp for lp in before if lp.fqn == "lm_head"][0]
+    assert [lp for lp in plain if lp.fqn == "lm_head"][0].tied_to == "model.embed_tokens"
+    assert head.tied_to is None and before.bytes_after > plain.bytes_after  # its own storage
+    float_logits = logits(model, IDS).detach()
+    q, p = edgequant.quantize(copy.deepcopy(model), recipe)
+    assert p.to_dict()["layers"] == before.to_dict()["layers"]
+    assert q.config.tie_word_embeddings is False
+    got = logits(q, IDS).detach()
+    kl = ev.compare(float_logits, got, IDS)["kl_divergence"]
+    assert kl < 0.01
+    edgequant.save(q, tmp_path / "b")
+    alone = edgequant.load(tmp_path / "b")
+    over_float = edgequant.load(tmp_path / "b", model=shallow_copy(model))
+    assert alone.edgequant_recipe.rotate == "hadamard"
+    assert torch.equal(logits(alone, IDS), got) and torch.equal(logits(over_float, IDS), got)
+
+
+def test_a_streamed_run_refuses_to_rotate(tmp_path):
+    from edgequant import job
+
+    with pytest.raises(ValueError, match="--rotate needs the whole float model in memory"):
+        job.run("stories260k", "8da4w", tmp_path / "b", stream=True, rotate="hadamard")
+    with pytest.raises(ValueError, match=r"rotate 'spin' is not one of \['hadamard', 'random'\]"):
+        job.run("stories260k", "8da4w", tmp_path / "b", rotate="spin")

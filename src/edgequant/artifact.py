@@ -474,6 +474,8 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
         owner, _, attr = first.rpartition(".")
         tensor = getattr(model.get_submodule(owner), attr)
         for name in others:
+            if state.get(name) is not state.get(first):
+                continue  # the bundle holds values of its own (a head a rotation untied)
             owner, _, attr = name.rpartition(".")
             setattr(model.get_submodule(owner), attr, tensor)
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]

@@ -39,6 +39,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     model, tokenizer, _ = load(args.model)
     recipe = args.recipe
+    if args.rotate is not None and args.budget is not None:  # measured on the rotated model
+        from edgequant.rotation import rotate
+
+        rotate(model, args.rotate)
     if args.budget is not None:
         from edgequant import mixed, targets
 
@@ -49,6 +53,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
                              "them run)")  # fmt: skip
         windows = mixed.sensitivity_windows(tokenizer)
         recipe, allocation = mixed.budget_recipe(model, args.budget, names, windows)
+    if args.rotate is not None:
+        import dataclasses
+
+        from edgequant.quantize import as_recipe
+
+        recipe = dataclasses.replace(as_recipe(recipe), rotate=args.rotate)
     plan = edgequant.plan(model, recipe)
     print(plan.table())
     if args.budget is not None:
@@ -127,6 +137,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         resume=args.resume,
         speed=args.speed,
         budget=args.budget,
+        rotate=args.rotate,
     )
     print(f"model: {report['model_source']}")
     print(f"bundle: {args.out}  (report.json, report.md, report.png, report.html)")
@@ -365,6 +376,7 @@ def _count(minimum: int):
 
 def build_parser() -> argparse.ArgumentParser:
     from edgequant import __version__
+    from edgequant.recipe import ROTATIONS
 
     parser = argparse.ArgumentParser(
         prog="edgequant", description="Quantize an LLM from one recipe and measure the result."
@@ -383,6 +395,11 @@ def build_parser() -> argparse.ArgumentParser:
         "model-qwen2.5-1.5b), a .gguf file, a Hugging Face folder or a llama2.c .bin"
     )
     recipe_help = "a preset name (see `edgequant recipes`) or a .json/.yaml recipe file"
+    rotate_help = (
+        "fold the norms and an orthogonal rotation of the residual stream and of each head's "
+        "values into the float weights before rounding (the recipe's rotate field; "
+        "docs/rotation.md)"
+    )
     text_help = "text file for evaluation (default: WikiText-2 raw test from the data folder)"
 
     def add_eval_options(p: argparse.ArgumentParser) -> None:
@@ -407,6 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--targets", help="also predict decode tok/s in these runtimes: pte, tflite, gguf or all"
     )
+    p.add_argument("--rotate", choices=ROTATIONS, help=rotate_help)
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("quantize", help="the main job: quantize, save, evaluate, report")
@@ -420,6 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
         "the choice is stored as the bundle's recipe",
     )
     p.add_argument("--out", required=True, help="bundle folder to write (reports go inside)")
+    p.add_argument("--rotate", choices=ROTATIONS, help=rotate_help)
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
     p.add_argument("--compare", action="store_true", help="also run every preset; one table")
     p.add_argument(

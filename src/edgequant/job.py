@@ -9,6 +9,7 @@ logits are computed once and reused) and writes ``compare.json`` / ``compare.md`
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import logging
@@ -24,6 +25,7 @@ from edgequant import kernels
 from edgequant._modules import shallow_copy
 from edgequant.models.base import logits
 from edgequant.quantize import as_recipe, check_finite
+from edgequant.recipe import ROTATIONS
 
 log = logging.getLogger(__name__)
 
@@ -152,8 +154,14 @@ def run(
     resume: bool = False,
     speed: bool = True,
     budget: str | None = None,
+    rotate: str | None = None,
 ) -> dict[str, Any]:
     """Quantize ``model_name`` with ``recipe``, save to ``out``, evaluate, write the reports.
+
+    ``rotate`` (``hadamard`` or ``random``; `edgequant.rotation`) sets the recipe's ``rotate``:
+    the norms and rotations are folded into the float weights before anything is rounded (with
+    ``budget``, the sensitivity is measured on the rotated model). It needs the float model
+    whole (no streaming).
 
     ``budget`` (``4.5bpw``, ``92.5MB``; `edgequant.mixed`) chooses the recipe instead (pass
     ``recipe=None``): a scheme per module among those every one of ``targets`` runs exactly,
@@ -202,14 +210,18 @@ def run(
         _check_budget(budget, recipe, target_names)
     elif recipe is None:
         raise ValueError("give a recipe (a preset name, a file or a Recipe) or a budget")
+    if rotate is not None and rotate not in ROTATIONS:
+        raise ValueError(f"rotate {rotate!r} is not one of {list(ROTATIONS)}")
+    rotating = rotate or (None if recipe is None else as_recipe(recipe).rotate)
     source = None  # the model read a tensor at a time, opened once (a GGUF file is hashed)
     if stream is None:  # what needs the float model whole keeps it whole
         whole = compare_presets or anchor_names or (calibration or "").strip().startswith("model")
-        whole = whole or budget is not None
+        whole = whole or budget is not None or rotating is not None
         source = None if whole else _lazy_source(model_name)
         stream = source is not None and 4 * source.n_weights() > STREAM_ABOVE
-    if stream and (compare_presets or anchor_names or budget is not None):
-        what = "--compare" if compare_presets else "--budget" if budget else "--compare-anchors"
+    if stream and (compare_presets or anchor_names or budget is not None or rotating):
+        what = ("--compare" if compare_presets else "--budget" if budget
+                else "--rotate" if rotating else "--compare-anchors")  # fmt: skip
         raise ValueError(
             f"{what} needs the whole float model in memory; it cannot run with streaming "
             "(pass --no-stream where the model fits)"
@@ -232,12 +244,14 @@ def run(
             overwrite=overwrite, compare_presets=compare_presets, algorithm=algorithm,
             calibration=calibration, targets=target_names, allow_fallback=allow_fallback,
             speed_rounds=speed_rounds, anchors=anchor_names, speed=speed, budget=budget,
+            rotate=rotate,
         )  # fmt: skip
 
 
 def _run(
     model_name, recipe, out: Path, *, eval_windows, seq_len, text, overwrite, compare_presets,
     algorithm, calibration, targets, allow_fallback, speed_rounds, anchors, speed, budget=None,
+    rotate=None,
 ) -> dict[str, Any]:  # fmt: skip
     from edgequant.artifact import check_writable
     from edgequant.models import load
@@ -245,7 +259,7 @@ def _run(
 
     check_writable(out, overwrite)
     if budget is None:
-        recipe = _job_recipe(recipe, algorithm, calibration)  # before any work
+        recipe = _job_recipe(recipe, algorithm, calibration, rotate)  # before any work
     else:  # the recipe is chosen later: the algorithm and its data checked now on a stand-in
         _job_recipe("8da4w", algorithm, calibration)
     lap = _Laps()
@@ -265,10 +279,18 @@ def _run(
     if budget is not None:
         from edgequant import mixed
 
+        measured_on = float_model
+        if rotate is not None:  # the sensitivity of the model that will be rounded
+            from edgequant.rotation import rotate as rotated
+
+            measured_on = copy.deepcopy(float_model)
+            rotated(measured_on, rotate)
         recipe, allocation = mixed.budget_recipe(
-            float_model, budget, targets, mixed.sensitivity_windows(tokenizer),
+            measured_on, budget, targets, mixed.sensitivity_windows(tokenizer),
             algorithm=algorithm,
         )  # fmt: skip
+        del measured_on
+        recipe = dataclasses.replace(recipe, rotate=rotate)
         lap("allocate")
     speed_ids, float_pass, float_speed = _float_side(
         float_model, tokenizer, info, eval_windows, seq_len, text, speed=speed
@@ -340,11 +362,14 @@ class _Laps:
         self._clock = now
 
 
-def _job_recipe(recipe, algorithm: str | None, calibration: str | None):
-    """The recipe a job runs (``algorithm`` on every integer rule), checked for calibration."""
+def _job_recipe(recipe, algorithm: str | None, calibration: str | None, rotate=None):
+    """The recipe a job runs (``algorithm`` on every integer rule, ``rotate`` when given),
+    checked for calibration."""
     recipe = as_recipe(recipe)
     if algorithm is not None:
         recipe = with_algorithm(recipe, algorithm)
+    if rotate is not None:
+        recipe = dataclasses.replace(recipe, rotate=rotate)
     _check_calibration(recipe, calibration)
     return recipe
 

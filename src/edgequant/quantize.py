@@ -282,6 +282,12 @@ def plan(model: nn.Module, recipe: Any) -> Plan:
 
     # Tied weights: one tensor used by several modules (first in module order owns it).
     groups = sharing_one_weight(candidates)
+    if recipe.rotate is not None:  # a tied head the rotation unties is a weight of its own
+        from edgequant.rotation import unties_head
+
+        head = unties_head(model)  # also refuses a model that cannot be rotated
+        split = [[[f for f in g if f != head], [head]] if head in g else [g] for g in groups]
+        groups = [part for parts in split for part in parts]
     tied_to: dict[str, str] = {}
     for members in groups:
         stored = {_stored_as(decided[f][0]) for f in members}
@@ -355,6 +361,9 @@ def _set_module(model: nn.Module, fqn: str, new: nn.Module) -> None:
 def quantize(model: nn.Module, recipe: Any, calibration=None) -> tuple[nn.Module, Plan]:
     """Swap every module the recipe quantizes for its packed twin, in place.
 
+    A recipe with ``rotate`` first folds the norms and rotations into the float weights
+    (`edgequant.rotation.rotate`; a tied head it unties gets its own storage).
+
     Returns ``(model, plan)``; the recipe is kept as ``model.edgequant_recipe`` so that
     `edgequant.save` stores it in the artifact. ``calibration`` (token batches: an
     `edgequant.calibration.Calibration` or any iterable of ``[1, L]`` tensors) feeds the
@@ -370,6 +379,11 @@ def quantize(model: nn.Module, recipe: Any, calibration=None) -> tuple[nn.Module
     """
     p = plan(model, recipe)
     check_finite(model)
+    if p.recipe.rotate is not None:
+        from edgequant.rotation import rotate
+
+        rotate(model, p.recipe.rotate)
+        p = plan(model, p.recipe)  # the same entries, over the rotated weights
     packed: dict[str, nn.Module] = {}
     todo = [lp for lp in p if lp.scheme is not None and lp.scheme.weight != "fp32"]
     results = _calibrated(model, todo, calibration)

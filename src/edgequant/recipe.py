@@ -12,6 +12,10 @@ Precedence, written down once: the most specific matching rule decides, in this 
 **exact FQN > regex > role with layer indices > role > default**; among rules of equal rank the
 later one wins. A rule whose scheme is ``None`` leaves the module in float.
 
+``rotate: hadamard`` (or ``random``; optional) folds the norms and orthogonal rotations of the
+residual stream and the attention values into the float weights before anything is rounded
+(`edgequant.rotation`): the float model computes the same function.
+
 File form (JSON or YAML)::
 
     format: edgequant.recipe
@@ -41,7 +45,8 @@ ROLES = ("default", "embedding", "attention", "feedforward", "lm_head", "norm")
 FORMAT = "edgequant.recipe"
 VERSION = 1
 _RULE_KEYS = ("role", "layers", "module", "scheme")
-_TOP_KEYS = ("format", "version", "name", "rules")
+_TOP_KEYS = ("format", "version", "name", "rotate", "rules")
+ROTATIONS = ("hadamard", "random")  # `edgequant.rotation.orthogonal`'s kinds
 # Rank of each selector kind; higher is more specific.
 RANK = {"fqn": 4, "regex": 3, "role+layers": 2, "role": 1, "default": 0}
 
@@ -166,8 +171,11 @@ class Recipe:
 
     rules: tuple[Rule, ...]
     name: str | None = None
+    rotate: str | None = None  # one of `ROTATIONS`: rotate the float model first
 
     def __post_init__(self) -> None:
+        if self.rotate is not None and self.rotate not in ROTATIONS:
+            raise ValueError(f"rotate {self.rotate!r} is not one of {list(ROTATIONS)} (or null)")
         rules = tuple(self.rules)
         for i, rule in enumerate(rules):
             if not isinstance(rule, Rule):
@@ -198,6 +206,8 @@ class Recipe:
         out: dict[str, Any] = {"format": FORMAT, "version": VERSION}
         if self.name is not None:
             out["name"] = self.name
+        if self.rotate is not None:
+            out["rotate"] = self.rotate
         out["rules"] = [r.to_dict() for r in self.rules]
         return out
 
@@ -222,7 +232,10 @@ class Recipe:
         if not isinstance(rules, list):
             raise ValueError(f"{where}: 'rules' must be a list of rules, got {rules!r}")
         parsed = tuple(Rule.from_dict(r, where=f"{where}: rules[{i}]") for i, r in enumerate(rules))
-        return cls(rules=parsed, name=data.get("name"))
+        try:
+            return cls(rules=parsed, name=data.get("name"), rotate=data.get("rotate"))
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2) + "\n"

@@ -25,14 +25,14 @@ the stream) multiply the stream elementwise, which no rotation passes through: r
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from functools import cache
 
 import torch
 from torch import nn
 
-ROTATIONS = ("hadamard", "random")
-
+from edgequant.recipe import ROTATIONS
 
 # ---- orthogonal matrices ---------------------------------------------------------------------
 
@@ -141,18 +141,16 @@ def _rotate_output(linear: nn.Module, q: torch.Tensor) -> None:  # writes to it:
         linear.bias.copy_((linear.bias.double() @ q).to(linear.bias.dtype))
 
 
-@torch.no_grad()
-def rotate(model: nn.Module, kind: str = "hadamard", seed: int = 0) -> dict:
-    """Fold the norms and the rotations R1 (residual stream) and R2 (values, per head) into
-    ``model``'s float weights, in place (see the module's text); returns what was done:
-    ``kind``, ``seed``, ``untied_head`` (whether the head had to become a tensor of its own).
-    The model computes the same logits up to float rounding."""
+def check(model: nn.Module) -> nn.Module:
+    """The decoder of ``model`` (`decoder_of`) if `rotate` can turn it; else ValueError."""
     from edgequant.models.families import decoder_of
     from edgequant.quantize import is_quantized
 
-    decoder = decoder_of(model)
-    spec = decoder.spec
-    if spec.sandwich_norms:
+    try:
+        decoder = decoder_of(model)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"rotate needs a model edgequant's decoder runs: {e}") from None
+    if decoder.spec.sandwich_norms:
         raise ValueError(
             "this model's family norms each branch's output before it joins the residual "
             "stream (Gemma 3's sandwich norms): an elementwise scale no rotation of the stream "
@@ -161,10 +159,31 @@ def rotate(model: nn.Module, kind: str = "hadamard", seed: int = 0) -> dict:
     quantized = [n for n, m in decoder.named_modules() if is_quantized(m)]
     if quantized:
         raise ValueError(f"rotate the float model, before quantizing ({quantized[0]} is packed)")
+    return decoder
+
+
+def unties_head(model: nn.Module) -> str | None:
+    """The FQN of ``model``'s head when `rotate` will give it a weight of its own (a tied
+    head whose final norm's weight is not all ones), else None."""
+    decoder = check(model)
+    if not decoder.spec.tied_embedding:
+        return None
+    if bool((decoder.norm.weight + decoder.norm.offset == 1).all()):
+        return None
+    return next(fqn for fqn, m in model.named_modules() if m is decoder.output)
+
+
+@torch.no_grad()
+def rotate(model: nn.Module, kind: str = "hadamard", seed: int = 0) -> dict:
+    """Fold the norms and the rotations R1 (residual stream) and R2 (values, per head) into
+    ``model``'s float weights, in place (see the module's text); returns what was done:
+    ``kind``, ``seed``, ``untied_head`` (whether the head had to become a tensor of its own).
+    The model computes the same logits up to float rounding."""
+    untie = unties_head(model) is not None
+    decoder = check(model)
+    spec = decoder.spec
     r1 = orthogonal(spec.dim, kind, seed)
     r2 = orthogonal(spec.head_dim, kind, seed + 1)
-
-    untie = spec.tied_embedding and not bool((decoder.norm.weight + decoder.norm.offset == 1).all())
     if untie:
         _untie(model, decoder)
     for block in decoder.layers:
@@ -213,6 +232,9 @@ def _untie(model: nn.Module, decoder: nn.Module) -> None:
     head = nn.Parameter(decoder.output.weight.detach().clone(), requires_grad=False)
     decoder.output.weight = head
     decoder.spec = decoder.spec.replace(tied_embedding=False)
+    args = getattr(model, "args", None)  # llama2.c: its header's flag rebuilds the bundle's shape
+    if hasattr(args, "tied_embedding"):
+        model.args = dataclasses.replace(args, tied_embedding=False)
     config = getattr(model, "config", None)
     if config is not None:
         config.tie_word_embeddings = False
@@ -221,4 +243,4 @@ def _untie(model: nn.Module, decoder: nn.Module) -> None:
             text.tie_word_embeddings = False
 
 
-__all__ = ["ROTATIONS", "hadamard", "orthogonal", "rotate"]
+__all__ = ["ROTATIONS", "check", "hadamard", "orthogonal", "rotate", "unties_head"]

@@ -113,6 +113,11 @@ def quantize(
     out = Path(out)
     check_writable(out, overwrite)
     recipe = as_recipe(recipe)
+    if recipe.rotate is not None:
+        raise ValueError(
+            f"rotate {recipe.rotate!r} turns every layer with one matrix, which a streamed run "
+            "does not do yet: quantize in memory (--no-stream)"
+        )
     model = source.skeleton()
     p = plan(model, recipe)
     todo = [lp for lp in p if lp.scheme is not None and lp.scheme.weight != "fp32"]
