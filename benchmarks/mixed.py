@@ -86,7 +86,7 @@ def main() -> None:
     if args.algorithm in NEEDS_CALIBRATION:
         data = cal.parse(args.calibration, tokenizer, model=model)
     groups = mixed.groups_of(model)
-    n_weights = sum(g.n_weights for g in groups)
+    n_weights = mixed.counted_weights(groups)
     meta: dict = {"algorithm": args.algorithm, "windows": args.windows, "n_weights": n_weights,
                   "calibration": data.source if data else None,
                   "sensitivity_windows": list(sensitivity_windows.shape)}  # fmt: skip
@@ -129,7 +129,9 @@ def main() -> None:
         return row
 
     for target in targets:
-        options = {g: mixed.options_for(g, [target], args.algorithm) for g in groups}
+        # a .pte keeps the tied embedding and head apart anyway: each takes its own scheme
+        apart = mixed.groups_of(model, apart=mixed.decided_apart([target]))
+        options = {g: mixed.options_for(g, [target], args.algorithm) for g in apart}
         table, seconds = sensitivity_table(model, options, sensitivity_windows, folder,
                                            f"{target}-{args.algorithm}", target)  # fmt: skip
         meta[f"{target}_sensitivity_seconds"] = seconds

@@ -89,6 +89,13 @@ def test_a_tied_embedding_and_head_are_one_group(tiny_hf_llama):
     assert [g.name for g in groups[1:3]] == ["model.layers.0.self_attn.q_proj",
                                              "model.layers.0.self_attn.k_proj"]  # fmt: skip
     assert len(groups) == 1 + 2 * 7 and groups[1].layer == 0
+    apart = mixed.groups_of(model, apart=True)  # what a .pte stores: a copy for each
+    assert [(g.fqns, g.kind, g.tied_with) for g in apart[:2]] == [
+        (("model.embed_tokens",), "embedding", None),
+        (("lm_head",), "linear", "model.embed_tokens"),
+    ]
+    assert mixed.counted_weights(apart) == mixed.counted_weights(groups)
+    assert mixed.decided_apart(["pte"]) and not mixed.decided_apart(["pte", "gguf"])
 
 
 INT4 = Scheme("int4", "per_group", 32, scale_dtype="fp16", activation="int8_dynamic")
@@ -266,3 +273,22 @@ def test_recipe_bytes_count_what_each_target_writes(tiny_hf_llama):
     apart = Recipe([Rule(int8, role="default"), Rule(Scheme("int8"), role="embedding")])
     assert mixed.recipe_bytes(model, apart, ["gguf"]) == bundle + one
     assert mixed.recipe_bytes(model, apart, ["pte"]) == bundle + one
+
+
+def test_a_pte_budget_decides_a_tied_embedding_and_head_apart(tiny_hf_llama):
+    """The .pte stores the tied pair as two tensors anyway: each gets its own choice, and the
+    file's bytes (not the bundle's) are what fits the budget."""
+    model = copy.deepcopy(tiny_hf_llama)
+    model.lm_head.weight = model.model.embed_tokens.weight
+    windows = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(2))
+    recipe, facts = mixed.budget_recipe(model, "6bpw", ["pte"], windows)
+    chosen = {m["fqns"][0]: m["scheme"] for m in facts["modules"]}
+    assert ["model.embed_tokens"] in [m["fqns"] for m in facts["modules"]]
+    assert ["lm_head"] in [m["fqns"] for m in facts["modules"]]
+    assert facts["budget_bytes"] == 6 * mixed.counted_weights(mixed.groups_of(model)) // 8
+    assert facts["allocated_bytes"] <= facts["budget_bytes"]
+    assert mixed.recipe_bytes(model, recipe, ["pte"]) == facts["allocated_bytes"]
+    plan = edgequant.plan(model, recipe)
+    for fqn in ("model.embed_tokens", "lm_head"):
+        scheme = plan[fqn].scheme
+        assert (None if scheme is None else scheme.describe()) == chosen[fqn]

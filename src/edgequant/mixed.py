@@ -223,13 +223,15 @@ def allocate(groups: dict[str, list[Option]], budget: int, units: int = UNITS) -
 class Group:
     """Modules that share one weight and so one scheme (a tied embedding and head) or a module
     alone: their FQNs, the first one's kind, shape, role and decoder layer (None outside the
-    layers)."""
+    layers). ``tied_with``: the module whose weight this one shares when `groups_of` decides
+    them apart (its weights are not counted again in bits per weight)."""
 
     fqns: tuple[str, ...]
     kind: str  # "linear" or "embedding"
     shape: tuple[int, int]
     role: str | None
     layer: int | None
+    tied_with: str | None = None
 
     @property
     def name(self) -> str:
@@ -240,9 +242,10 @@ class Group:
         return self.shape[0] * self.shape[1]
 
 
-def groups_of(model: nn.Module) -> list[Group]:
+def groups_of(model: nn.Module, apart: bool = False) -> list[Group]:
     """Every quantizable module of ``model`` in module order, modules sharing a weight in one
-    group (under the first one's name)."""
+    group (under the first one's name), or with ``apart`` each in a group of its own (for a
+    target that stores a copy for each module anyway: `written_bytes`)."""
     from edgequant.quantize import plan, sharing_one_weight
     from edgequant.recipe import Recipe, Rule
 
@@ -250,10 +253,23 @@ def groups_of(model: nn.Module) -> list[Group]:
     shared = sharing_one_weight({fqn: model.get_submodule(fqn) for fqn in entries})
     groups = []
     for fqns in shared:
-        first = entries[fqns[0]]
-        kind = "embedding" if first.kind == "embedding" else "linear"
-        groups.append(Group(tuple(fqns), kind, first.shape, first.role, first.layer))
+        for k, members in enumerate([[f] for f in fqns] if apart else [fqns]):
+            lp = entries[members[0]]
+            kind = "embedding" if lp.kind == "embedding" else "linear"
+            tied = fqns[0] if k > 0 else None
+            groups.append(Group(tuple(members), kind, lp.shape, lp.role, lp.layer, tied))
     return groups
+
+
+def counted_weights(groups) -> int:
+    """The weights of ``groups``, a shared tensor once (what bits per weight divide by)."""
+    return sum(g.n_weights for g in groups if g.tied_with is None)
+
+
+def decided_apart(targets: list[str]) -> bool:
+    """Whether every one of ``targets`` stores a shared weight once for each module reading it,
+    so that a tied embedding and head can take two schemes at no cost (the ``.pte``)."""
+    return all(t == "pte" for t in targets)
 
 
 def group_recipe(choice: dict[Group, Scheme | None], name: str = "mixed"):
@@ -539,7 +555,7 @@ def choose(table: dict[Group, list[Option]], budget: str | Budget) -> tuple[Any,
     (the sum of the chosen costs) and each group's choice."""
     if isinstance(budget, str):
         budget = parse_budget(budget)
-    limit = budget.bytes_for(sum(g.n_weights for g in table))
+    limit = budget.bytes_for(counted_weights(table))
     low, high = check_reachable(([o.bytes for o in opts] for opts in table.values()), limit)
     chosen = allocate({g.name: opts for g, opts in table.items()}, limit)
     picks = {g: opts[chosen[g.name]] for g, opts in table.items()}
@@ -580,9 +596,9 @@ def budget_recipe(
     targets and how the sensitivity was found."""
     if isinstance(budget, str):
         budget = parse_budget(budget)
-    groups = groups_of(model)
+    groups = groups_of(model, apart=decided_apart(targets))
     options = {g: options_for(g, targets, algorithm) for g in groups}
-    limit = budget.bytes_for(sum(g.n_weights for g in groups))
+    limit = budget.bytes_for(counted_weights(groups))
     sizes = ([stored_bytes(g, s, targets) for s in options[g]] for g in groups)
     check_reachable(sizes, limit)  # before measuring
     table = option_table(model, options, windows, measure=measure, targets=targets)
