@@ -1,0 +1,152 @@
+"""Rotations folded into the weights (`edgequant.rotation`) with each algorithm, on SmolLM2-135M's
+decoder linears as 8da4w g32 (embedding and head float): KL, perplexity and top-1 against the
+float model for every variant in the eager model, then the variants named by --deploy written
+as each runtime's file and measured in that runtime on the same windows, in one run.
+
+    python benchmarks/rotation.py [--model default] [--windows 8]
+        [--variants gptq,awq+gptq,hadamard+gptq,hadamard+awq+gptq,random+gptq]
+        [--calibration wikitext:128x512] [--deploy best] [--targets pte,tflite,gguf]
+        [--folder build/rotation] [--out FILE]
+
+A variant is ``[hadamard+|random+]ALGORITHM`` where ALGORITHM is any of `edgequant.algorithms`'
+or ``awq+gptq`` (AWQ's scales, then GPTQ on the scaled inputs). ``--deploy best`` deploys the
+variant with the lowest eager KL and the best one without rotation; ``--deploy none`` none.
+The calibration batches come from WikiText-2's training split, disjoint from the evaluation
+windows (test split). Prints a Markdown table and writes JSON (default
+benchmarks/results/rotation.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import torch
+
+import edgequant
+from edgequant import calibration as cal
+from edgequant import eval as ev
+from edgequant.export import load_program
+from edgequant.job import with_algorithm
+from edgequant.models import load
+from edgequant.models.base import logits as eager_logits
+from edgequant.recipe import ROTATIONS, Recipe, Rule
+from edgequant.schemes import NEEDS_CALIBRATION
+from edgequant.targets import write
+
+MAX_SEQ_LEN = 512
+
+
+def decoder_linears() -> Recipe:
+    """8da4w g32 on the decoder layers' linears; the embedding and head float."""
+    preset = edgequant.recipes.get("8da4w")
+    keep = (Rule(None, role="embedding"), Rule(None, role="lm_head"))
+    return Recipe(preset.rules + keep, name="decoder-linears-8da4w")
+
+
+def variant_recipe(variant: str) -> Recipe:
+    """``[rotation+]algorithm`` as a recipe."""
+    rotate, _, algorithm = variant.partition("+")
+    if rotate not in ROTATIONS:
+        rotate, algorithm = None, variant
+    base = decoder_linears()
+    if algorithm == "awq+gptq":
+        recipe = base.map_schemes(lambda s: s.rounded_by("awq", gptq=True))
+    else:
+        recipe = with_algorithm(base, algorithm)
+    return dataclasses.replace(recipe, rotate=rotate, name=variant)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--windows", type=int, default=8)
+    parser.add_argument(
+        "--variants", default="gptq,awq+gptq,hadamard+gptq,hadamard+awq+gptq,random+gptq"
+    )
+    parser.add_argument("--calibration", default="wikitext:128x512")
+    parser.add_argument("--deploy", default="best", help="best, none, or variants")
+    parser.add_argument("--targets", default="pte,tflite,gguf")
+    parser.add_argument("--folder", default="build/rotation")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "rotation.json"))
+    args = parser.parse_args()
+    variants = [v for v in args.variants.split(",") if v]
+    recipes = {v: variant_recipe(v) for v in variants}  # a bad name: before any work
+    folder = Path(args.folder)
+    folder.mkdir(parents=True, exist_ok=True)
+
+    model, tokenizer, info = load(args.model)
+    windows = ev.windows(ev.tokenize_file(tokenizer, ev.default_text()), 512, args.windows)
+    reference = ev.float_logits(model, windows)
+    needs = any(rule.scheme is not None and rule.scheme.algorithm in NEEDS_CALIBRATION
+                for r in recipes.values() for rule in r.rules)  # fmt: skip
+    data = cal.parse(args.calibration, tokenizer, model=model) if needs else None
+    rows: list[dict] = []
+    quantized: dict[str, torch.nn.Module] = {}
+    for variant, recipe in recipes.items():
+        print(f"{variant}: quantizing ...", flush=True)
+        started = time.perf_counter()
+        q, _ = edgequant.quantize(copy.deepcopy(model), recipe, calibration=data)
+        seconds = time.perf_counter() - started
+        with torch.no_grad():
+            got = torch.stack([eager_logits(q, w[None])[0] for w in windows])
+        row = {"variant": variant, "where": "eager", "quantize_seconds": round(seconds, 1),
+               **ev.compare(reference, got, windows)}  # fmt: skip
+        rows.append(row)
+        print(f"  eager KL {row['kl_divergence']:.4f} ({seconds:.0f} s)", flush=True)
+        quantized[variant] = q
+        del got
+
+    deploy = _deployed(args.deploy, rows)
+    for variant in deploy:
+        for target in [t for t in args.targets.split(",") if t]:
+            path = folder / f"{variant.replace('+', '-')}.{target}"
+            print(f"{variant}: writing {target} ...", flush=True)
+            write(quantized[variant], tokenizer, target, path, source=info["source"],
+                  max_seq_len=MAX_SEQ_LEN)  # fmt: skip
+            program = load_program(path)
+            with torch.inference_mode():
+                got = torch.stack([program(w[None])[0] for w in windows])
+            row = {"variant": variant, "where": target, "file_bytes": path.stat().st_size,
+                   **ev.compare(reference, got, windows)}  # fmt: skip
+            rows.append(row)
+            print(f"  {target} KL {row['kl_divergence']:.4f}", flush=True)
+            del program, got
+
+    print(f"\n{args.model}, decoder linears 8da4w g32 (embedding and head float), "
+          f"{args.windows} x 512 tokens of WikiText-2 test, "
+          f"calibration {args.calibration}\n")  # fmt: skip
+    print("| variant | where | KL | top-1 % | perplexity | quantize s |")
+    print("|---|---|---:|---:|---:|---:|")
+    for r in rows:
+        secs = r.get("quantize_seconds", "-")
+        print(f"| {r['variant']} | {r['where']} | {r['kl_divergence']:.4f} | "
+              f"{r['top1_agreement']:.1f} | {r['perplexity']:.2f} | {secs} |")  # fmt: skip
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"model": args.model, "windows": args.windows, "calibration": args.calibration}
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    tmp.replace(out)
+    print(f"wrote {out}")
+
+
+def _deployed(deploy: str, rows: list[dict]) -> list[str]:
+    """The variants to write as files: ``best`` (the lowest eager KL, and the lowest without a
+    rotation), ``none``, or a comma-separated list."""
+    if deploy == "none":
+        return []
+    if deploy != "best":
+        return [v for v in deploy.split(",") if v]
+    eager = sorted(rows, key=lambda r: r["kl_divergence"])
+    best = [eager[0]["variant"]]
+    plain = [r["variant"] for r in eager if r["variant"].partition("+")[0] not in ROTATIONS]
+    return best + [v for v in plain[:1] if v not in best]
+
+
+if __name__ == "__main__":
+    main()
