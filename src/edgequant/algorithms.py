@@ -401,7 +401,10 @@ def gptq(
                 col = int(order[i1 + i])
                 grp = col // g
                 if not act_order and col % g == 0:  # entering a group: its scale from W now
-                    part = torch.cat([W1[:, i:], wp[:, i2:]], dim=1)[:, :g]
+                    if i + g <= W1.shape[1]:  # the group within the block (a view, no copy)
+                        part = W1[:, i : i + g]
+                    else:  # a group wider than the block (per channel)
+                        part = torch.cat([W1[:, i:], wp[:, i2:]], dim=1)[:, :g]
                     chosen = choose(part, _per_channel(scheme), torch.arange(col, col + g))
                     s_rows[:, grp] = chosen.scale[:, 0]
                     if z_rows is not None:
