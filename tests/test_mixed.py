@@ -224,6 +224,8 @@ def test_the_job_refuses_a_budget_it_cannot_allocate(tmp_path):
 
 
 def test_quantize_with_a_budget_writes_the_chosen_recipe_and_its_file(tmp_path):
+    """With --rotate too: the sensitivity of the rotated model, its untied head allocated on
+    its own, the rotation in the bundle's recipe, and llama.cpp runs the rotated file."""
     import json
 
     from edgequant.cli import main
@@ -231,10 +233,12 @@ def test_quantize_with_a_budget_writes_the_chosen_recipe_and_its_file(tmp_path):
     out = tmp_path / "bundle"
     assert main(["quantize", "--model", "stories260k", "--budget", "12bpw", "--targets", "gguf",
                  "--out", str(out), "--eval-windows", "1", "--seq-len", "64",
-                 "--speed-rounds", "1"]) == 0  # fmt: skip
+                 "--speed-rounds", "1", "--rotate", "hadamard"]) == 0  # fmt: skip
     report = json.loads((out / "report.json").read_text())
     allocation = report["allocation"]
     assert allocation["budget"] == "12bpw" and allocation["targets"] == ["gguf"]
+    assert report["recipe"]["rotate"] == "hadamard" and report["bundle_reloads_identically"]
+    assert ["output"] in [m["fqns"] for m in allocation["modules"]]  # untied by the rotation
     assert allocation["allocated_bytes"] <= allocation["budget_bytes"]
     chosen = {m["scheme"] for m in allocation["modules"]}
     assert chosen <= {"int4 g32 sym fp16-scales", "int8 g32 sym fp16-scales", "fp16", None}
