@@ -323,13 +323,12 @@ def recipe_bytes(model: nn.Module, recipe, targets: list[str] | None = None) -> 
     different schemes): what an allocation at the same budget may spend."""
     import dataclasses
 
-    from edgequant.quantize import plan
+    from edgequant.quantize import _stored_as, plan
 
     schemes = {lp.fqn: lp.scheme for lp in plan(model, recipe)}
     total = 0
     for g in groups_of(model):
-        found = [schemes.get(f) for f in g.fqns]
-        found = [None if s is None or s.weight == "fp32" else s for s in found]
+        found = [_stored_as(schemes.get(f)) for f in g.fqns]
         if len(set(found)) == 1:  # one storage, as `edgequant.quantize.plan` ties them
             total += stored_bytes(g, found[0], targets)
             continue

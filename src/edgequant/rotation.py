@@ -166,11 +166,14 @@ def unties_head(model: nn.Module) -> str | None:
     """The FQN of ``model``'s head when `rotate` will give it a weight of its own (a tied
     head whose final norm's weight is not all ones), else None."""
     decoder = check(model)
-    if not decoder.spec.tied_embedding:
-        return None
-    if bool((decoder.norm.weight + decoder.norm.offset == 1).all()):
+    if not _unties(decoder):
         return None
     return next(fqn for fqn, m in model.named_modules() if m is decoder.output)
+
+
+def _unties(decoder: nn.Module) -> bool:
+    tied = decoder.spec.tied_embedding
+    return tied and not bool((decoder.norm.weight + decoder.norm.offset == 1).all())
 
 
 @torch.no_grad()
@@ -179,8 +182,8 @@ def rotate(model: nn.Module, kind: str = "hadamard", seed: int = 0) -> dict:
     ``model``'s float weights, in place (see the module's text); returns what was done:
     ``kind``, ``seed``, ``untied_head`` (whether the head had to become a tensor of its own).
     The model computes the same logits up to float rounding."""
-    untie = unties_head(model) is not None
     decoder = check(model)
+    untie = _unties(decoder)
     spec = decoder.spec
     r1 = orthogonal(spec.dim, kind, seed)
     r2 = orthogonal(spec.head_dim, kind, seed + 1)
