@@ -6,7 +6,8 @@ candidates against measuring every one (Spearman's rank correlation on a few lay
 
     python benchmarks/mixed.py [--targets pte,gguf] [--algorithm hqq]
         [--calibration wikitext:128x512] [--windows 8] [--bpw 4.25,4.75,5.5,6.5,8]
-        [--rho-layers 0,14,29] [--folder build/mixed] [--out FILE] [--png FILE]
+        [--rho-layers 0,14,29] [--rotate hadamard] [--folder build/mixed] [--out FILE]
+        [--png FILE]
 
 Budgets are bytes of the quantizable weights as the target's file stores them (as `quantize
 --budget`; `mixed.written_bytes`: a ``.pte`` keeps a tied embedding and head twice); a budget
@@ -14,13 +15,16 @@ Budgets are bytes of the quantizable weights as the target's file stores them (a
 bytes less what the uniform file writes besides its weights). The sensitivity is measured on
 WikiText-2 past the evaluation windows (`mixed.sensitivity_windows`). Files already in
 --folder are reused when their sidecar ``.json`` names the same recipe. Time the sensitivity
-on a quiet machine.
+on a quiet machine. With ``--rotate``, the allocator's recipes rotate the model first
+(`edgequant.rotation`) and their sensitivity is measured on the rotated model; the references
+stay as they are.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -30,12 +34,12 @@ import torch
 import edgequant
 from edgequant import calibration as cal
 from edgequant import eval as ev
-from edgequant import mixed
+from edgequant import mixed, rotation
 from edgequant.export import load_program
 from edgequant.job import with_algorithm
 from edgequant.models import load
 from edgequant.models.base import logits as eager_logits
-from edgequant.recipe import Recipe, Rule
+from edgequant.recipe import ROTATIONS, Recipe, Rule
 from edgequant.schemes import NEEDS_CALIBRATION, Scheme
 from edgequant.targets import write
 
@@ -69,6 +73,7 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=8)
     parser.add_argument("--bpw", default="4.25,4.75,5.5,6.5,8")
     parser.add_argument("--rho-layers", default="0,14,29")
+    parser.add_argument("--rotate", choices=ROTATIONS, default=None)
     parser.add_argument("--folder", default="build/mixed")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "mixed.json"))
     parser.add_argument("--png", default=str(Path(__file__).parent / "results" / "mixed.png"))
@@ -88,6 +93,7 @@ def main() -> None:
     groups = mixed.groups_of(model)
     n_weights = mixed.counted_weights(groups)
     meta: dict = {"algorithm": args.algorithm, "windows": args.windows, "n_weights": n_weights,
+                  "rotate": args.rotate,
                   "calibration": data.source if data else None,
                   "sensitivity_windows": list(sensitivity_windows.shape)}  # fmt: skip
     rows: list[dict] = []
@@ -128,19 +134,25 @@ def main() -> None:
               f"(eager {row['eager_kl']:.4f})", flush=True)  # fmt: skip
         return row
 
+    measured = model  # the model the sensitivity is measured on
+    if args.rotate:
+        measured = copy.deepcopy(model)
+        rotation.rotate(measured, args.rotate)
+    rotated = f"-{args.rotate}" if args.rotate else ""
     for target in targets:
         # a .pte keeps the tied embedding and head apart anyway: each takes its own scheme
-        apart = mixed.groups_of(model, apart=mixed.decided_apart([target]))
+        apart = mixed.groups_of(measured, apart=mixed.decided_apart([target]))
         options = {g: mixed.options_for(g, [target], args.algorithm) for g in apart}
-        table, seconds = sensitivity_table(model, options, sensitivity_windows, folder,
-                                           f"{target}-{args.algorithm}", target)  # fmt: skip
+        name = f"{target}-{args.algorithm}{rotated}"
+        table, seconds = sensitivity_table(measured, options, sensitivity_windows, folder, name,
+                                           target)  # fmt: skip
         meta[f"{target}_sensitivity_seconds"] = seconds
         print(f"{target}: sensitivity {seconds:.0f} s", flush=True)
         if args.rho_layers and target == targets[0]:
             layers = {int(x) for x in args.rho_layers.split(",")}
             subset = {g: o for g, o in options.items() if g.layer in layers}
             t = time.perf_counter()
-            every = mixed.sensitivity(model, subset, sensitivity_windows, measure="every")
+            every = mixed.sensitivity(measured, subset, sensitivity_windows, measure="every")
             est = [o.cost for g in subset for o in table[g] if o.scheme is not None]
             got = [c for g in subset for c, s in zip(every[g], options[g], strict=True) if s]
             meta["rank_correlation"] = {
@@ -173,7 +185,9 @@ def main() -> None:
             chosen: dict[str, int] = {}
             for m in facts["modules"]:
                 chosen[str(m["scheme"])] = chosen.get(str(m["scheme"]), 0) + 1
-            measure(target, f"budget {label}", recipe, budget_bytes=limit,
+            if args.rotate:
+                recipe = dataclasses.replace(recipe, rotate=args.rotate, name=recipe.name)
+            measure(target, f"budget {label}{rotated}", recipe, budget_bytes=limit,
                     predicted_kl=facts["predicted_kl"], schemes=chosen)  # fmt: skip
 
     print(f"\nSmolLM2-135M, {args.windows} x 512 tokens of WikiText-2 test, each file in its "

@@ -85,7 +85,8 @@ def main() -> None:
                 for r in recipes.values() for rule in r.rules)  # fmt: skip
     data = cal.parse(args.calibration, tokenizer, model=model) if needs else None
     rows: list[dict] = []
-    quantized: dict[str, torch.nn.Module] = {}
+    quantized: dict[str, torch.nn.Module] = {}  # only the variants that may be deployed
+    wanted = None if args.deploy == "best" else set(_deployed(args.deploy, []))
     for variant, recipe in recipes.items():
         print(f"{variant}: quantizing ...", flush=True)
         started = time.perf_counter()
@@ -96,8 +97,9 @@ def main() -> None:
                **ev.compare(reference, got, windows)}  # fmt: skip
         rows.append(row)
         print(f"  eager KL {row['kl_divergence']:.4f} ({seconds:.0f} s)", flush=True)
-        quantized[variant] = q
-        del got
+        if wanted is None or variant in wanted:
+            quantized[variant] = q
+        del q, got
 
     deploy = _deployed(args.deploy, rows)
     for variant in deploy:

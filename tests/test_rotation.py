@@ -126,3 +126,17 @@ def test_a_streamed_run_refuses_to_rotate(tmp_path):
         job.run("stories260k", "8da4w", tmp_path / "b", stream=True, rotate="hadamard")
     with pytest.raises(ValueError, match=r"rotate 'spin' is not one of \['hadamard', 'random'\]"):
         job.run("stories260k", "8da4w", tmp_path / "b", rotate="spin")
+
+
+def test_an_algorithm_given_to_a_rotating_recipe_keeps_the_rotation():
+    """``quantize --recipe FILE --algorithm gptq`` over a recipe file that rotates: the job's
+    recipe still rotates."""
+    import dataclasses
+
+    from edgequant.job import with_algorithm
+    from edgequant.recipes import get
+
+    recipe = dataclasses.replace(get("8da4w"), rotate="random")
+    changed = with_algorithm(recipe, "gptq")
+    assert changed.rotate == "random" and changed.name == "8da4w+gptq"
+    assert {r.scheme.algorithm for r in changed.rules if r.scheme} == {"gptq"}

@@ -583,14 +583,13 @@ def _check_calibration(recipe, calibration: str | None) -> None:
 
 def with_algorithm(recipe, algorithm: str, **params):
     """``recipe`` with ``algorithm`` (and its ``params``) on every integer rule (float rules stay
-    as they are)."""
-    from edgequant.recipe import Recipe
+    as they are; the rotation too)."""
     from edgequant.schemes import ALGORITHMS
 
     if algorithm not in ALGORITHMS:
         raise ValueError(f"algorithm {algorithm!r} does not exist; choose from {list(ALGORITHMS)}")
     changed = recipe.map_schemes(lambda scheme: scheme.rounded_by(algorithm, **params))
-    return Recipe(changed.rules, name=f"{recipe.name or 'recipe'}+{algorithm}")
+    return dataclasses.replace(changed, name=f"{recipe.name or 'recipe'}+{algorithm}")
 
 
 def _reloads_identically(out: Path, model, float_model, ids: list[int]) -> bool:
