@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 
 import pytest
@@ -277,6 +278,14 @@ def test_recipe_bytes_count_what_each_target_writes(tiny_hf_llama):
     apart = Recipe([Rule(int8, role="default"), Rule(Scheme("int8"), role="embedding")])
     assert mixed.recipe_bytes(model, apart, ["gguf"]) == bundle + one
     assert mixed.recipe_bytes(model, apart, ["pte"]) == bundle + one
+    # a rotation unties the head (the final norm's weight folds into it): two storages in a
+    # .tflite or GGUF file too, none more in the .pte
+    with torch.no_grad():
+        model.model.norm.weight.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(0))
+    rotating = dataclasses.replace(everything, rotate="hadamard")
+    assert mixed.recipe_bytes(model, rotating) == bundle + one
+    assert mixed.recipe_bytes(model, rotating, ["gguf"]) == bundle + one
+    assert mixed.recipe_bytes(model, rotating, ["pte"]) == bundle + one
 
 
 def test_a_pte_budget_decides_a_tied_embedding_and_head_apart(tiny_hf_llama):

@@ -67,6 +67,17 @@ def test_the_rotated_float_model_gives_the_same_logits(case, kind):
     assert rotated.config.tie_word_embeddings is False
 
 
+def test_a_head_sharing_the_embedding_without_the_config_flag_is_turned_once():
+    """The tensor, not the config, says whether the head reads the embedding."""
+    model = build("llama")
+    model.config.tie_word_embeddings = False  # still one tensor
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    before = logits(model, IDS)
+    done = rotation.rotate(model, "hadamard")
+    assert done["untied_head"] and model.lm_head.weight is not model.model.embed_tokens.weight
+    assert (logits(model, IDS) - before).abs().max() < 1e-4
+
+
 def test_a_llama2c_decoder_rotates_and_keeps_its_logits(stories260k):
     model = copy.deepcopy(stories260k[0])
     ids = torch.randint(0, 512, (1, 32), generator=torch.Generator().manual_seed(0))

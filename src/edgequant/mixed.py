@@ -319,17 +319,19 @@ def written_bytes(group: Group, scheme: Scheme | None, target: str) -> int:
 
 def recipe_bytes(model: nn.Module, recipe, targets: list[str] | None = None) -> int:
     """`stored_bytes` of every group of ``model`` as ``recipe`` stores it (float where it
-    leaves a module float; each module of a group on its own where the recipe gives them
-    different schemes): what an allocation at the same budget may spend."""
+    leaves a module float; each module of a group on its own where the plan stores them apart:
+    different schemes, or a head the recipe's rotation unties): what an allocation at the
+    same budget may spend."""
     import dataclasses
 
     from edgequant.quantize import _stored_as, plan
 
-    schemes = {lp.fqn: lp.scheme for lp in plan(model, recipe)}
+    layers = {lp.fqn: lp for lp in plan(model, recipe)}
     total = 0
     for g in groups_of(model):
-        found = [_stored_as(schemes.get(f)) for f in g.fqns]
-        if len(set(found)) == 1:  # one storage, as `edgequant.quantize.plan` ties them
+        found = [_stored_as(layers[f].scheme if f in layers else None) for f in g.fqns]
+        tied = all(layers[f].tied_to == g.fqns[0] for f in g.fqns[1:] if f in layers)
+        if tied and len(set(found)) == 1:  # one storage, as `edgequant.quantize.plan` ties them
             total += stored_bytes(g, found[0], targets)
             continue
         for fqn, scheme in zip(g.fqns, found, strict=True):

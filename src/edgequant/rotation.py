@@ -171,9 +171,14 @@ def unties_head(model: nn.Module) -> str | None:
     return next(fqn for fqn, m in model.named_modules() if m is decoder.output)
 
 
+def _tied(decoder: nn.Module) -> bool:
+    """Whether the head reads the embedding's tensor (whatever the config says: a model may
+    share the tensor without the flag)."""
+    return decoder.output.weight is decoder.tok_embeddings.weight
+
+
 def _unties(decoder: nn.Module) -> bool:
-    tied = decoder.spec.tied_embedding
-    return tied and not bool((decoder.norm.weight + decoder.norm.offset == 1).all())
+    return _tied(decoder) and not bool((decoder.norm.weight + decoder.norm.offset == 1).all())
 
 
 @torch.no_grad()
@@ -204,7 +209,7 @@ def rotate(model: nn.Module, kind: str = "hadamard", seed: int = 0) -> dict:
         _rotate_output(block.attention.wo, r1)
         _rotate_output(block.feed_forward.w2, r1)
         _rotate_values(block.attention, spec, r2)
-    if not (spec.tied_embedding and not untie):  # a tied head turned with the embedding
+    if not _tied(decoder):  # else the head reads the embedding's turned tensor
         _rotate_input(decoder.output, r1)
     return {"kind": kind, "seed": seed, "untied_head": untie}
 
