@@ -28,24 +28,20 @@ import json
 import os
 import re
 import resource
-import sys
 import time
 import traceback
 from pathlib import Path
 
-# benchmarks/gguf.py is named like the `gguf` package: keep this folder off the import path
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent.resolve()]
+import torch
 
-import torch  # noqa: E402
-
-import edgequant  # noqa: E402
-from edgequant import eval as ev  # noqa: E402
-from edgequant import job  # noqa: E402
-from edgequant.export import load_program, to_gguf, to_pte, to_tflite  # noqa: E402
-from edgequant.export.gguf_runtime import GgufModel  # noqa: E402
-from edgequant.models import load  # noqa: E402
-from edgequant.quantize import as_recipe  # noqa: E402
-from edgequant.recipe import Recipe  # noqa: E402
+import edgequant
+from edgequant import eval as ev
+from edgequant import job
+from edgequant.export import load_program, to_gguf, to_pte, to_tflite
+from edgequant.export.gguf_runtime import GgufModel
+from edgequant.models import load
+from edgequant.quantize import as_recipe
+from edgequant.recipe import Recipe
 
 PREFILL = 64  # the .tflite prefill signature's length (as benchmarks/tflite.py)
 FORMATS = ("pte", "gguf", "tflite")  # tflite last: it holds a float copy (the most memory)

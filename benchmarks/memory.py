@@ -32,9 +32,6 @@ import tempfile
 import time
 from pathlib import Path
 
-# benchmarks/gguf.py would shadow the gguf package edgequant imports
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent.resolve()]
-
 EDGEQUANT = [sys.executable, "-m", "edgequant.cli"]
 QWEN = "qwen2.5-1.5b"
 HQQ = ["--recipe", "8da4w", "--eval-windows", "2"]

@@ -15,18 +15,14 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import sys
 import tempfile
 from pathlib import Path
 
-# benchmarks/gguf.py is named like the `gguf` package: keep this folder off the import path
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent.resolve()]
-
-import edgequant  # noqa: E402
-from edgequant import speed, targets  # noqa: E402
-from edgequant.job import SPEED_NEW_TOKENS, SPEED_PROMPT_TOKENS, _speed_ids  # noqa: E402
-from edgequant.models import load  # noqa: E402
-from edgequant.models.families import decoder_of  # noqa: E402
+import edgequant
+from edgequant import speed, targets
+from edgequant.job import SPEED_NEW_TOKENS, SPEED_PROMPT_TOKENS, _speed_ids
+from edgequant.models import load
+from edgequant.models.families import decoder_of
 
 
 def main() -> None:
