@@ -84,7 +84,8 @@ def main() -> None:
     needs = any(rule.scheme is not None and rule.scheme.algorithm in NEEDS_CALIBRATION
                 for r in recipes.values() for rule in r.rules)  # fmt: skip
     data = cal.parse(args.calibration, tokenizer, model=model) if needs else None
-    rows: list[dict] = []
+    meta = {"model": args.model, "windows": args.windows, "calibration": args.calibration}
+    rows: list[dict] = []  # the JSON rewritten after every row: a late failure loses none
     quantized: dict[str, torch.nn.Module] = {}  # only the variants that may be deployed
     wanted = None if args.deploy == "best" else set(_deployed(args.deploy, []))
     for variant, recipe in recipes.items():
@@ -96,6 +97,7 @@ def main() -> None:
         row = {"variant": variant, "where": "eager", "quantize_seconds": round(seconds, 1),
                **ev.compare(reference, got, windows)}  # fmt: skip
         rows.append(row)
+        _save(Path(args.out), meta, rows)
         print(f"  eager KL {row['kl_divergence']:.4f} ({seconds:.0f} s)", flush=True)
         if wanted is None or variant in wanted:
             quantized[variant] = q
@@ -114,6 +116,7 @@ def main() -> None:
             row = {"variant": variant, "where": target, "file_bytes": path.stat().st_size,
                    **ev.compare(reference, got, windows)}  # fmt: skip
             rows.append(row)
+            _save(Path(args.out), meta, rows)
             print(f"  {target} KL {row['kl_divergence']:.4f}", flush=True)
             del program, got
 
@@ -126,13 +129,15 @@ def main() -> None:
         secs = r.get("quantize_seconds", "-")
         print(f"| {r['variant']} | {r['where']} | {r['kl_divergence']:.4f} | "
               f"{r['top1_agreement']:.1f} | {r['perplexity']:.2f} | {secs} |")  # fmt: skip
-    out = Path(args.out)
+    print(f"wrote {args.out}")
+
+
+def _save(out: Path, meta: dict, rows: list[dict]) -> None:
+    """The JSON file (a temporary file, then renamed)."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"model": args.model, "windows": args.windows, "calibration": args.calibration}
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     tmp.replace(out)
-    print(f"wrote {out}")
 
 
 def _deployed(deploy: str, rows: list[dict]) -> list[str]:
