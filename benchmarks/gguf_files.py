@@ -4,7 +4,7 @@ without and with an importance matrix from the same calibration data) run on edg
 file; for each file its bytes, KL / top-1 / perplexity measured in llama.cpp on the same
 windows, and decode / prefill tokens/s in llama.cpp, interleaved round by round.
 
-    python benchmarks/llama_cpp.py [--folder build/gguf] [--windows 8] [--rounds 5]
+    python benchmarks/gguf_files.py [--folder build/gguf] [--windows 8] [--rounds 5]
         [--algorithm awq] [--calibration wikitext:128x512] [--out FILE]
 
 Scope as llama.cpp's own Q4_0: every decoder linear in Q4_0; the token embedding (which the
