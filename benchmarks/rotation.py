@@ -11,8 +11,8 @@ as each runtime's file and measured in that runtime on the same windows, in one 
 A variant is ``[hadamard+|random+]ALGORITHM`` where ALGORITHM is any of `edgequant.algorithms`'
 or ``awq+gptq`` (AWQ's scales, then GPTQ on the scaled inputs). ``--deploy best`` deploys the
 variant with the lowest eager KL and the best one without rotation; ``--deploy none`` none.
-The calibration batches come from WikiText-2's training split, disjoint from the evaluation
-windows (test split). Prints a Markdown table and writes JSON (default
+The calibration batches come from WikiText-2's test split past token 32,768, disjoint from
+the evaluation windows. Prints a Markdown table and writes JSON (default
 benchmarks/results/rotation.json).
 """
 
