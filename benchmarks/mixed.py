@@ -186,7 +186,7 @@ def main() -> None:
             for m in facts["modules"]:
                 chosen[str(m["scheme"])] = chosen.get(str(m["scheme"]), 0) + 1
             if args.rotate:
-                recipe = dataclasses.replace(recipe, rotate=args.rotate, name=recipe.name)
+                recipe = dataclasses.replace(recipe, rotate=args.rotate)
             measure(target, f"budget {label}{rotated}", recipe, budget_bytes=limit,
                     predicted_kl=facts["predicted_kl"], schemes=chosen)  # fmt: skip
 

@@ -278,6 +278,11 @@ def test_recipe_bytes_count_what_each_target_writes(tiny_hf_llama):
     apart = Recipe([Rule(int8, role="default"), Rule(Scheme("int8"), role="embedding")])
     assert mixed.recipe_bytes(model, apart, ["gguf"]) == bundle + one
     assert mixed.recipe_bytes(model, apart, ["pte"]) == bundle + one
+    floating = Recipe([Rule(int8, role="default"), Rule(None, role="embedding"),
+                       Rule(None, role="lm_head")])  # fmt: skip
+    assert mixed.recipe_bytes(model, floating, ["gguf"]) == sum(
+        mixed.stored_bytes(g, None if g is tied else int8) for g in groups
+    )  # the float pair once
     # a rotation unties the head (the final norm's weight folds into it): two storages in a
     # .tflite or GGUF file too, none more in the .pte
     with torch.no_grad():

@@ -330,8 +330,9 @@ def recipe_bytes(model: nn.Module, recipe, targets: list[str] | None = None) -> 
     total = 0
     for g in groups_of(model):
         found = [_stored_as(layers[f].scheme if f in layers else None) for f in g.fqns]
-        tied = all(layers[f].tied_to == g.fqns[0] for f in g.fqns[1:] if f in layers)
-        if tied and len(set(found)) == 1:  # one storage, as `edgequant.quantize.plan` ties them
+        # one storage, as `edgequant.quantize.plan` ties them (a float tensor stays shared)
+        tied = found[0] is None or all(layers[f].tied_to == g.fqns[0] for f in g.fqns[1:])
+        if tied and len(set(found)) == 1:
             total += stored_bytes(g, found[0], targets)
             continue
         for fqn, scheme in zip(g.fqns, found, strict=True):
