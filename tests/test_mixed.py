@@ -291,6 +291,13 @@ def test_recipe_bytes_count_what_each_target_writes(tiny_hf_llama):
     assert mixed.recipe_bytes(model, rotating) == bundle + one
     assert mixed.recipe_bytes(model, rotating, ["gguf"]) == bundle + one
     assert mixed.recipe_bytes(model, rotating, ["pte"]) == bundle + one
+    # a float pair the rotation unties: two float tensors in every file
+    float_tensor = mixed.stored_bytes(tied, None)
+    floating_rotated = dataclasses.replace(floating, rotate="hadamard")
+    assert (
+        mixed.recipe_bytes(model, floating_rotated, ["gguf"])
+        == sum(mixed.stored_bytes(g, None if g is tied else int8) for g in groups) + float_tensor
+    )
 
 
 def test_a_pte_budget_decides_a_tied_embedding_and_head_apart(tiny_hf_llama):

@@ -318,25 +318,29 @@ def written_bytes(group: Group, scheme: Scheme | None, target: str) -> int:
 
 
 def recipe_bytes(model: nn.Module, recipe, targets: list[str] | None = None) -> int:
-    """`stored_bytes` of every group of ``model`` as ``recipe`` stores it (float where it
-    leaves a module float; each module of a group on its own where the plan stores them apart:
-    different schemes, or a head the recipe's rotation unties): what an allocation at the
+    """`stored_bytes` of every weight of ``model`` as ``recipe`` stores it (float where it
+    leaves a module float), a weight shared by several modules once where the plan keeps it
+    shared (`edgequant.quantize.storage_groups`: the same stored scheme, and not a head the
+    recipe's rotation unties), each module's on its own otherwise: what an allocation at the
     same budget may spend."""
     import dataclasses
 
-    from edgequant.quantize import _stored_as, plan
+    from edgequant.quantize import _stored_as, plan, storage_groups
 
     layers = {lp.fqn: lp for lp in plan(model, recipe)}
+    whole = {g.fqns: g for g in groups_of(model)}
+    alone = {g.name: g for g in groups_of(model, apart=True)}
+    modules = {fqn: model.get_submodule(fqn) for fqn in alone}
     total = 0
-    for g in groups_of(model):
-        found = [_stored_as(layers[f].scheme if f in layers else None) for f in g.fqns]
-        # one storage, as `edgequant.quantize.plan` ties them (a float tensor stays shared)
-        tied = found[0] is None or all(layers[f].tied_to == g.fqns[0] for f in g.fqns[1:])
-        if tied and len(set(found)) == 1:
-            total += stored_bytes(g, found[0], targets)
+    for members in storage_groups(model, modules, recipe.rotate):
+        found = [_stored_as(layers[f].scheme if f in layers else None) for f in members]
+        if len(set(found)) == 1:  # one storage, as `edgequant.quantize.plan` ties them
+            group = whole.get(tuple(members)) or alone[members[0]]
+            total += stored_bytes(dataclasses.replace(group, fqns=tuple(members)), found[0],
+                                  targets)  # fmt: skip
             continue
-        for fqn, scheme in zip(g.fqns, found, strict=True):
-            total += stored_bytes(dataclasses.replace(g, fqns=(fqn,)), scheme, targets)
+        for fqn, scheme in zip(members, found, strict=True):
+            total += stored_bytes(alone[fqn], scheme, targets)
     return total
 
 

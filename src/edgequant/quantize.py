@@ -201,6 +201,22 @@ def sharing_one_weight(modules: dict[str, nn.Module]) -> list[list[str]]:
     return list(groups.values())
 
 
+def storage_groups(
+    model: nn.Module, modules: dict[str, nn.Module], rotate: str | None = None
+) -> list[list[str]]:
+    """`sharing_one_weight` of ``modules`` once the recipe's rotation (``rotate``) has run: a
+    tied head the rotation unties reads a weight of its own. What `plan` ties and what
+    `edgequant.mixed.recipe_bytes` counts once."""
+    groups = sharing_one_weight(modules)
+    if rotate is None:
+        return groups
+    from edgequant.rotation import unties_head
+
+    head = unties_head(model)  # also refuses a model that cannot be rotated
+    split = [[[f for f in g if f != head], [head]] if head in g else [g] for g in groups]
+    return [part for parts in split for part in parts if part]
+
+
 def _check_rules(model: nn.Module, recipe: Recipe, candidates: dict[str, nn.Module], roles) -> None:
     """Refuse rules aimed at modules edgequant cannot quantize; warn on rules matching nothing."""
     leaves = {
@@ -281,13 +297,7 @@ def plan(model: nn.Module, recipe: Any) -> Plan:
         raise ValueError("; ".join(messages))
 
     # Tied weights: one tensor used by several modules (first in module order owns it).
-    groups = sharing_one_weight(candidates)
-    if recipe.rotate is not None:  # a tied head the rotation unties is a weight of its own
-        from edgequant.rotation import unties_head
-
-        head = unties_head(model)  # also refuses a model that cannot be rotated
-        split = [[[f for f in g if f != head], [head]] if head in g else [g] for g in groups]
-        groups = [part for parts in split for part in parts]
+    groups = storage_groups(model, candidates, recipe.rotate)
     tied_to: dict[str, str] = {}
     for members in groups:
         stored = {_stored_as(decided[f][0]) for f in members}
