@@ -66,8 +66,11 @@ $(VENV)/.installed-demo: pyproject.toml Makefile | $(PY)
 calibrate-speed: $(VENV)/.installed-demo
 	$(VENV)/bin/edgequant calibrate-speed
 
+# the suite in TEST_WORKERS processes (pytest-xdist), a test file's tests in one of them (its
+# module fixtures built once); each worker's torch gets its share of the cores (tests/conftest.py)
+TEST_WORKERS ?= 2
 test: $(VENV)/.installed-dev chromium
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 # The recipe card's test renders report.html in headless Chromium (Debian's chromium package).
 # Installed when missing and run as root (CI); otherwise the test is skipped, outside CI only.

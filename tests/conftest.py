@@ -6,6 +6,13 @@ import os
 
 import pytest
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test`: several workers share the cores
+    import torch
+
+    _threads = max(1, len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ["OMP_NUM_THREADS"] = str(_threads)  # the processes a test starts, too
+    torch.set_num_threads(_threads)  # two workers' OpenMP pools on two cores spin-wait badly
+
 
 def require_data(reason: str) -> None:
     """Skip the test when shared data is missing, but fail in CI (``CI=true``), where it must be."""
