@@ -25,7 +25,7 @@ from edgequant import kernels
 from edgequant._modules import shallow_copy
 from edgequant.models.base import logits
 from edgequant.quantize import as_recipe, check_finite
-from edgequant.recipe import ROTATIONS
+from edgequant.recipe import check_rotation
 
 log = logging.getLogger(__name__)
 
@@ -210,8 +210,7 @@ def run(
         _check_budget(budget, recipe, target_names)
     elif recipe is None:
         raise ValueError("give a recipe (a preset name, a file or a Recipe) or a budget")
-    if rotate is not None and rotate not in ROTATIONS:
-        raise ValueError(f"rotate {rotate!r} is not one of {list(ROTATIONS)}")
+    check_rotation(rotate)
     rotating = rotate or (None if recipe is None else as_recipe(recipe).rotate)
     source = None  # the model read a tensor at a time, opened once (a GGUF file is hashed)
     if stream is None:  # what needs the float model whole keeps it whole

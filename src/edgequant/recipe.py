@@ -51,6 +51,12 @@ ROTATIONS = ("hadamard", "random")  # `edgequant.rotation.orthogonal`'s kinds
 RANK = {"fqn": 4, "regex": 3, "role+layers": 2, "role": 1, "default": 0}
 
 
+def check_rotation(rotate: str | None) -> None:
+    """Refuse a ``rotate`` that is neither None nor one of `ROTATIONS`."""
+    if rotate is not None and rotate not in ROTATIONS:
+        raise ValueError(f"rotate {rotate!r} is not one of {list(ROTATIONS)} (or null)")
+
+
 @dataclass(frozen=True)
 class Rule:
     """One selector -> scheme (``None`` = leave float).
@@ -174,8 +180,7 @@ class Recipe:
     rotate: str | None = None  # one of `ROTATIONS`: rotate the float model first
 
     def __post_init__(self) -> None:
-        if self.rotate is not None and self.rotate not in ROTATIONS:
-            raise ValueError(f"rotate {self.rotate!r} is not one of {list(ROTATIONS)} (or null)")
+        check_rotation(self.rotate)
         rules = tuple(self.rules)
         for i, rule in enumerate(rules):
             if not isinstance(rule, Rule):
