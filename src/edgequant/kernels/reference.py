@@ -52,6 +52,12 @@ def fake_quantize_q8_0(x: torch.Tensor) -> torch.Tensor:
 ACTIVATIONS_AS = ("ggml",)
 
 
+def check_runtime(runtime: str) -> None:
+    """Refuse a ``runtime`` whose arithmetic `linear_as` does not know."""
+    if runtime not in ACTIVATIONS_AS:
+        raise ValueError(f"unknown runtime arithmetic {runtime!r}; known: {list(ACTIVATIONS_AS)}")
+
+
 def linear_as(x: torch.Tensor, layer, runtime: str) -> torch.Tensor:
     """`linear` with the input rounded as ``runtime`` rounds it instead of as the scheme says.
 
@@ -59,8 +65,7 @@ def linear_as(x: torch.Tensor, layer, runtime: str) -> torch.Tensor:
     activation blocks; an fp16 / bf16 weight meets activations converted to its dtype; fp32
     activations stay as they are.
     """
-    if runtime not in ACTIVATIONS_AS:
-        raise ValueError(f"unknown runtime arithmetic {runtime!r}; known: {list(ACTIVATIONS_AS)}")
+    check_runtime(runtime)
     scheme = layer.scheme
     x = x.float()
     if scheme.is_integer:
