@@ -323,8 +323,6 @@ def recipe_bytes(model: nn.Module, recipe, targets: list[str] | None = None) -> 
     shared (`edgequant.quantize.storage_groups`: the same stored scheme, and not a head the
     recipe's rotation unties), each module's on its own otherwise: what an allocation at the
     same budget may spend."""
-    import dataclasses
-
     from edgequant.quantize import _stored_as, plan, storage_groups
 
     layers = {lp.fqn: lp for lp in plan(model, recipe)}
@@ -335,9 +333,9 @@ def recipe_bytes(model: nn.Module, recipe, targets: list[str] | None = None) -> 
     for members in storage_groups(model, modules, recipe.rotate):
         found = [_stored_as(layers[f].scheme if f in layers else None) for f in members]
         if len(set(found)) == 1:  # one storage, as `edgequant.quantize.plan` ties them
-            group = whole.get(tuple(members)) or alone[members[0]]
-            total += stored_bytes(dataclasses.replace(group, fqns=tuple(members)), found[0],
-                                  targets)  # fmt: skip
+            # a shared weight, or one module (a head the rotation unties is one of its own)
+            group = whole[tuple(members)] if len(members) > 1 else alone[members[0]]
+            total += stored_bytes(group, found[0], targets)
             continue
         for fqn, scheme in zip(members, found, strict=True):
             total += stored_bytes(alone[fqn], scheme, targets)
