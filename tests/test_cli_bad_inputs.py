@@ -20,9 +20,8 @@ def _bomb() -> str:
 
 
 def _gguf_without_vocabulary(path):
-    import numpy as np
-
     import gguf
+    import numpy as np
 
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_block_count(1)
@@ -143,9 +142,8 @@ def _case(tmp_path, name):
     if name == "model GGUF with overlapping tensors":
         import struct
 
-        import numpy as np
-
         import gguf
+        import numpy as np
 
         writer = gguf.GGUFWriter(str(t / "o.gguf"), "llama")
         writer.add_tensor("a", np.ones((4, 8), np.float32))

@@ -145,6 +145,7 @@ def test_fuzzed_manifests(small_bundle):
 
 def test_fuzzed_gguf_files(tmp_path):
     import gguf
+
     from edgequant.models import gguf as eq_gguf
 
     source = tmp_path / "ok.gguf"

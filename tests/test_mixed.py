@@ -131,6 +131,25 @@ def test_written_bytes_are_what_the_file_spends(target, tmp_path):
     assert mixed.stored_bytes(tied, None, ["tflite", "pte"]) == 2 * 4 * 4096 * 64  # the largest
 
 
+def test_written_bytes_of_each_gguf_candidate(stories260k, tmp_path):
+    """stories260K's tied embedding and head as each GGUF candidate (the rest float): the files
+    differ by what `stored_bytes` counts (Q4_0, Q5_0, Q8_0 blocks of 18, 22, 34 bytes; F16)."""
+    from edgequant.export import to_gguf
+
+    model, tok = stories260k
+    tied = mixed.groups_of(model)[0]
+    assert tied.fqns == ("tok_embeddings", "output")
+    schemes = mixed.candidates(["gguf"], "embedding")
+    sizes, counted = [], []
+    for k, scheme in enumerate(schemes):
+        packed, _ = edgequant.quantize(copy.deepcopy(model), mixed.group_recipe({tied: scheme}))
+        sizes.append(to_gguf(packed, tmp_path / f"{k}.gguf", tokenizer=tok).stat().st_size)
+        counted.append(mixed.stored_bytes(tied, scheme, ["gguf"]))
+    assert counted[1] == 512 * 64 // 32 * 22 < mixed.stored_bytes(tied, schemes[1])  # 5.5 bpw
+    for k in range(1, len(schemes)):
+        assert sizes[k] - sizes[0] == pytest.approx(counted[k] - counted[0], rel=0.01), schemes[k]
+
+
 def test_sensitivity_is_the_kl_of_the_model_with_that_group_alone_quantized(tiny_hf_llama):
     model = copy.deepcopy(tiny_hf_llama)
     model.lm_head.weight = model.model.embed_tokens.weight  # tied: the embedding runs it all
@@ -242,7 +261,8 @@ def test_quantize_with_a_budget_writes_the_chosen_recipe_and_its_file(tmp_path):
     assert ["output"] in [m["fqns"] for m in allocation["modules"]]  # untied by the rotation
     assert allocation["allocated_bytes"] <= allocation["budget_bytes"]
     chosen = {m["scheme"] for m in allocation["modules"]}
-    assert chosen <= {"int4 g32 sym fp16-scales", "int8 g32 sym fp16-scales", "fp16", None}
+    assert chosen <= {"int4 g32 sym fp16-scales", "int5 g32 sym fp16-scales",
+                      "int8 g32 sym fp16-scales", "fp16", None}  # fmt: skip
     assert report["recipe"]["name"] == "budget-12bpw"
     assert edgequant.load(out).edgequant_recipe.to_dict() == report["recipe"]
     gguf = report["targets"]["gguf"]  # llama.cpp runs every chosen scheme as stored

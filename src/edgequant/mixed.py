@@ -48,6 +48,11 @@ def _int4(group: int, activation: str) -> Scheme:
     return Scheme("int4", "per_group", group, scale_dtype="fp16", activation=activation)
 
 
+def _gguf_block(weight: str) -> Scheme:
+    """Symmetric blocks of 32 with fp16 scales: GGUF's Q4_0, Q5_0, Q8_0."""
+    return Scheme(weight, "per_group", 32, scale_dtype="fp16")
+
+
 # target -> {"linear": schemes, "embedding": schemes}: what each runtime runs exactly (the
 # writers' own checks, `edgequant.targets.check`, have the last word on every packed module)
 TARGET_SCHEMES: dict[str, dict[str, tuple[Scheme, ...]]] = {
@@ -68,17 +73,9 @@ TARGET_SCHEMES: dict[str, dict[str, tuple[Scheme, ...]]] = {
         ),  # fmt: skip
         "embedding": (Scheme("int8"), Scheme("fp16")),
     },
-    "gguf": {  # the types edgequant writes bit-exactly: Q4_0, Q8_0, F16
-        "linear": (
-            _int4(32, "none"),
-            Scheme("int8", "per_group", 32, scale_dtype="fp16"),
-            Scheme("fp16"),
-        ),  # fmt: skip
-        "embedding": (
-            _int4(32, "none"),
-            Scheme("int8", "per_group", 32, scale_dtype="fp16"),
-            Scheme("fp16"),
-        ),  # fmt: skip
+    "gguf": {  # the types edgequant writes bit-exactly: Q4_0, Q5_0, Q8_0, F16
+        "linear": (*(_gguf_block(b) for b in ("int4", "int5", "int8")), Scheme("fp16")),
+        "embedding": (*(_gguf_block(b) for b in ("int4", "int5", "int8")), Scheme("fp16")),
     },
 }
 
@@ -88,7 +85,7 @@ def candidates(targets: list[str], kind: str) -> list[Scheme]:
     or ``embedding``), in the first target's order.
 
     >>> [s.describe() for s in candidates(["gguf"], "linear")]
-    ['int4 g32 sym fp16-scales', 'int8 g32 sym fp16-scales', 'fp16']
+    ['int4 g32 sym fp16-scales', 'int5 g32 sym fp16-scales', 'int8 g32 sym fp16-scales', 'fp16']
     >>> [s.describe() for s in candidates(["pte", "gguf"], "linear")]
     ['fp16']
     """
@@ -294,6 +291,10 @@ def stored_bytes(group: Group, scheme: Scheme | None, targets: list[str] | None 
     return 4 * rows * cols if scheme is None else layout_bytes(rows, cols, scheme)
 
 
+# bytes a GGUF block of 32 weights takes (fp16 scale and the integers: ggml's block_q4_0,
+# block_q5_0, block_q8_0); the bundle keeps int5 one byte a value
+GGUF_BLOCK_BYTES = {"int4": 18, "int5": 22, "int8": 34}
+
 # bytes a .tflite adds to each row of an int8 per-channel weight beyond its int8 values and
 # float32 scale (an int64 zero point and more; measured: tests/test_mixed.py)
 TFLITE_INT8_ROW = 20
@@ -305,10 +306,15 @@ def written_bytes(group: Group, scheme: Scheme | None, target: str) -> int:
     every module reading it (XNNPACK packs the head's; the embedding's lookup reads its own),
     so a tied embedding and head cost twice; LiteRT and GGUF store it once. Each stores a
     scheme's integers and scales as the bundle does (within 1 %), but for the ``.tflite``'s
-    `TFLITE_INT8_ROW` bytes more a row of an int8 per-channel weight."""
+    `TFLITE_INT8_ROW` bytes more a row of an int8 per-channel weight and GGUF's blocks of 32
+    (`GGUF_BLOCK_BYTES`: Q5_0 packs int5 in 5.5 bits a weight)."""
     if target not in TARGET_SCHEMES:
         raise ValueError(f"target {target!r}: choose one of {sorted(TARGET_SCHEMES)}")
     once = stored_bytes(group, scheme)
+    rows, cols = group.shape
+    if target == "gguf" and scheme is not None and scheme in TARGET_SCHEMES["gguf"]["linear"]:
+        if scheme.is_integer:
+            return rows * cols // 32 * GGUF_BLOCK_BYTES[scheme.weight]
     if target == "pte":
         return once * len(group.fqns)
     if target == "tflite" and scheme is not None and scheme.weight == "int8":

@@ -34,8 +34,8 @@ TARGETS: dict[str, tuple[str, str]] = {
     "gguf": ("llama.cpp", "model.gguf"),
 }
 # How a target's runtime rounds activations where that differs from the scheme
-# (`edgequant.kernels.computing_as`): llama.cpp meets a Q4_0 / Q8_0 weight with Q8_0 activation
-# blocks of 32, finer than the per-token int8 of an ``int8_dynamic`` scheme.
+# (`edgequant.kernels.computing_as`): llama.cpp meets a Q4_0 / Q5_0 / Q8_0 weight with Q8_0
+# activation blocks of 32, finer than the per-token int8 of an ``int8_dynamic`` scheme.
 ARITHMETIC: dict[str, str] = {"gguf": "ggml"}
 SPEED_ROUNDS = 3  # interleaved rounds per file; the median is reported
 ANSWER_PROMPT = "What is the capital of France?"

@@ -9,13 +9,13 @@ from __future__ import annotations
 from itertools import pairwise
 from types import SimpleNamespace
 
+import gguf
 import llama_cpp
 import pytest
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, trainers
 from tokenizers import pre_tokenizers as pre
 from transformers import PreTrainedTokenizerFast
 
-import gguf
 from edgequant.export.gguf_tokenizer import add_hf_tokenizer, gguf_tokenizer_model
 from edgequant.models.tokenizer import HFTokenizer
 

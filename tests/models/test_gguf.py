@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import re
 
+import gguf
 import numpy as np
 import pytest
 import torch
 from gguf.quants import quantize as gguf_quantize
 from transformers import LlamaConfig, LlamaForCausalLM
 
-import gguf
 from edgequant.models import gguf as eq_gguf
 from edgequant.primitives import sqnr
 

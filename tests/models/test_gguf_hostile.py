@@ -6,10 +6,10 @@ from __future__ import annotations
 import re
 import struct
 
+import gguf
 import numpy as np
 import pytest
 
-import gguf
 from edgequant.models import gguf as eq_gguf
 
 

@@ -7,8 +7,8 @@ gguf-py's ``TensorNameMap`` (`layout`, `tensor_names`), q/k rows permuted to its
 where the architecture wants it (`permute_qk`), and the tokenizer
 (`edgequant.export.gguf_tokenizer`: copied from a source GGUF, built from a llama2.c tokenizer
 or from a Hugging Face ``tokenizer.json``); `read_layers` reads a written file's tensors back.
-How each weight is encoded (packed layers bit for bit as ``Q4_0`` / ``Q8_0`` / ``F16`` /
-``BF16``, other schemes refused or re-quantized with ``allow_requant=True``) is in
+How each weight is encoded (packed layers bit for bit as ``Q4_0`` / ``Q5_0`` / ``Q8_0`` /
+``F16`` / ``BF16``, other schemes refused or re-quantized with ``allow_requant=True``) is in
 `edgequant.export.gguf_blocks`; llama.cpp's own quantizer and importance matrix are in
 `edgequant.export.llama_quantize`.
 """
@@ -56,6 +56,7 @@ class Layout:
 def layout(model: nn.Module) -> Layout:
     """The `Layout` of ``model`` (a `Decoder` or a Hugging Face model of a known family)."""
     import gguf
+
     from edgequant.models.families import decoder_of, for_model
 
     family = for_model(model)
@@ -98,7 +99,7 @@ def permute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
 class _Tensor:
     name: str
     data: np.ndarray
-    gguf_type: str  # F32, F16, BF16, Q4_0, Q8_0
+    gguf_type: str  # F32, F16, BF16, Q4_0, Q5_0, Q8_0
     fqn: str
 
 
@@ -132,7 +133,8 @@ def _tensors(lay: Layout, allow_requant: bool) -> tuple[list[_Tensor], list]:
         more = f" and {len(refused) - 6} more" if len(refused) > 6 else ""
         raise ValueError(
             f"GGUF has no exact type for {len(refused)} layer(s): {listed}{more}. Exact: int4 g32 "
-            "sym fp16-scales (Q4_0), int8 g32 sym fp16-scales (Q8_0), fp16, bf16, fp32; "
+            "sym fp16-scales (Q4_0), int5 g32 sym fp16-scales (Q5_0), int8 g32 sym fp16-scales "
+            "(Q8_0), fp16, bf16, fp32; "
             "quantize with such a recipe, or pass allow_requant=True (--allow-requant) to "
             "re-quantize them with llama.cpp's own rounding"
         )
@@ -225,6 +227,7 @@ def to_gguf(
     pre-tokenizer, by default the family's). The file is written to a temporary name beside
     ``out`` and renamed; an existing ``out`` is refused unless ``overwrite``."""
     import gguf
+
     from edgequant.export import gguf_tokenizer
 
     out = Path(out)

@@ -6,12 +6,15 @@ Packed layers go in bit for bit:
 edgequant scheme                               GGUF type    block
 =============================================  ===========  =====================================
 int4, symmetric, group 32, fp16 scales         ``Q4_0``     fp16 ``d``, 32 nibbles ``q + 8``
+int5, symmetric, group 32, fp16 scales         ``Q5_0``     fp16 ``d``, 32 high bits, 32 nibbles
 int8, symmetric, group 32, fp16 scales         ``Q8_0``     fp16 ``d``, 32 int8 ``q``
 fp16 / bf16 / fp32 (and float modules)         ``F16`` / ``BF16`` / ``F32``
 =============================================  ===========  =====================================
 
 Q4_0 computes ``d * (nibble - 8)``: edgequant's symmetric int4 ``q`` in [-8, 7] is ``nibble - 8``
-one to one, and its fp16 scale is ``d``. Q8_0 holds ``d * q``. A scheme's activation mode does
+one to one, and its fp16 scale is ``d``. Q5_0 computes ``d * (u - 16)`` with a 5-bit ``u``
+(its low nibble packed as Q4_0's, its fifth bit in a 32-bit mask): edgequant's int5 ``q`` in
+[-16, 15] is ``u - 16``. Q8_0 holds ``d * q``. A scheme's activation mode does
 not travel: llama.cpp's CPU kernels quantize activations themselves (to 8 bits in blocks of 32).
 Any other scheme (per-channel int8, other groups, fp32 scales, asymmetric int4) has no exact
 GGUF type (`exact_type` is None): the writer (`edgequant.export.gguf.to_gguf`) refuses it with
@@ -53,8 +56,8 @@ def exact_type(scheme: Scheme | None) -> str | None:
         and scheme.symmetric
         and scheme.scale_dtype == "fp16"
     )
-    if block and scheme.weight == "int4":
-        return "Q4_0"
+    if block and scheme.weight in ("int4", "int5"):
+        return {"int4": "Q4_0", "int5": "Q5_0"}[scheme.weight]
     if block and scheme.weight == "int8":
         return "Q8_0"
     return None
@@ -67,16 +70,16 @@ def gguf_problem(module) -> tuple[str, str] | None:
         return None
     nearest = nearest_scheme(module.scheme, module.cols)
     return (
-        f"GGUF has no exact type for {module.scheme.describe()} (exact: Q4_0, Q8_0, F16, BF16, "
-        "F32)",
+        f"GGUF has no exact type for {module.scheme.describe()} (exact: Q4_0, Q5_0, Q8_0, F16, "
+        "BF16, F32)",
         f"{nearest.describe()} ({exact_type(nearest)})",
     )
 
 
 def nearest_scheme(scheme: Scheme, cols: int = 32) -> Scheme:
     """The exact GGUF scheme closest to ``scheme`` for a weight of ``cols`` input features:
-    int4 g32 sym fp16 (Q4_0) up to 4 bits, int8 g32 sym fp16 (Q8_0) above, fp16 (F16) when 32
-    does not divide ``cols``.
+    int4 g32 sym fp16 (Q4_0) up to 4 bits, int5 (Q5_0) at 5, int8 g32 sym fp16 (Q8_0) above,
+    fp16 (F16) when 32 does not divide ``cols``.
 
     >>> nearest_scheme(Scheme("int8")).describe()
     'int8 g32 sym fp16-scales'
@@ -87,7 +90,7 @@ def nearest_scheme(scheme: Scheme, cols: int = 32) -> Scheme:
 
     if cols % 32:
         return Scheme("fp16")
-    weight = "int4" if scheme.bits <= 4 else "int8"
+    weight = "int4" if scheme.bits <= 4 else "int5" if scheme.bits == 5 else "int8"
     return dataclasses.replace(
         scheme, weight=weight, granularity="per_group", group_size=32, symmetric=True,
         scale_dtype="fp16", algorithm="minmax", algorithm_params=(),
@@ -104,11 +107,27 @@ def _q4_0_blocks(q: torch.Tensor, d: torch.Tensor) -> np.ndarray:
     return np.concatenate([scales, packed], axis=-1).reshape(rows, -1)
 
 
+def _q5_0_blocks(q: torch.Tensor, d: torch.Tensor) -> np.ndarray:
+    """``[rows, cols // 32 * 22]`` bytes: per block fp16 ``d``, a little-endian 32-bit mask
+    whose bit ``j`` is the fifth bit of element ``j``, then the low nibbles of ``u = q + 16``
+    packed as in Q4_0 (byte ``j``: element ``j`` low, ``j + 16`` high)."""
+    rows, cols = q.shape
+    u = (q.to(torch.int16) + 16).to(torch.uint8).reshape(rows, cols // 32, 32)
+    low = (u & 0x0F).reshape(rows, cols // 32, 2, 16)
+    packed = (low[:, :, 0] | (low[:, :, 1] << 4)).numpy()
+    high = np.packbits((u >> 4).numpy(), axis=-1, bitorder="little")  # [rows, blocks, 4]
+    scales = d.to(torch.float16).reshape(rows, cols // 32, 1).numpy().view(np.uint8)
+    return np.concatenate([scales, high, packed], axis=-1).reshape(rows, -1)
+
+
 def _q8_0_blocks(q: torch.Tensor, d: torch.Tensor) -> np.ndarray:
     rows, cols = q.shape
     values = q.to(torch.int8).reshape(rows, cols // 32, 32).numpy().view(np.uint8)
     scales = d.to(torch.float16).reshape(rows, cols // 32, 1).numpy().view(np.uint8)
     return np.concatenate([scales, values], axis=-1).reshape(rows, -1)
+
+
+_BLOCKS = {"Q4_0": _q4_0_blocks, "Q5_0": _q5_0_blocks, "Q8_0": _q8_0_blocks}
 
 
 def _by_rows(blocks, module) -> np.ndarray:
@@ -132,8 +151,8 @@ def encode(
     if isinstance(module, (QuantizedLinear, QuantizedEmbedding)):
         scheme = module.scheme
         kind = exact_type(scheme)
-        if kind in ("Q4_0", "Q8_0"):
-            blocks = _q4_0_blocks if kind == "Q4_0" else _q8_0_blocks
+        if kind in _BLOCKS:
+            blocks = _BLOCKS[kind]
             if permute:  # q/k: rows reordered within each head
                 return blocks(permute(module.int_weight()), permute(module.scale)), kind
             return _by_rows(blocks, module), kind
@@ -157,6 +176,7 @@ def encode(
 
 def _requantize(fqn, weight, target, permute: Permute | None, requant) -> np.ndarray:
     import gguf
+
     from edgequant.primitives import sqnr
 
     qtype = gguf.GGMLQuantizationType[target]
@@ -186,6 +206,7 @@ def file_type(tensors: Iterable) -> int:
         "F16": gguf.LlamaFileType.MOSTLY_F16,
         "BF16": gguf.LlamaFileType.MOSTLY_BF16,
         "Q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
+        "Q5_0": gguf.LlamaFileType.MOSTLY_Q5_0,
         "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
     }
     return int(table[common])

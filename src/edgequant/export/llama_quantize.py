@@ -104,9 +104,8 @@ def llama_quantize(
     256; llama.cpp falls back to another type for the others and says so in its log."""
     import ctypes
 
-    import llama_cpp
-
     import gguf
+    import llama_cpp
 
     out = check_out(out, overwrite, ".gguf")
     try:

@@ -29,9 +29,9 @@ def fake_quantize_tokens(x: torch.Tensor, symmetric: bool) -> torch.Tensor:
 
 
 def fake_quantize_q8_0(x: torch.Tensor) -> torch.Tensor:
-    """Activations as llama.cpp's CPU matmuls see them for a Q4_0 / Q8_0 weight: blocks of 32
-    along the features, each ``round(x / d)`` with ``d = absmax / 127`` (rounding half away
-    from zero), dequantized with ``d`` stored in fp16 (ggml's ``quantize_row_q8_0``).
+    """Activations as llama.cpp's CPU matmuls see them for a Q4_0 / Q5_0 / Q8_0 weight: blocks
+    of 32 along the features, each ``round(x / d)`` with ``d = absmax / 127`` (rounding half
+    away from zero), dequantized with ``d`` stored in fp16 (ggml's ``quantize_row_q8_0``).
 
     >>> x = torch.tensor([[1.0] * 31 + [-127.0]])
     >>> fake_quantize_q8_0(x)[0, -2:].tolist()
@@ -61,8 +61,8 @@ def check_runtime(runtime: str) -> None:
 def linear_as(x: torch.Tensor, layer, runtime: str) -> torch.Tensor:
     """`linear` with the input rounded as ``runtime`` rounds it instead of as the scheme says.
 
-    ``ggml`` (llama.cpp's CPU backend): an integer weight (written as Q4_0 / Q8_0) meets Q8_0
-    activation blocks; an fp16 / bf16 weight meets activations converted to its dtype; fp32
+    ``ggml`` (llama.cpp's CPU backend): an integer weight (written as Q4_0 / Q5_0 / Q8_0) meets
+    Q8_0 activation blocks; an fp16 / bf16 weight meets activations converted to its dtype; fp32
     activations stay as they are.
     """
     check_runtime(runtime)

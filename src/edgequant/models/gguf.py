@@ -89,9 +89,9 @@ def tensor_names(config: dict[str, Any]) -> dict[str, str]:
     >>> tensor_names(cfg)["blk.0.attn_q.weight"]
     'model.layers.0.self_attn.q_proj.weight'
     """
+    import gguf
     from transformers import AutoModelForCausalLM
 
-    import gguf
     from edgequant.models.families import for_model_type
 
     family = for_model_type(config["model_type"])
