@@ -146,6 +146,8 @@ def test_written_bytes_of_each_gguf_candidate(stories260k, tmp_path):
         sizes.append(to_gguf(packed, tmp_path / f"{k}.gguf", tokenizer=tok).stat().st_size)
         counted.append(mixed.stored_bytes(tied, scheme, ["gguf"]))
     assert counted[1] == 512 * 64 // 32 * 22 < mixed.stored_bytes(tied, schemes[1])  # 5.5 bpw
+    gptq = dataclasses.replace(schemes[1], algorithm="gptq", activation="int8_dynamic")
+    assert mixed.stored_bytes(tied, gptq, ["gguf"]) == counted[1]  # however it was rounded
     for k in range(1, len(schemes)):
         assert sizes[k] - sizes[0] == pytest.approx(counted[k] - counted[0], rel=0.01), schemes[k]
 

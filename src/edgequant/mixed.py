@@ -22,6 +22,7 @@ decimal and binary units; the file adds its program, norms and metadata, about 1
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import re
@@ -312,8 +313,10 @@ def written_bytes(group: Group, scheme: Scheme | None, target: str) -> int:
         raise ValueError(f"target {target!r}: choose one of {sorted(TARGET_SCHEMES)}")
     once = stored_bytes(group, scheme)
     rows, cols = group.shape
-    if target == "gguf" and scheme is not None and scheme in TARGET_SCHEMES["gguf"]["linear"]:
-        if scheme.is_integer:
+    if target == "gguf" and scheme is not None and scheme.weight in GGUF_BLOCK_BYTES:
+        as_block = dataclasses.replace(scheme, activation="none", algorithm="minmax",
+                                       algorithm_params=())  # fmt: skip
+        if as_block == _gguf_block(scheme.weight):  # whatever chose its values
             return rows * cols // 32 * GGUF_BLOCK_BYTES[scheme.weight]
     if target == "pte":
         return once * len(group.fqns)
