@@ -13,7 +13,8 @@ Budgets are bytes of the quantizable weights as the target's file stores them (a
 --budget`; `mixed.written_bytes`: a ``.pte`` keeps a tied embedding and head twice); a budget
 "at" a reference file is that file's weights counted the same way (llama.cpp's mix: its file's
 bytes less what the uniform file writes besides its weights). The sensitivity is measured on
-WikiText-2 past the evaluation windows (`mixed.sensitivity_windows`). Files already in
+WikiText-2 past the evaluation windows (`mixed.sensitivity_windows`), GPTQ's candidates
+rounded by GPTQ on the calibration data (`mixed.gptq_rounded`). Files already in
 --folder are reused when their sidecar ``.json`` names the same recipe. Time the sensitivity
 on a quiet machine. With ``--rotate``, the allocator's recipes rotate the model first
 (`edgequant.rotation`) and their sensitivity is measured on the rotated model; the references
@@ -145,14 +146,15 @@ def main() -> None:
         options = {g: mixed.options_for(g, [target], args.algorithm) for g in apart}
         name = f"{target}-{args.algorithm}{rotated}"
         table, seconds = sensitivity_table(measured, options, sensitivity_windows, folder, name,
-                                           target)  # fmt: skip
+                                           target, data)  # fmt: skip
         meta[f"{target}_sensitivity_seconds"] = seconds
         print(f"{target}: sensitivity {seconds:.0f} s", flush=True)
         if args.rho_layers and target == targets[0]:
             layers = {int(x) for x in args.rho_layers.split(",")}
             subset = {g: o for g, o in options.items() if g.layer in layers}
             t = time.perf_counter()
-            every = mixed.sensitivity(measured, subset, sensitivity_windows, measure="every")
+            every = mixed.sensitivity(measured, subset, sensitivity_windows, measure="every",
+                                      calibration=data)  # fmt: skip
             est = [o.cost for g in subset for o in table[g] if o.scheme is not None]
             got = [c for g in subset for c, s in zip(every[g], options[g], strict=True) if s]
             meta["rank_correlation"] = {
@@ -208,23 +210,25 @@ def main() -> None:
     plot(rows, Path(args.png))
 
 
-def sensitivity_table(model, options, windows, folder: Path, name: str, target: str):
-    """`mixed.option_table` and the seconds it took, kept in ``folder`` (reused when the same
-    schemes were measured)."""
+def sensitivity_table(model, options, windows, folder: Path, name: str, target: str, data):
+    """`mixed.option_table` (GPTQ's candidates rounded on the calibration ``data``) and the
+    seconds it took, kept in ``folder`` (reused when the same schemes were measured so)."""
     path = folder / f"sensitivity-{name}.json"
     schemes = {g.name: [s.describe() if s else None for s in opts] for g, opts in options.items()}
+    source = data.source if data is not None else None
     if path.is_file():
         kept = json.loads(path.read_text())
-        if kept["schemes"] == schemes:
+        if kept["schemes"] == schemes and kept.get("calibration") == source:
             table = {g: [mixed.Option(s, mixed.stored_bytes(g, s, [target]), c)
                          for s, c in zip(opts, kept["costs"][g.name], strict=True)]
                      for g, opts in options.items()}  # fmt: skip
             return table, kept["seconds"]
     t = time.perf_counter()
-    table = mixed.option_table(model, options, windows, targets=[target])
+    table = mixed.option_table(model, options, windows, targets=[target], calibration=data)
     seconds = time.perf_counter() - t
     costs = {g.name: [o.cost for o in opts] for g, opts in table.items()}
-    path.write_text(json.dumps({"seconds": seconds, "schemes": schemes, "costs": costs}) + "\n")
+    kept = {"seconds": seconds, "schemes": schemes, "calibration": source, "costs": costs}
+    path.write_text(json.dumps(kept) + "\n")
     return table, seconds
 
 

@@ -174,6 +174,37 @@ def test_sensitivity_is_the_kl_of_the_model_with_that_group_alone_quantized(tiny
     assert measured[groups[8]][0] > measured[groups[8]][1] > 0  # int4 costs more than int8
 
 
+def test_gptq_candidates_are_rounded_by_gptq_on_the_float_models_inputs(tiny_hf_llama):
+    from edgequant import algorithms
+    from edgequant.layers import linear_weight
+
+    model = copy.deepcopy(tiny_hf_llama)
+    group = next(g for g in mixed.groups_of(model) if g.name == "model.layers.1.mlp.down_proj")
+    gptq = INT4.rounded_by("gptq")
+    generator = torch.Generator().manual_seed(2)
+    batches = [torch.randint(0, 128, (1, 32), generator=generator) for _ in range(3)]
+    rounded = mixed.gptq_rounded(model, {group: [gptq, INT4, None]}, batches)
+    assert list(rounded) == [(group, gptq)]  # only the GPTQ candidate
+    # by hand: the float model's inputs to the module on the batches, their Hessian, GPTQ
+    module, inputs = model.get_submodule(group.name), []
+    hook = module.register_forward_hook(lambda m, args, out: inputs.append(args[0][0]))
+    with torch.no_grad():
+        for ids in batches:
+            model(ids)
+    hook.remove()
+    want = algorithms.gptq(linear_weight(module), gptq, algorithms.hessian(torch.cat(inputs)))
+    same = (rounded[group, gptq].int_weight() == want.q).float().mean()
+    assert same > 0.99, same  # the Hessians differ only in summation order
+    # the sensitivity estimates with that module when given the calibration, mse's without
+    windows = torch.randint(0, 128, (2, 24), generator=generator)
+    options = {group: [gptq]}
+    with_gptq = mixed.sensitivity(model, options, windows, calibration=batches)[group][0]
+    by_hand = mixed.fisher_estimates(model, options, windows, rounded)[group, gptq]
+    assert with_gptq == by_hand != mixed.sensitivity(model, options, windows)[group][0]
+    every = mixed.sensitivity(model, options, windows, measure="every", calibration=batches)
+    assert every != mixed.sensitivity(model, options, windows, measure="every")
+
+
 def test_fisher_estimates_rank_like_measuring_every_option(tiny_hf_llama):
     model = copy.deepcopy(tiny_hf_llama)
     groups = mixed.groups_of(model)

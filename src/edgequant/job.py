@@ -286,7 +286,7 @@ def _run(
             rotated(measured_on, rotate)
         recipe, allocation = mixed.budget_recipe(
             measured_on, budget, targets, mixed.sensitivity_windows(tokenizer),
-            algorithm=algorithm,
+            algorithm=algorithm, calibration=calibration_data,
         )  # fmt: skip
         del measured_on
         recipe = dataclasses.replace(recipe, rotate=rotate)

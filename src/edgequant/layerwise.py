@@ -148,7 +148,7 @@ def _write(module: nn.Module, result: algorithms.Quantized, scheme: Scheme) -> N
     module.weight = nn.Parameter(dequantized.to(module.weight.dtype), requires_grad=False)
 
 
-def _rounds_by_gptq(scheme: Scheme) -> bool:
+def rounds_by_gptq(scheme: Scheme) -> bool:
     """GPTQ rounds it: a ``gptq`` rule, or ``awq`` with ``gptq: true`` (AWQ's scales, then
     GPTQ on the scaled inputs)."""
     return scheme.algorithm == "gptq" or (
@@ -244,6 +244,36 @@ def run(
     return results
 
 
+@torch.no_grad()
+def float_hessians(model: nn.Module, fqns: list[str], calibration):
+    """GPTQ's Hessians (`_Hessian`: ``2 X^T X / n``) of the inputs the float model gives the
+    decoder-layer linears ``fqns`` on the ``calibration`` batches, no layer rounded: yields
+    ``{fqn: Hessian}`` for each decoder layer holding some of them, in order, one layer's at a
+    time (a linear outside the layers is not among them)."""
+    prefix, layers = decoder_layers(model)
+    fqns = set(fqns)
+    batches = list(calibration)
+    if not batches:
+        raise ValueError("calibration has no batches")
+    inputs, contexts = _layer_inputs(model, layers, batches)
+    last = max((i for i in range(len(layers)) if any(f.startswith(f"{prefix}.{i}.") for f in fqns)),
+               default=-1)  # fmt: skip
+    for i in progress_bar(range(last + 1), last + 1, "hessians", "layer"):
+        layer = layers[i]
+        # layer i's own masks, RoPE tables and index with the hidden states it is given
+        pairs = zip(inputs, contexts[i], strict=True)
+        inputs = [((args[0], *rest), kwargs) for (args, _), (rest, kwargs) in pairs]
+        named = ((f"{prefix}.{i}.{n}", m) for n, m in layer.named_modules())
+        here = {fqn: m for fqn, m in named if fqn in fqns}
+        if here:
+            shared: dict = {}
+            hessians = {f: _Hessian(linear_weight(m).shape[1], shared) for f, m in here.items()}
+            _run_layer(layer, inputs, {m: hessians[f] for f, m in here.items()})
+            shared.clear()
+            yield {f: h.value() for f, h in hessians.items()}
+        _advance(layer, inputs)
+
+
 class LayerByLayer:
     """The calibrated algorithms one decoder layer at a time: built, it has caught the first
     layer's inputs for every calibration batch (the model's layers may still be on the meta
@@ -291,7 +321,7 @@ class LayerByLayer:
             _advance(layer, inputs)
             return {}
         done = _smooth_layer(layer, local, inputs, n_batches, where)
-        gptq = {n: s for n, s in local.items() if _rounds_by_gptq(s)}
+        gptq = {n: s for n, s in local.items() if rounds_by_gptq(s)}
         if gptq:
             modules = {n: layer.get_submodule(n) for n in gptq}
             shared: dict = {}
@@ -382,7 +412,7 @@ def _smooth_layer(
         return {n: s for n, s in applied.items() if s is not None}
     done = {}
     for n, scheme in wanted.items():
-        if _rounds_by_gptq(scheme):
+        if rounds_by_gptq(scheme):
             continue  # rounded by the GPTQ pass that follows, on the scaled inputs
         module = layer.get_submodule(n)
         done[n] = _smoothed_rounding(module, scheme, stats[n], applied[n])
@@ -440,7 +470,7 @@ def _round_outside(modules, schemes, hessians, results) -> None:
         scheme = schemes[fqn]
         # nothing runs after these: their dequantized weights are not written back (a
         # 151,936-row head's would be 0.9 GB)
-        if _rounds_by_gptq(scheme):
+        if rounds_by_gptq(scheme):
             results[fqn] = _gptq(module, scheme, hessians[fqn], write=False)
             give_back()
             continue

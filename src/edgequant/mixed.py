@@ -374,10 +374,12 @@ def sensitivity(
     windows: torch.Tensor,
     *,
     measure: str = "fisher",
+    calibration=None,
 ) -> dict[Group, list[float]]:
     """The mean KL divergence (nats/token) of ``model`` against itself in float on
     ``windows [n, L]`` when one group alone takes each of its ``options`` (None: float,
-    cost 0), measured or estimated.
+    cost 0), measured or estimated. A decoder-layer linear's GPTQ candidates are rounded by
+    GPTQ on ``calibration`` batches when given (`gptq_rounded`), as mse rounds otherwise.
 
     ``measure="every"`` runs the model for every group and option. The float model's hidden
     states at each decoder layer's input are kept, so a module in layer ``l`` runs layers
@@ -398,9 +400,10 @@ def sensitivity(
     ropes, attend = decoder.eager_context(windows.shape[1], device=windows.device)
     n_layers = len(decoder.layers)
     estimated: dict[tuple[Group, Scheme], float] = {}
+    in_layers = {g: options[g] for g in options if g.kind == "linear" and g.layer is not None}
+    rounded = {} if calibration is None else gptq_rounded(model, in_layers, calibration)
     if measure == "fisher":
-        in_layers = {g: options[g] for g in options if g.kind == "linear" and g.layer is not None}
-        estimated = fisher_estimates(model, in_layers, windows)
+        estimated = fisher_estimates(model, in_layers, windows, rounded)
     work = [(g, s) for g, schemes in options.items() for s in schemes
             if s is not None and (g, s) not in estimated]  # fmt: skip
     starts = {g.layer for g, _ in work if g.kind != "embedding" and g.layer is not None}
@@ -428,7 +431,8 @@ def sensitivity(
     measured: dict[tuple[Group, Scheme], float] = dict(estimated)
     for group, scheme in progress_bar(work, len(work), "sensitivity", "run"):
         saved = {}
-        for fqn, module in _packed(model, group, scheme).items():
+        packed = {group.name: rounded[group, scheme]} if (group, scheme) in rounded else None
+        for fqn, module in (packed or _packed(model, group, scheme)).items():
             where = names[id(model.get_submodule(fqn))]
             saved[where] = decoder.get_submodule(where)
             _set_module(decoder, where, module)
@@ -444,8 +448,39 @@ def sensitivity(
             for g, schemes in options.items()}  # fmt: skip
 
 
+def gptq_rounded(
+    model: nn.Module, options: dict[Group, list[Scheme | None]], calibration
+) -> dict[tuple[Group, Scheme], nn.Module]:
+    """The packed module of every decoder-layer linear in ``options`` for each of its
+    candidates whose algorithm is ``gptq``, rounded by GPTQ on the Hessian of the inputs the
+    float model gives it on the ``calibration`` batches (`edgequant.layerwise.float_hessians`:
+    every layer float, so each module is rounded as if it alone were quantized, as the
+    sensitivity asks). Without it the sensitivity of a GPTQ candidate is that of mse rounding,
+    which after a rotation over-states what GPTQ leaves several times over."""
+    from edgequant import algorithms, layerwise
+    from edgequant.layers import QuantizedLinear, linear_weight
+
+    in_layers = (g for g in options if g.kind == "linear" and g.layer is not None)
+    wanted = {g: [s for s in options[g] if s is not None and s.algorithm == "gptq"]
+              for g in in_layers}  # fmt: skip
+    by_fqn = {g.name: g for g, schemes in wanted.items() if schemes}
+    rounded: dict[tuple[Group, Scheme], nn.Module] = {}
+    for hessians in layerwise.float_hessians(model, list(by_fqn), calibration):
+        for fqn, h in hessians.items():
+            group, module = by_fqn[fqn], model.get_submodule(fqn)
+            for scheme in wanted[group]:
+                result = algorithms.gptq(linear_weight(module), scheme, h, **scheme.params)
+                rounded[group, scheme] = QuantizedLinear.from_float(
+                    module, scheme, name=fqn, result=result
+                )
+    return rounded
+
+
 def fisher_estimates(
-    model: nn.Module, options: dict[Group, list[Scheme | None]], windows: torch.Tensor
+    model: nn.Module,
+    options: dict[Group, list[Scheme | None]],
+    windows: torch.Tensor,
+    rounded: dict[tuple[Group, Scheme], nn.Module] | None = None,
 ) -> dict[tuple[Group, Scheme], float]:
     """The KL each linear of ``options`` would cost alone in each of its schemes, estimated
     from one forward and backward pass of the float model on ``windows [n, L]``.
@@ -456,8 +491,9 @@ def fisher_estimates(
     distribution (seed `FISHER_SEED`), the gradient ``g`` of the labels' log-likelihood has
     ``E[g g^T] = F``; the estimate keeps the diagonal, ``sum(g^2 d^2) / 2``, where ``d`` is
     the change of the module's outputs on its float inputs when it takes the scheme (weights
-    and, where the scheme has them, quantized activations). Positions are those
-    `edgequant.eval.compare` counts (all but each window's last)."""
+    and, where the scheme has them, quantized activations): the packed module in ``rounded``
+    (`gptq_rounded`) when there is one, rounded without calibration otherwise. Positions are
+    those `edgequant.eval.compare` counts (all but each window's last)."""
     from edgequant.models.families import decoder_of
 
     decoder = decoder_of(model)
@@ -471,7 +507,9 @@ def fisher_estimates(
             def on_grad(grad):
                 g2 = grad.detach().float().square()
                 for scheme in (s for s in options[group] if s is not None):
-                    d2 = (_packed(model, group, scheme)[group.name](x) - y).float().square()
+                    packed = rounded.get((group, scheme)) if rounded else None
+                    packed = packed or _packed(model, group, scheme)[group.name]
+                    d2 = (packed(x) - y).float().square()
                     errors[group, scheme] = float((g2 * d2).sum(dtype=torch.float64))
                     errors[group, scheme] /= 2 * positions
 
@@ -553,10 +591,12 @@ def option_table(
     *,
     measure: str = "fisher",
     targets: list[str] | None = None,
+    calibration=None,
 ) -> dict[Group, list[Option]]:
     """Every group's ``options`` with their `stored_bytes` (in the largest of the ``targets``'
-    files when given) and `sensitivity` on ``windows``."""
-    costs = sensitivity(model, options, windows, measure=measure)
+    files when given) and `sensitivity` on ``windows`` (GPTQ candidates rounded on
+    ``calibration`` when given)."""
+    costs = sensitivity(model, options, windows, measure=measure, calibration=calibration)
     return {g: [Option(s, stored_bytes(g, s, targets), c)
                 for s, c in zip(schemes, costs[g], strict=True)]
             for g, schemes in options.items()}  # fmt: skip
@@ -600,13 +640,15 @@ def budget_recipe(
     *,
     algorithm: str | None = None,
     measure: str = "fisher",
+    calibration=None,
 ) -> tuple[Any, dict[str, Any]]:
     """The recipe (FQN rules) whose weights, as the ``targets``' files store them
     (`stored_bytes`), fit ``budget`` with the least summed `sensitivity` (``measure``) on
     ``windows`` (calibration text, disjoint from the evaluation windows), choosing for each
     module among the schemes all ``targets`` run exactly (and float); ``algorithm`` rounds the
-    integer schemes (minmax by default). Returns the recipe and `choose`'s facts, with the
-    targets and how the sensitivity was found."""
+    integer schemes (minmax by default; gptq's candidates are rounded by GPTQ on
+    ``calibration`` for the sensitivity when given). Returns the recipe and `choose`'s facts,
+    with the targets and how the sensitivity was found."""
     if isinstance(budget, str):
         budget = parse_budget(budget)
     groups = groups_of(model, apart=decided_apart(targets))
@@ -614,7 +656,8 @@ def budget_recipe(
     limit = budget.bytes_for(counted_weights(groups))
     sizes = ([stored_bytes(g, s, targets) for s in options[g]] for g in groups)
     check_reachable(sizes, limit)  # before measuring
-    table = option_table(model, options, windows, measure=measure, targets=targets)
+    table = option_table(model, options, windows, measure=measure, targets=targets,
+                         calibration=calibration)  # fmt: skip
     recipe, facts = choose(table, budget)
     return recipe, {**facts, "targets": list(targets), "sensitivity": measure,
                     "sensitivity_windows": list(windows.shape)}  # fmt: skip
