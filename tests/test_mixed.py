@@ -104,8 +104,9 @@ INT4 = Scheme("int4", "per_group", 32, scale_dtype="fp16", activation="int8_dyna
 
 @pytest.mark.parametrize("target", ["pte", "tflite"])
 def test_written_bytes_are_what_the_file_spends(target, tmp_path):
-    """A tied embedding and head as int8 and as fp16 (the rest float): the two files differ by
-    what `stored_bytes` counts for the target (the .pte keeps the tied weight twice)."""
+    """A tied embedding and head as int8, int4 g32 and fp16 (the rest float): the files differ
+    by what `stored_bytes` counts for the target (the .pte keeps the tied weight twice; the
+    .tflite's int4 lookup table and head are one tensor)."""
     import transformers
 
     from edgequant.export import to_pte, to_tflite
@@ -120,14 +121,17 @@ def test_written_bytes_are_what_the_file_spends(target, tmp_path):
     tied = mixed.groups_of(model)[0]
     assert tied.fqns == ("model.embed_tokens", "lm_head")
     sizes, counted = [], []
-    for k, scheme in enumerate([Scheme("int8", activation="int8_dynamic"), Scheme("fp16")]):
+    schemes = [Scheme("int8", activation="int8_dynamic"), INT4, Scheme("fp16")]
+    assert all(s in mixed.options_for(tied, [target]) for s in schemes)
+    for k, scheme in enumerate(schemes):
         packed, _ = edgequant.quantize(copy.deepcopy(model), mixed.group_recipe({tied: scheme}))
         path = (to_pte if target == "pte" else to_tflite)(packed, tmp_path / f"{k}.{target}")
         sizes.append(path.stat().st_size)
         counted.append(mixed.stored_bytes(tied, scheme, [target]))
         if target == "pte":
             assert counted[-1] == 2 * mixed.stored_bytes(tied, scheme)  # the bundle's, twice
-    assert sizes[1] - sizes[0] == pytest.approx(counted[1] - counted[0], rel=0.01)
+    for k in (1, 2):
+        assert sizes[k] - sizes[0] == pytest.approx(counted[k] - counted[0], rel=0.01), schemes[k]
     assert mixed.stored_bytes(tied, None, ["tflite", "pte"]) == 2 * 4 * 4096 * 64  # the largest
 
 

@@ -65,14 +65,15 @@ TARGET_SCHEMES: dict[str, dict[str, tuple[Scheme, ...]]] = {
         ),  # fmt: skip
         "embedding": (*(_int4(g, "none") for g in _INT4_GROUPS), Scheme("int8"), Scheme("fp16")),
     },
-    "tflite": {  # LiteRT: int4 blocks dynamic, int8 dynamic or weight-only, fp16
+    "tflite": {  # LiteRT: int4 blocks dynamic, int8 dynamic or weight-only, fp16; lookups of
+        # int4 block tables (one tensor with a tied head's: tests/test_mixed.py)
         "linear": (
             *(_int4(g, "int8_dynamic") for g in _INT4_GROUPS),
             Scheme("int8", activation="int8_dynamic"),
             Scheme("int8"),
             Scheme("fp16"),
         ),  # fmt: skip
-        "embedding": (Scheme("int8"), Scheme("fp16")),
+        "embedding": (*(_int4(g, "none") for g in _INT4_GROUPS), Scheme("int8"), Scheme("fp16")),
     },
     "gguf": {  # the types edgequant writes bit-exactly: Q4_0, Q5_0, Q8_0, F16
         "linear": (*(_gguf_block(b) for b in ("int4", "int5", "int8")), Scheme("fp16")),
