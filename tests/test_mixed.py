@@ -68,6 +68,16 @@ def test_allocation_is_the_least_cost_that_fits(seed):
     assert sum(o.cost for o in opts) == pytest.approx(_brute_force(groups, budget), abs=1e-12)
 
 
+def test_a_budget_of_the_smallest_total_is_every_group_at_its_smallest():
+    # sizes far above the step (10 steps here): rounding whole sizes up refused this budget
+    groups = {n: [Option(None, 1_000_003, 0.0), Option(None, 700_001, 1.0 + i)]
+              for i, n in enumerate("abc")}  # fmt: skip
+    low = 3 * 700_001
+    assert mixed.allocate(groups, low, units=10) == {"a": 1, "b": 1, "c": 1}
+    # room for one group at its largest: the costliest one at its smallest goes up
+    assert mixed.allocate(groups, low + 300_010, units=10) == {"a": 1, "b": 1, "c": 0}
+
+
 def test_allocation_refuses_budgets_out_of_reach():
     groups = {"a": [Option(None, 10, 0.0), Option(None, 3, 1.0)], "b": [Option(None, 5, 0.0)]}
     with pytest.raises(

@@ -10,8 +10,9 @@
 3. `allocate` picks one candidate per group so that the bytes the targets' files spend on
    the weights fit the budget (`written_bytes`: a ``.pte`` stores a tied embedding and head
    twice) and the summed KL is least: a multiple-choice knapsack, solved exactly by dynamic
-   programming over bytes counted in `UNITS` steps of the budget (each option's bytes rounded
-   up, so the choice always fits; it can miss the optimum by at most one step per group).
+   programming over the bytes each option takes beyond its group's smallest, counted in
+   `UNITS` steps of what the budget leaves above the smallest total (rounded up, so the choice
+   always fits; it can miss the optimum by at most one step per group).
 4. `choose` (or `budget_recipe`, all of it) writes the choice as an ordinary recipe of FQN
    rules (`group_recipe`).
 
@@ -175,24 +176,31 @@ def check_reachable(sizes, budget: int) -> tuple[int, int]:
 
 def allocate(groups: dict[str, list[Option]], budget: int, units: int = UNITS) -> dict[str, int]:
     """The option (its index) for every group with the least summed cost whose bytes fit
-    ``budget``: exact up to the rounding of each option's bytes up to ``budget / units``.
-    Ties go to the fewer bytes, then to the earlier option; the result is deterministic.
+    ``budget``. The knapsack runs over the bytes each option takes beyond its group's smallest,
+    rounded up to steps of ``(budget - smallest total) / units``: exact up to that rounding,
+    and a budget of exactly the smallest total is every group at its smallest. Ties go to the
+    fewer bytes, then to the earlier option; the result is deterministic.
 
     >>> allocate({"a": [Option(None, 4, 0.0), Option(None, 1, 1.0)],
     ...           "b": [Option(None, 4, 0.0), Option(None, 1, 3.0)]}, budget=5)
     {'a': 1, 'b': 0}
+    >>> allocate({"a": [Option(None, 4, 0.0), Option(None, 1, 1.0)],
+    ...           "b": [Option(None, 4, 0.0), Option(None, 1, 3.0)]}, budget=2)
+    {'a': 1, 'b': 1}
     """
     low, _ = check_reachable(([o.bytes for o in opts] for opts in groups.values()), budget)
-    step = max(budget / units, 1.0)
-    size = int(budget // step)
+    step = max((budget - low) / units, 1.0)
+    size = int((budget - low) // step)
     best = np.zeros(size + 1)  # least cost of the groups so far within b steps
     picks = []
-    for opts in groups.values():
+    extra = {name: [o.bytes - min(p.bytes for p in opts) for o in opts]
+             for name, opts in groups.items()}  # fmt: skip
+    for name, opts in groups.items():
         cost = np.full(size + 1, np.inf)
         pick = np.zeros(size + 1, dtype=np.int16)
         order = sorted(range(len(opts)), key=lambda k: (opts[k].bytes, k))
         for k in order:
-            w = math.ceil(opts[k].bytes / step)
+            w = math.ceil(extra[name][k] / step)
             if w > size:
                 continue
             shifted = np.full(size + 1, np.inf)
@@ -201,17 +209,13 @@ def allocate(groups: dict[str, list[Option]], budget: int, units: int = UNITS) -
             cost[better], pick[better] = shifted[better], k
         best = cost
         picks.append(pick)
-    if not np.isfinite(best[size]):  # every module at its smallest rounds over the budget
-        raise ValueError(
-            f"a budget of {budget:,} bytes leaves no room once each option is rounded up to "
-            f"{step:,.0f} bytes; raise it a little (the smallest choice is {low:,} bytes)"
-        )
+    assert np.isfinite(best[size])  # every group at its smallest takes no step
     b = int(np.flatnonzero(best == best[size])[0])  # the fewest bytes at the least cost
     chosen: dict[str, int] = {}
-    for name, opts, pick in reversed(list(zip(groups, groups.values(), picks, strict=True))):
+    for name, pick in reversed(list(zip(groups, picks, strict=True))):
         k = int(pick[b])
         chosen[name] = k
-        b -= math.ceil(opts[k].bytes / step)
+        b -= math.ceil(extra[name][k] / step)
     return dict(reversed(list(chosen.items())))
 
 
