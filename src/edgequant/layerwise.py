@@ -148,7 +148,7 @@ def _write(module: nn.Module, result: algorithms.Quantized, scheme: Scheme) -> N
     module.weight = nn.Parameter(dequantized.to(module.weight.dtype), requires_grad=False)
 
 
-def rounds_by_gptq(scheme: Scheme) -> bool:
+def _rounds_by_gptq(scheme: Scheme) -> bool:
     """GPTQ rounds it: a ``gptq`` rule, or ``awq`` with ``gptq: true`` (AWQ's scales, then
     GPTQ on the scaled inputs)."""
     return scheme.algorithm == "gptq" or (
@@ -321,7 +321,7 @@ class LayerByLayer:
             _advance(layer, inputs)
             return {}
         done = _smooth_layer(layer, local, inputs, n_batches, where)
-        gptq = {n: s for n, s in local.items() if rounds_by_gptq(s)}
+        gptq = {n: s for n, s in local.items() if _rounds_by_gptq(s)}
         if gptq:
             modules = {n: layer.get_submodule(n) for n in gptq}
             shared: dict = {}
@@ -412,7 +412,7 @@ def _smooth_layer(
         return {n: s for n, s in applied.items() if s is not None}
     done = {}
     for n, scheme in wanted.items():
-        if rounds_by_gptq(scheme):
+        if _rounds_by_gptq(scheme):
             continue  # rounded by the GPTQ pass that follows, on the scaled inputs
         module = layer.get_submodule(n)
         done[n] = _smoothed_rounding(module, scheme, stats[n], applied[n])
@@ -470,7 +470,7 @@ def _round_outside(modules, schemes, hessians, results) -> None:
         scheme = schemes[fqn]
         # nothing runs after these: their dequantized weights are not written back (a
         # 151,936-row head's would be 0.9 GB)
-        if rounds_by_gptq(scheme):
+        if _rounds_by_gptq(scheme):
             results[fqn] = _gptq(module, scheme, hessians[fqn], write=False)
             give_back()
             continue
