@@ -59,6 +59,8 @@ def load(folder: str | Path):
             str(folder), local_files_only=True, use_safetensors=True, dtype=torch.float32,
             output_loading_info=True,
         )  # fmt: skip
+    except MemoryError:  # not a damaged file: the machine's (or the process's) memory
+        raise
     except Exception as e:  # transformers and safetensors raise many types on damaged files
         reason = (str(e).strip().splitlines() or [""])[0][:300]
         raise ValueError(
