@@ -186,3 +186,12 @@ def test_int4_layout_built_by_row_blocks_equals_one_conversion():
     prepacked, _ = cpu._int4_packed(layer)
     u = (unpack(layer.qweight, 4).to(torch.int32) + 8).contiguous()
     assert torch.equal(prepacked, torch.ops.aten._convert_weight_to_int4pack_for_cpu(u, 1))
+
+
+def test_one_token_int8_dynamic_without_fbgemm_matches_reference(monkeypatch):
+    # where fbgemm saturates (AVX2 without VNNI) one token takes the exact int32 path
+    monkeypatch.setattr(cpu, "fbgemm_is_exact", lambda: False)
+    layer = _layer(INT8_DYN)
+    x = torch.randn(1, 256) * 3
+    x[0, 0] = 40.0  # a wide range: most tokens' integers near the middle, one at the edge
+    assert sqnr(reference.linear(x, layer), cpu.int8_dynamic(x, layer)) >= 100.0

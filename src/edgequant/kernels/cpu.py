@@ -5,8 +5,10 @@ Which one a layer uses is decided once per layer by `choose` (measured choices, 
 
 - ``int8_dynamic`` (int8 per-channel symmetric weights, int8 per-token activations):
   one token -> fbgemm's dynamic quantized linear (with one token, its per-call activation range
-  *is* the per-token range); several tokens -> per-token int8 quantization + ``torch._int_mm``
-  (exact int32 accumulation) + the zero-point correction;
+  *is* the per-token range) where fbgemm is exact (`fbgemm_is_exact`: CPUs with VNNI; on AVX2
+  alone its kernel adds pairs of uint8 x int8 products in int16 and saturates); otherwise and
+  for several tokens -> per-token int8 quantization + ``torch._int_mm`` (exact int32
+  accumulation) + the zero-point correction;
 - ``int8_weight_only`` (int8 per-channel symmetric, float activations):
   ``torch._weight_int8pack_mm`` on bf16 activations, the fp32 per-channel scales applied after;
 - ``int4_weight_only`` (int4 per-group): ``torch._weight_int4pack_mm_for_cpu`` on bf16
@@ -22,6 +24,7 @@ tests hold every fast kernel to an SQNR floor against its reference.
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
@@ -74,12 +77,29 @@ def _cached(layer, key: str, build):
 
 
 def _fbgemm_packed(layer):
-    scale = layer.scale.float().reshape(-1).double()
-    zp = torch.zeros(layer.rows, dtype=torch.long)
+    return _fbgemm_pack(layer.qweight, layer.scale.float().reshape(-1).double())
+
+
+def _fbgemm_pack(qweight: torch.Tensor, scale: torch.Tensor):
+    zp = torch.zeros(qweight.shape[0], dtype=torch.long)
     with warnings.catch_warnings():  # quantized tensors are deprecated, fbgemm's kernel is not
         warnings.simplefilter("ignore")
-        wq = torch._make_per_channel_quantized_tensor(layer.qweight, scale, zp, 0)
+        wq = torch._make_per_channel_quantized_tensor(qweight, scale, zp, 0)
         return torch.ops.quantized.linear_prepack(wq, None)
+
+
+@functools.cache
+def fbgemm_is_exact() -> bool:
+    """Whether fbgemm's dynamic int8 linear sums this CPU's products exactly. Without VNNI
+    (AVX2 alone) it adds each pair of uint8 x int8 products in int16, which saturates: one token
+    of 255s against weights of 127 gives 4,112 a row instead of 8,128 (seen on an AVX2 machine
+    here). Probed once, on that worst case."""
+    if not _HAS_FBGEMM:
+        return False
+    cols = 64
+    packed = _fbgemm_pack(torch.full((16, cols), 127, dtype=torch.int8), torch.ones(16).double())
+    y = torch.ops.quantized.linear_dynamic(torch.ones(1, cols), packed, False)
+    return bool(torch.allclose(y, torch.full_like(y, 127.0 * cols), rtol=1e-3))
 
 
 def _finish(y: torch.Tensor, layer, shape) -> torch.Tensor:
@@ -91,7 +111,7 @@ def _finish(y: torch.Tensor, layer, shape) -> torch.Tensor:
 def int8_dynamic(x: torch.Tensor, layer) -> torch.Tensor:
     shape = x.shape
     x2d = x.reshape(-1, shape[-1]).float()
-    if x2d.shape[0] == 1 and _HAS_FBGEMM and not layer.scheme.activation_symmetric:
+    if x2d.shape[0] == 1 and not layer.scheme.activation_symmetric and fbgemm_is_exact():
         packed = _cached(layer, "fbgemm", lambda: _fbgemm_packed(layer))
         y = torch.ops.quantized.linear_dynamic(x2d, packed, False)
         return _finish(y, layer, shape)
