@@ -3,13 +3,16 @@ decoder linears as 8da4w g32 (embedding and head float): KL, perplexity and top-
 float model for every variant in the eager model, then the variants named by --deploy written
 as each runtime's file and measured in that runtime on the same windows, in one run.
 
-    python benchmarks/rotation.py [--model default] [--windows 8]
+    python benchmarks/rotation.py [--model default] [--windows 8] [--first-window 0]
         [--variants gptq,awq+gptq,hadamard+gptq,hadamard+awq+gptq,random+gptq]
         [--calibration wikitext:128x512] [--deploy best] [--targets pte,tflite,gguf]
         [--folder build/rotation] [--out FILE]
 
 A variant is ``[hadamard+|random+]ALGORITHM`` where ALGORITHM is any of `edgequant.algorithms`'
-or ``awq+gptq`` (AWQ's scales, then GPTQ on the scaled inputs). ``--deploy best`` deploys the
+or ``awq+gptq`` (AWQ's scales, then GPTQ on the scaled inputs), optionally with the
+algorithm's parameters after ``@`` (``hadamard+gptq@act_order``, ``gptq@damp=0.05``; a name
+alone means true). ``--first-window 8`` measures windows 8, 9, ... instead of the evaluation
+windows 0..N-1 (a development set for choosing defaults). ``--deploy best`` deploys the
 variant with the lowest eager KL and the best one without rotation; ``--deploy none`` none.
 The calibration batches come from WikiText-2's test split past token 32,768, disjoint from
 the evaluation windows. Prints a Markdown table and writes JSON (default
@@ -48,22 +51,36 @@ def decoder_linears() -> Recipe:
 
 
 def variant_recipe(variant: str) -> Recipe:
-    """``[rotation+]algorithm`` as a recipe."""
-    rotate, _, algorithm = variant.partition("+")
+    """``[rotation+]algorithm[@param[=value]...]`` as a recipe."""
+    named, *settings = variant.split("@")
+    params = dict(_param(s) for s in settings)
+    rotate, _, algorithm = named.partition("+")
     if rotate not in ROTATIONS:
-        rotate, algorithm = None, variant
+        rotate, algorithm = None, named
     base = decoder_linears()
     if algorithm == "awq+gptq":
-        recipe = base.map_schemes(lambda s: s.rounded_by("awq", gptq=True))
+        recipe = base.map_schemes(lambda s: s.rounded_by("awq", gptq=True, **params))
     else:
-        recipe = with_algorithm(base, algorithm)
+        recipe = with_algorithm(base, algorithm, **params)
     return dataclasses.replace(recipe, rotate=rotate, name=variant)
+
+
+def _param(setting: str) -> tuple[str, object]:
+    """``name`` (true) or ``name=value`` (a JSON value, else the text)."""
+    name, eq, value = setting.partition("=")
+    if not eq:
+        return name, True
+    try:
+        return name, json.loads(value)
+    except json.JSONDecodeError:
+        return name, value
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="default")
     parser.add_argument("--windows", type=int, default=8)
+    parser.add_argument("--first-window", type=int, default=0)
     parser.add_argument(
         "--variants", default="gptq,awq+gptq,hadamard+gptq,hadamard+awq+gptq,random+gptq"
     )
@@ -79,12 +96,14 @@ def main() -> None:
     folder.mkdir(parents=True, exist_ok=True)
 
     model, tokenizer, info = load(args.model)
-    windows = ev.windows(ev.tokenize_file(tokenizer, ev.default_text()), 512, args.windows)
+    ids = ev.tokenize_file(tokenizer, ev.default_text())[args.first_window * 512 :]
+    windows = ev.windows(ids, 512, args.windows)
     reference = ev.float_logits(model, windows)
     needs = any(rule.scheme is not None and rule.scheme.algorithm in NEEDS_CALIBRATION
                 for r in recipes.values() for rule in r.rules)  # fmt: skip
     data = cal.parse(args.calibration, tokenizer, model=model) if needs else None
-    meta = {"model": args.model, "windows": args.windows, "calibration": args.calibration}
+    meta = {"model": args.model, "windows": args.windows, "first_window": args.first_window,
+            "calibration": args.calibration}  # fmt: skip
     rows: list[dict] = []  # the JSON rewritten after every row: a late failure loses none
     quantized: dict[str, torch.nn.Module] = {}  # only the variants that may be deployed
     wanted = None if args.deploy == "best" else set(_deployed(args.deploy, []))

@@ -65,3 +65,67 @@ def test_every_layer_runs_with_the_mask_and_rope_the_model_gives_it():
     for got, want in zip(steps.hidden(), outputs, strict=True):
         assert torch.equal(got, want)
     assert "forward" not in vars(model.model.layers[0])  # the recording forward is gone
+
+
+def _tiny_llama():
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
+        num_hidden_layers=2, vocab_size=128, max_position_embeddings=64,
+    )  # fmt: skip
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+@torch.no_grad()
+def test_sequential_gptq_rounds_each_stage_on_what_the_rounded_stages_before_it_give(
+    monkeypatch,
+):
+    from edgequant.schemes import Scheme
+
+    batches = [torch.randint(0, 128, (1, 24), generator=torch.Generator().manual_seed(k))
+               for k in range(3)]  # fmt: skip
+    taken: dict[str, dict[str, torch.Tensor]] = {}
+    original = layerwise._gptq
+
+    def recording(module, scheme, h, write=True):
+        taken[mode][module.edgequant_name] = h.value().clone()
+        return original(module, scheme, h, write)
+
+    monkeypatch.setattr(layerwise, "_gptq", recording)
+    for mode in ("together", "sequential"):
+        model = _tiny_llama()
+        layer = model.model.layers[0]
+        names = [n for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)]
+        for n in names:
+            layer.get_submodule(n).edgequant_name = n
+        scheme = Scheme("int4", granularity="per_group", group_size=16, algorithm="gptq",
+                        algorithm_params={"sequential": mode == "sequential"})  # fmt: skip
+        schemes = {f"model.layers.0.{n}": scheme for n in names}
+        taken[mode] = {}
+        steps = layerwise.LayerByLayer(model, schemes, batches)
+        if mode == "sequential":
+            assert layerwise._stages(layer, steps.inputs, {n: layer.get_submodule(n)
+                                                           for n in names}) == [
+                ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+                ["self_attn.o_proj"], ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"],
+            ]  # fmt: skip
+        steps.step(0)
+        # o_proj's inputs now, with q/k/v rounded (the model's layer 0 holds its rounded weights)
+        seen: list[torch.Tensor] = []
+        handle = layer.self_attn.o_proj.register_forward_hook(
+            lambda m, a, out, seen=seen: seen.append(a[0].reshape(-1, a[0].shape[-1]).double())
+        )
+        for ids in batches:
+            model(ids, use_cache=False)
+        handle.remove()
+        x = torch.cat(seen)
+        rounded_inputs = 2.0 * x.T @ x / x.shape[0]
+        close = torch.allclose(taken[mode]["self_attn.o_proj"], rounded_inputs, rtol=1e-4,
+                               atol=1e-6)  # fmt: skip
+        assert close == (mode == "sequential")
+    # q/k/v read the layer's input either way: the same Hessian
+    assert torch.equal(
+        taken["together"]["self_attn.q_proj"], taken["sequential"]["self_attn.q_proj"]
+    )

@@ -134,7 +134,7 @@ INVALID = [
     (
         dict(weight="int8", algorithm="gptq", algorithm_params={"dampen": 0.1}),
         "Scheme: algorithm 'gptq' takes no parameter 'dampen'; it takes ['act_order', 'block', "
-        "'damp', 'magnitude', 'scales']",
+        "'damp', 'magnitude', 'scales', 'sequential']",
     ),
     (
         dict(weight="int8", symmetric="yes"),

@@ -313,6 +313,7 @@ def gptq(
     block: int = 128,
     scales: str = "mse",
     magnitude: float | None = None,
+    sequential: bool = False,
     overwrite_hessian: bool = False,
 ) -> Quantized:
     """GPTQ (Frantar et al., 2022): quantize columns in order (by decreasing Hessian diagonal
@@ -322,7 +323,8 @@ def gptq(
     when ``magnitude`` is given, or ``minmax``) from the updated weights when the group is
     reached, or from the original weights up front with ``act_order`` (groups keep their
     columns either way, so the layout is the scheme's). With an identity Hessian nothing
-    propagates: the result is round-to-nearest on the chosen scales.
+    propagates: the result is round-to-nearest on the chosen scales. ``sequential`` is
+    `edgequant.layerwise`'s (which inputs the Hessian is gathered from); one matrix ignores it.
 
     Memory: the inverse Hessian is computed in one ``[cols, cols]`` float64 matrix (a copy of
     ``hessian``, or ``hessian`` itself with ``overwrite_hessian``: 640 MB for 8,960 inputs) and

@@ -203,15 +203,57 @@ def _layer_inputs(model: nn.Module, layers: nn.ModuleList, batches: list) -> tup
     return inputs, contexts
 
 
-def _run_layer(layer: nn.Module, inputs: list, hooks: dict) -> None:
-    """Run ``layer`` on every input with forward ``hooks`` (module -> hook) in place."""
+def _run_layer(
+    layer: nn.Module, inputs: list, hooks: dict, stop_after: nn.Module | None = None
+) -> None:
+    """Run ``layer`` on every input with forward ``hooks`` (module -> hook) in place; with
+    ``stop_after``, each run stops once that module has run (what follows is not needed)."""
     handles = [m.register_forward_hook(h) for m, h in hooks.items()]
+    if stop_after is not None:
+        handles.append(stop_after.register_forward_hook(_stop))
     try:
         for args, kwargs in inputs:
-            layer(*args, **kwargs)
+            try:
+                layer(*args, **kwargs)
+            except _Caught:
+                pass
     finally:
         for h in handles:
             h.remove()
+
+
+def _stop(module, args, output) -> None:
+    raise _Caught
+
+
+def _stages(layer: nn.Module, inputs: list, modules: dict[str, nn.Module]) -> list[list[str]]:
+    """``modules``' names in the order ``layer`` runs them (on the first input), those reading
+    one input tensor together: Llama's q/k/v, then o, then gate/up, then down. GPTQ's
+    ``sequential`` rounds a stage on the inputs the stages before it (rounded) give it, as
+    AutoGPTQ's ``true_sequential`` does."""
+    calls: list[tuple[str, torch.Tensor]] = []
+    names = {m: n for n, m in modules.items()}
+
+    def record(module, args, output) -> None:
+        calls.append((names[module], args[0]))
+
+    handles = [m.register_forward_hook(record) for m in modules.values()]
+    try:
+        args, kwargs = inputs[0]
+        layer(*args, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    stages: list[list[str]] = []
+    last = None
+    for name, x in calls:
+        if stages and x is last and name not in stages[-1]:
+            stages[-1].append(name)
+        elif not any(name in stage for stage in stages):
+            stages.append([name])
+        last = x
+    missing = [n for n in modules if not any(n in stage for stage in stages)]
+    return stages + ([missing] if missing else [])
 
 
 @torch.no_grad()
@@ -324,14 +366,19 @@ class LayerByLayer:
         gptq = {n: s for n, s in local.items() if _rounds_by_gptq(s)}
         if gptq:
             modules = {n: layer.get_submodule(n) for n in gptq}
-            shared: dict = {}
-            hessians = {n: _Hessian(linear_weight(m).shape[1], shared) for n, m in modules.items()}
-            _run_layer(layer, inputs, {modules[n]: hessians[n] for n in gptq})
-            shared.clear()
-            give_back()  # the pass's activations, before the inverse Hessians
-            for n, scheme in gptq.items():
-                done[n] = _gptq(modules[n], scheme, hessians[n])
-                give_back()
+            sequential = any(s.params.get("sequential", False) for s in gptq.values())
+            for stage in _stages(layer, inputs, modules) if sequential else [list(gptq)]:
+                shared: dict = {}
+                hessians = {n: _Hessian(linear_weight(modules[n]).shape[1], shared) for n in stage}
+                hooks = {modules[n]: hessians[n] for n in stage}
+                _run_layer(
+                    layer, inputs, hooks, stop_after=modules[stage[-1]] if sequential else None
+                )
+                shared.clear()
+                give_back()  # the pass's activations, before the inverse Hessians
+                for n in stage:
+                    done[n] = _gptq(modules[n], gptq[n], hessians[n])
+                    give_back()
         _advance(layer, inputs)
         return {f"{prefix}.{i}.{n}": r for n, r in done.items()}
 

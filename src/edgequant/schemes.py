@@ -33,7 +33,14 @@ ALGORITHMS: dict[str, dict[str, type]] = {
         "start": str,
         "magnitude": float,
     },
-    "gptq": {"damp": float, "act_order": bool, "block": int, "scales": str, "magnitude": float},
+    "gptq": {
+        "damp": float,
+        "act_order": bool,
+        "block": int,
+        "scales": str,
+        "magnitude": float,
+        "sequential": bool,
+    },
     "awq": {
         "grid": int,
         "clip": bool,
