@@ -9,6 +9,8 @@ candidates against measuring every one (Spearman's rank correlation on a few lay
         [--rho-layers 0,14,29] [--rotate hadamard] [--folder build/mixed] [--out FILE]
         [--png FILE]
 
+``--algorithm`` may carry the algorithm's parameters: ``gptq@sequential@act_order``.
+
 Budgets are bytes of the quantizable weights as the target's file stores them (as `quantize
 --budget`; `mixed.written_bytes`: a ``.pte`` keeps a tied embedding and head twice); a budget
 "at" a reference file is that file's weights counted the same way (llama.cpp's mix: its file's
@@ -33,6 +35,7 @@ from pathlib import Path
 import torch
 
 import edgequant
+from _variants import algorithm_and_params
 from edgequant import calibration as cal
 from edgequant import eval as ev
 from edgequant import mixed, rotation
@@ -79,6 +82,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "mixed.json"))
     parser.add_argument("--png", default=str(Path(__file__).parent / "results" / "mixed.png"))
     args = parser.parse_args()
+    algorithm, params = algorithm_and_params(args.algorithm)  # e.g. gptq@sequential
     folder = Path(args.folder)
     folder.mkdir(parents=True, exist_ok=True)
     targets = args.targets.split(",")
@@ -89,7 +93,7 @@ def main() -> None:
     reference = ev.float_logits(model, windows)
     sensitivity_windows = mixed.sensitivity_windows(tokenizer)
     data = None
-    if args.algorithm in NEEDS_CALIBRATION:
+    if algorithm in NEEDS_CALIBRATION:
         data = cal.parse(args.calibration, tokenizer, model=model)
     groups = mixed.groups_of(model)
     n_weights = mixed.counted_weights(groups)
@@ -101,7 +105,7 @@ def main() -> None:
 
     def measure(target: str, name: str, recipe: Recipe, **facts) -> dict:
         """Quantize with ``recipe``, write ``target``, evaluate the file in its runtime."""
-        recipe = with_algorithm(recipe, args.algorithm) if args.algorithm != "minmax" else recipe
+        recipe = with_algorithm(recipe, algorithm, **params) if algorithm != "minmax" else recipe
         path = folder / f"{target}-{name.replace(' ', '_').replace('.', '_')}.{target}"
         sidecar = path.with_suffix(".json")
         how = json.dumps(recipe.to_dict(), sort_keys=True)
@@ -143,7 +147,7 @@ def main() -> None:
     for target in targets:
         # a .pte keeps the tied embedding and head apart anyway: each takes its own scheme
         apart = mixed.groups_of(measured, apart=mixed.decided_apart([target]))
-        options = {g: mixed.options_for(g, [target], args.algorithm) for g in apart}
+        options = {g: mixed.options_for(g, [target], algorithm, **params) for g in apart}
         name = f"{target}-{args.algorithm}{rotated}"
         table, seconds = sensitivity_table(measured, options, sensitivity_windows, folder, name,
                                            target, data)  # fmt: skip

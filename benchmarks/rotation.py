@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 import edgequant
+from _variants import algorithm_and_params
 from edgequant import calibration as cal
 from edgequant import eval as ev
 from edgequant.export import load_program
@@ -52,8 +53,7 @@ def decoder_linears() -> Recipe:
 
 def variant_recipe(variant: str) -> Recipe:
     """``[rotation+]algorithm[@param[=value]...]`` as a recipe."""
-    named, *settings = variant.split("@")
-    params = dict(_param(s) for s in settings)
+    named, params = algorithm_and_params(variant)
     rotate, _, algorithm = named.partition("+")
     if rotate not in ROTATIONS:
         rotate, algorithm = None, named
@@ -63,17 +63,6 @@ def variant_recipe(variant: str) -> Recipe:
     else:
         recipe = with_algorithm(base, algorithm, **params)
     return dataclasses.replace(recipe, rotate=rotate, name=variant)
-
-
-def _param(setting: str) -> tuple[str, object]:
-    """``name`` (true) or ``name=value`` (a JSON value, else the text)."""
-    name, eq, value = setting.partition("=")
-    if not eq:
-        return name, True
-    try:
-        return name, json.loads(value)
-    except json.JSONDecodeError:
-        return name, value
 
 
 def main() -> None:

@@ -567,10 +567,13 @@ def rank_correlation(a, b) -> float:
 # ---- the recipe for a budget -----------------------------------------------------------------
 
 
-def options_for(group: Group, targets: list[str], algorithm: str | None = None) -> list:
+def options_for(
+    group: Group, targets: list[str], algorithm: str | None = None, **params: Any
+) -> list:
     """``group``'s candidate schemes (`candidates` whose groups divide its rows), float last
     (None). A tied embedding and head takes the linear schemes whose storage every target
-    also looks up as an embedding. ``algorithm`` replaces each scheme's (minmax)."""
+    also looks up as an embedding. ``algorithm`` (with its ``params``) replaces each scheme's
+    (minmax)."""
     from edgequant.layers import shape_problem
 
     if group.kind == "embedding" and len(group.fqns) > 1:
@@ -579,7 +582,7 @@ def options_for(group: Group, targets: list[str], algorithm: str | None = None) 
     else:
         schemes = candidates(targets, group.kind)
     if algorithm is not None:
-        schemes = [s.rounded_by(algorithm) for s in schemes]
+        schemes = [s.rounded_by(algorithm, **params) for s in schemes]
     return [*(s for s in schemes if shape_problem(s, group.shape[1]) is None), None]
 
 
