@@ -10,6 +10,8 @@ candidates against measuring every one (Spearman's rank correlation on a few lay
         [--png FILE]
 
 ``--algorithm`` may carry the algorithm's parameters: ``gptq@sequential@act_order``.
+``--unmeasured-references "ExecuTorch Llama 3.2 layout"`` sets the budget at a reference's
+bytes without making its file (measured in an earlier run).
 
 Budgets are bytes of the quantizable weights as the target's file stores them (as `quantize
 --budget`; `mixed.written_bytes`: a ``.pte`` keeps a tied embedding and head twice); a budget
@@ -78,6 +80,9 @@ def main() -> None:
     parser.add_argument("--bpw", default="4.25,4.75,5.5,6.5,8")
     parser.add_argument("--rho-layers", default="0,14,29")
     parser.add_argument("--rotate", choices=ROTATIONS, default=None)
+    parser.add_argument("--unmeasured-references", default="",
+                        help="references (by name) whose bytes set a budget but whose files "
+                        "are not made (measured in an earlier run)")  # fmt: skip
     parser.add_argument("--folder", default="build/mixed")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "mixed.json"))
     parser.add_argument("--png", default=str(Path(__file__).parent / "results" / "mixed.png"))
@@ -171,12 +176,16 @@ def main() -> None:
 
         overhead = None
         budgets: list[tuple[str, int]] = []
+        unmeasured = [n for n in args.unmeasured_references.split(",") if n]
         for name, recipe in references(target).items():
-            row = measure(target, name, recipe)
             written = mixed.recipe_bytes(model, recipe, [target])
-            overhead = row["file_bytes"] - written if overhead is None else overhead
+            if name not in unmeasured:
+                row = measure(target, name, recipe)
+                overhead = row["file_bytes"] - written if overhead is None else overhead
             budgets.append((f"at {name}", written))
         if target == "gguf":
+            if overhead is None:
+                raise SystemExit("the budget at llama.cpp's bytes needs the uniform Q4_0 measured")
             data = data or cal.parse(args.calibration, tokenizer, model=model)
             row = llama_cpp_mix(model, tokenizer, folder, data, reference, windows, source)
             rows.append(row)
