@@ -245,14 +245,17 @@ def _stages(layer: nn.Module, inputs: list, modules: dict[str, nn.Module]) -> li
         for h in handles:
             h.remove()
     stages: list[list[str]] = []
+    seen: set[str] = set()
     last = None
     for name, x in calls:
-        if stages and x is last and name not in stages[-1]:
-            stages[-1].append(name)
-        elif not any(name in stage for stage in stages):
-            stages.append([name])
+        if name not in seen:  # a module run twice keeps its first place
+            if stages and x is last:
+                stages[-1].append(name)
+            else:
+                stages.append([name])
+            seen.add(name)
         last = x
-    missing = [n for n in modules if not any(n in stage for stage in stages)]
+    missing = [n for n in modules if n not in seen]
     return stages + ([missing] if missing else [])
 
 
