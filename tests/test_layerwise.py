@@ -129,3 +129,58 @@ def test_sequential_gptq_rounds_each_stage_on_what_the_rounded_stages_before_it_
     assert torch.equal(
         taken["together"]["self_attn.q_proj"], taken["sequential"]["self_attn.q_proj"]
     )
+
+
+def _batches(n: int = 3) -> list[torch.Tensor]:
+    return [torch.randint(0, 128, (1, 24), generator=torch.Generator().manual_seed(k))
+            for k in range(n)]  # fmt: skip
+
+
+@torch.no_grad()
+def test_float_hessians_are_those_of_the_float_models_own_pass():
+    # one pass of each float layer gathers its Hessians and gives the next layer its inputs
+    model = _tiny_llama()
+    batches = _batches()
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    fqns = [n for n in linears if n.startswith("model.layers.")]
+    seen: dict[str, list[torch.Tensor]] = {f: [] for f in fqns}
+    handles = [linears[f].register_forward_hook(
+        lambda m, a, out, f=f: seen[f].append(a[0].reshape(-1, a[0].shape[-1]).double())
+    ) for f in fqns]  # fmt: skip
+    for ids in batches:
+        model(ids, use_cache=False)
+    for h in handles:
+        h.remove()
+    got: dict[str, torch.Tensor] = {}
+    for layer in layerwise.float_hessians(model, fqns, batches):
+        got.update(layer)
+    assert sorted(got) == sorted(fqns)
+    for f in fqns:
+        x = torch.cat(seen[f])
+        assert torch.allclose(got[f], 2.0 * x.T @ x / x.shape[0], rtol=1e-4, atol=1e-6), f
+
+
+@torch.no_grad()
+def test_an_untied_head_is_rounded_from_the_last_layers_hidden_states(monkeypatch):
+    # what a whole-model pass would give it, without that pass
+    from edgequant.schemes import Scheme
+
+    scheme = Scheme("int4", granularity="per_group", group_size=16, algorithm="gptq")
+    found = {}
+    for way in ("hidden states", "whole pass"):
+        model = _tiny_llama()
+        model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+        schemes = {n: scheme for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+        assert "lm_head" in schemes
+        if way == "hidden states":
+
+            def refuse(*args):
+                raise AssertionError("the whole model ran again")
+
+            monkeypatch.setattr(layerwise, "_outside_layers", refuse)
+        else:
+            monkeypatch.undo()
+            monkeypatch.setattr(layerwise, "_final_norm", lambda model, fqns: None)
+        found[way] = layerwise.run(model, schemes, _batches())["lm_head"]
+    a, b = found["hidden states"], found["whole pass"]
+    assert torch.equal(a.q, b.q) and torch.equal(a.scale, b.scale)

@@ -157,8 +157,11 @@ def mse(
     best = minmax(weight, scheme)
     best_scale = best.scale.clone()
     best_zero = None if best.zero_point is None else best.zero_point.clone()
-    buffer = torch.empty_like(wg)
-    err = _error(wg, best_scale, best_zero, imp, scheme, buffer)
+    # several candidates at once where the weight is small (GPTQ asks for one group of columns
+    # at a time: per candidate, the calls would cost more than the arithmetic)
+    at_once = min(steps, max(1, MSE_ELEMENTS // wg.numel()))
+    buffer = torch.empty((at_once, *wg.shape))
+    err = _error(wg, best_scale, best_zero, imp, scheme, buffer[0])
     ratios = torch.linspace(min_ratio, 1.0, steps)
     if scheme.symmetric:
         idx = wg.abs().argmax(dim=-1, keepdim=True)
@@ -171,20 +174,27 @@ def mse(
             base = m.abs() / torch.where(m < 0, float(-qmin), float(qmax))
     else:
         lo, hi = wg.amin(-1).clamp(max=0), wg.amax(-1).clamp(min=0)
-    for r in ratios:
+    for c in range(0, steps, at_once):
+        r = ratios[c : c + at_once].view(-1, 1, 1)  # [k, 1, 1] over the groups' [rows, n]
         if scheme.symmetric:
             scale, zero = _store(base * r, scheme), None
         else:
             scale = _store(((hi - lo) * r / (qmax - qmin)).clamp(min=1e-12), scheme)
             zero = (qmin - torch.round(lo * r / scale.float())).clamp(qmin, qmax)
-        e = _error(wg, scale, zero, imp, scheme, buffer)
+        e = _error(wg, scale, zero, imp, scheme, buffer[: r.shape[0]])
+        # the first of the smallest, and only when strictly better: as one candidate at a time
+        e, k = e.min(0)
         better = e < err
         err = torch.where(better, e, err)
-        best_scale = torch.where(better, scale, best_scale)
+        best_scale = torch.where(better, scale.gather(0, k[None])[0], best_scale)
         if zero is not None:
-            best_zero = torch.where(better, zero.to(torch.int8), best_zero)
-    q = _round(wg, best_scale, best_zero, scheme, buffer)
+            best_zero = torch.where(better, zero.gather(0, k[None])[0].to(torch.int8), best_zero)
+    q = _round(wg, best_scale, best_zero, scheme, buffer[0])
     return _result(q, best_scale, best_zero, w.shape)
+
+
+# values `mse` computes its candidates' errors on at once (64 candidates of a 1,536-row group)
+MSE_ELEMENTS = 1 << 22
 
 
 def _importance(

@@ -204,19 +204,29 @@ def _layer_inputs(model: nn.Module, layers: nn.ModuleList, batches: list) -> tup
 
 
 def _run_layer(
-    layer: nn.Module, inputs: list, hooks: dict, stop_after: nn.Module | None = None
+    layer: nn.Module,
+    inputs: list,
+    hooks: dict,
+    stop_after: nn.Module | None = None,
+    advance: bool = False,
 ) -> None:
     """Run ``layer`` on every input with forward ``hooks`` (module -> hook) in place; with
-    ``stop_after``, each run stops once that module has run (what follows is not needed)."""
+    ``stop_after``, each run stops once that module has run (what follows is not needed); with
+    ``advance``, each input is replaced by the next layer's, as `_advance` does (the layer's
+    weights are what the next layer should see: nothing is rounded between the two passes)."""
+    if advance and stop_after is not None:
+        raise ValueError("a run stopped part way through the layer gives no next inputs")
     handles = [m.register_forward_hook(h) for m, h in hooks.items()]
     if stop_after is not None:
         handles.append(stop_after.register_forward_hook(_stop))
     try:
-        for args, kwargs in inputs:
+        for k, (args, kwargs) in enumerate(inputs):
             try:
-                layer(*args, **kwargs)
+                output = layer(*args, **kwargs)
             except _Caught:
-                pass
+                continue
+            if advance:
+                inputs[k] = (_next_args(output, args), kwargs)
     finally:
         for h in handles:
             h.remove()
@@ -285,8 +295,31 @@ def run(
         results.update(steps.step(i, _scales))
     rest = {fqn: s for fqn, s in schemes.items() if fqn not in results}
     if rest and _scales is None:
-        _outside_layers(model, rest, steps.batches, results)
+        final = _final_norm(model, rest)
+        if final is not None:  # the head: from the last layer's hidden states, already here
+            results.update(steps.outside(model, rest, final))
+        else:
+            _outside_layers(model, rest, steps.batches, results)
     return results
+
+
+def _final_norm(model: nn.Module, fqns) -> nn.Module | None:
+    """The model's last norm when the linears ``fqns`` are its head alone (which reads that
+    norm's output); None for any other linear outside the layers, or a model no family knows."""
+    from edgequant.models.decoder import Decoder
+    from edgequant.models.families import for_model
+
+    if isinstance(model, Decoder):
+        norm, head = "norm", "output"
+    else:
+        try:
+            family = for_model(model)
+        except ValueError:
+            return None
+        norm, head = family.hf_name("norm"), family.hf_name("output")
+    if norm is None or set(fqns) != {head}:
+        return None
+    return model.get_submodule(norm)
 
 
 @torch.no_grad()
@@ -310,13 +343,15 @@ def float_hessians(model: nn.Module, fqns: list[str], calibration):
         inputs = [((args[0], *rest), kwargs) for (args, _), (rest, kwargs) in pairs]
         named = ((f"{prefix}.{i}.{n}", m) for n, m in layer.named_modules())
         here = {fqn: m for fqn, m in named if fqn in fqns}
-        if here:
-            shared: dict = {}
-            hessians = {f: _Hessian(linear_weight(m).shape[1], shared) for f, m in here.items()}
-            _run_layer(layer, inputs, {m: hessians[f] for f, m in here.items()})
-            shared.clear()
-            yield {f: h.value() for f, h in hessians.items()}
-        _advance(layer, inputs)
+        if not here:
+            _advance(layer, inputs)
+            continue
+        shared: dict = {}
+        hessians = {f: _Hessian(linear_weight(m).shape[1], shared) for f, m in here.items()}
+        # the float layer: the pass that gathers its Hessians also gives the next layer's inputs
+        _run_layer(layer, inputs, {m: hessians[f] for f, m in here.items()}, advance=True)
+        shared.clear()
+        yield {f: h.value() for f, h in hessians.items()}
 
 
 class LayerByLayer:
