@@ -271,3 +271,21 @@ def test_gptq_a_block_of_rows_at_a_time_is_the_same_rounding(monkeypatch, act_or
     assert (blocks.q != whole.q).float().mean() < 1e-3
     assert torch.allclose(blocks.scale.float(), whole.scale.float(), rtol=1e-3)
     assert (blocks.zero_point != whole.zero_point).float().mean() < 1e-3
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_mse_weighing_many_candidates_at_once_chooses_as_one_at_a_time(symmetric, monkeypatch):
+    # the first strictly best candidate after min-max's, whatever how many are weighed at once
+    torch.manual_seed(0)
+    w = torch.randn(96, 128) * torch.rand(128) * 0.05
+    w[:, :32] = torch.round(w[:, :32] * 200) / 200  # ties between candidates
+    importance = torch.rand(128) * 3
+    scheme = Scheme("int4", "per_group", 32, symmetric=symmetric)
+    found = []
+    for at_once in (64, 7, 1):
+        monkeypatch.setattr(alg, "MSE_ELEMENTS", at_once * w.numel())
+        found.append(alg.mse(w, scheme, importance=importance, magnitude=1.0))
+    for other in found[1:]:
+        assert torch.equal(other.q, found[0].q) and torch.equal(other.scale, found[0].scale)
+        if not symmetric:
+            assert torch.equal(other.zero_point, found[0].zero_point)
