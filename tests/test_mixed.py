@@ -219,6 +219,39 @@ def test_gptq_candidates_are_rounded_by_gptq_on_the_float_models_inputs(tiny_hf_
     assert every != mixed.sensitivity(model, options, windows, measure="every")
 
 
+def test_an_untied_heads_gptq_candidates_are_rounded_on_the_final_norms_outputs(
+    tiny_hf_llama,
+):
+    from edgequant import algorithms
+    from edgequant.layers import linear_weight
+
+    model = copy.deepcopy(tiny_hf_llama)
+    head = model.lm_head
+    head.weight = torch.nn.Parameter(head.weight.detach().clone())  # untied
+    model.model.norm.weight.data.uniform_(0.5, 1.5)
+    (group,) = [g for g in mixed.groups_of(model) if g.name == "lm_head"]
+    gptq = INT4.rounded_by("gptq")
+    generator = torch.Generator().manual_seed(2)
+    batches = [torch.randint(0, 128, (1, 32), generator=generator) for _ in range(3)]
+    rounded = mixed.gptq_rounded(model, {group: [gptq, INT4, None]}, batches)
+    assert list(rounded) == [(group, gptq)]
+    inputs = []
+    hook = head.register_forward_hook(lambda m, args, out: inputs.append(args[0][0]))
+    with torch.no_grad():
+        for ids in batches:
+            model(ids)
+    hook.remove()
+    want = algorithms.gptq(linear_weight(head), gptq, algorithms.hessian(torch.cat(inputs)))
+    same = (rounded[group, gptq].int_weight() == want.q).float().mean()
+    assert same > 0.99, same  # the Hessians differ only in summation order
+    # a head reading the embedding's weight is stored with it: mse rounds it, not GPTQ
+    tied = copy.deepcopy(tiny_hf_llama)
+    tied.lm_head.weight = tied.model.embed_tokens.weight
+    apart = [g for g in mixed.groups_of(tied, apart=True) if g.name == "lm_head"]
+    assert apart and apart[0].tied_with is not None
+    assert mixed.gptq_rounded(tied, {apart[0]: [gptq, None]}, batches) == {}
+
+
 def test_fisher_estimates_rank_like_measuring_every_option(tiny_hf_llama):
     model = copy.deepcopy(tiny_hf_llama)
     groups = mixed.groups_of(model)

@@ -325,17 +325,27 @@ def _final_norm(model: nn.Module, fqns) -> nn.Module | None:
 @torch.no_grad()
 def float_hessians(model: nn.Module, fqns: list[str], calibration):
     """GPTQ's Hessians (`_Hessian`: ``2 X^T X / n``) of the inputs the float model gives the
-    decoder-layer linears ``fqns`` on the ``calibration`` batches, no layer rounded: yields
-    ``{fqn: Hessian}`` for each decoder layer holding some of them, in order, one layer's at a
-    time (a linear outside the layers is not among them)."""
+    linears ``fqns`` on the ``calibration`` batches, no layer rounded: yields ``{fqn: Hessian}``
+    for each decoder layer holding some of them, in order, one layer's at a time, then the
+    head's when it is among them (from the last layer's outputs through the final norm). Any
+    other linear outside the layers is refused."""
     prefix, layers = decoder_layers(model)
     fqns = set(fqns)
+    outside = {f for f in fqns if not f.startswith(f"{prefix}.")}
+    final = _final_norm(model, outside) if outside else None
+    if outside and final is None:
+        raise ValueError(
+            f"float_hessians: {sorted(outside)} are outside the decoder layers and are not the "
+            "model's head (the linear reading its final norm)"
+        )
     batches = list(calibration)
     if not batches:
         raise ValueError("calibration has no batches")
     inputs, contexts = _layer_inputs(model, layers, batches)
     last = max((i for i in range(len(layers)) if any(f.startswith(f"{prefix}.{i}.") for f in fqns)),
                default=-1)  # fmt: skip
+    if outside:
+        last = len(layers) - 1
     for i in progress_bar(range(last + 1), last + 1, "hessians", "layer"):
         layer = layers[i]
         # layer i's own masks, RoPE tables and index with the hidden states it is given
@@ -352,6 +362,12 @@ def float_hessians(model: nn.Module, fqns: list[str], calibration):
         _run_layer(layer, inputs, {m: hessians[f] for f, m in here.items()}, advance=True)
         shared.clear()
         yield {f: h.value() for f, h in hessians.items()}
+    if outside:
+        (head,) = outside
+        h = _Hessian(linear_weight(model.get_submodule(head)).shape[1], {})
+        for args, _ in inputs:
+            h(None, (final(args[0]),), None)
+        yield {head: h.value()}
 
 
 class LayerByLayer:
