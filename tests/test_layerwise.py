@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from edgequant import layerwise
@@ -180,7 +181,17 @@ def test_an_untied_head_is_rounded_from_the_last_layers_hidden_states(monkeypatc
             monkeypatch.setattr(layerwise, "_outside_layers", refuse)
         else:
             monkeypatch.undo()
-            monkeypatch.setattr(layerwise, "_final_norm", lambda model, fqns: None)
+            monkeypatch.setattr(layerwise, "head_norm", lambda model, fqns: None)
         found[way] = layerwise.run(model, schemes, _batches())["lm_head"]
     a, b = found["hidden states"], found["whole pass"]
     assert torch.equal(a.q, b.q) and torch.equal(a.scale, b.scale)
+
+
+def test_float_hessians_refuse_a_linear_outside_the_layers_that_is_not_the_head():
+    model = _tiny_llama()
+    with pytest.raises(ValueError) as e:
+        next(layerwise.float_hessians(model, ["model.embed_tokens"], _batches()))
+    assert str(e.value) == (
+        "float_hessians: ['model.embed_tokens'] are outside the decoder layers and are not the "
+        "model's head (the linear reading its final norm)"
+    )

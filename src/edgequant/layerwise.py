@@ -295,7 +295,7 @@ def run(
         results.update(steps.step(i, _scales))
     rest = {fqn: s for fqn, s in schemes.items() if fqn not in results}
     if rest and _scales is None:
-        final = _final_norm(model, rest)
+        final = head_norm(model, rest)
         if final is not None:  # the head: from the last layer's hidden states, already here
             results.update(steps.outside(model, rest, final))
         else:
@@ -303,20 +303,15 @@ def run(
     return results
 
 
-def _final_norm(model: nn.Module, fqns) -> nn.Module | None:
-    """The model's last norm when the linears ``fqns`` are its head alone (which reads that
+def head_norm(model: nn.Module, fqns) -> nn.Module | None:
+    """The model's final norm when the linears ``fqns`` are its head alone (which reads that
     norm's output); None for any other linear outside the layers, or a model no family knows."""
-    from edgequant.models.decoder import Decoder
-    from edgequant.models.families import for_model
+    from edgequant.models.families import module_name
 
-    if isinstance(model, Decoder):
-        norm, head = "norm", "output"
-    else:
-        try:
-            family = for_model(model)
-        except ValueError:
-            return None
-        norm, head = family.hf_name("norm"), family.hf_name("output")
+    try:
+        norm, head = module_name(model, "norm"), module_name(model, "output")
+    except ValueError:
+        return None
     if norm is None or set(fqns) != {head}:
         return None
     return model.get_submodule(norm)
@@ -332,7 +327,7 @@ def float_hessians(model: nn.Module, fqns: list[str], calibration):
     prefix, layers = decoder_layers(model)
     fqns = set(fqns)
     outside = {f for f in fqns if not f.startswith(f"{prefix}.")}
-    final = _final_norm(model, outside) if outside else None
+    final = head_norm(model, outside) if outside else None
     if outside and final is None:
         raise ValueError(
             f"float_hessians: {sorted(outside)} are outside the decoder layers and are not the "

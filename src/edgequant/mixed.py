@@ -469,7 +469,7 @@ def gptq_rounded(
     from edgequant.layers import QuantizedLinear, linear_weight
 
     heads = [g for g in options if g.kind == "linear" and g.layer is None and g.tied_with is None
-             and len(g.fqns) == 1 and layerwise._final_norm(model, g.fqns) is not None]  # fmt: skip
+             and len(g.fqns) == 1 and layerwise.head_norm(model, g.fqns) is not None]  # fmt: skip
     in_layers = [g for g in options if g.kind == "linear" and g.layer is not None]
     wanted = {g: [s for s in options[g] if s is not None and s.algorithm == "gptq"]
               for g in in_layers + heads}  # fmt: skip

@@ -331,10 +331,9 @@ def window_digest(model: nn.Module, window: torch.Tensor) -> str:
 
 def _module_name(model: nn.Module, decoder_name: str) -> str:
     """The model's own name of one of the decoder's modules (``tok_embeddings``, ``norm``)."""
-    from edgequant.models.decoder import Decoder
-    from edgequant.models.families import for_model
+    from edgequant.models.families import module_name
 
-    return decoder_name if isinstance(model, Decoder) else for_model(model).hf_name(decoder_name)
+    return module_name(model, decoder_name)
 
 
 def _final_norm(model: nn.Module) -> nn.Module:

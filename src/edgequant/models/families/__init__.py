@@ -88,6 +88,12 @@ def for_model(model: nn.Module) -> Family:
     return for_model_type(model_type)
 
 
+def module_name(model: nn.Module, decoder_name: str) -> str | None:
+    """The model's own name of one of the decoder's modules (``norm``, ``output``,
+    ``tok_embeddings``; None: the model has none); a model no family covers is refused."""
+    return decoder_name if isinstance(model, Decoder) else for_model(model).hf_name(decoder_name)
+
+
 def decoder_of(model: nn.Module) -> Decoder:
     """``model`` as the one `Decoder` (itself, or a Hugging Face model adopted by its family:
     the decoder holds the model's own modules)."""
