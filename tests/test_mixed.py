@@ -188,10 +188,21 @@ def test_sensitivity_is_the_kl_of_the_model_with_that_group_alone_quantized(tiny
     assert measured[groups[8]][0] > measured[groups[8]][1] > 0  # int4 costs more than int8
 
 
-def test_gptq_candidates_are_rounded_by_gptq_on_the_float_models_inputs(tiny_hf_llama):
+def _gptq_by_hand(model, module, scheme, batches):
+    """GPTQ of ``module`` on the Hessian of the inputs the float model gives it on ``batches``."""
     from edgequant import algorithms
     from edgequant.layers import linear_weight
 
+    inputs = []
+    hook = module.register_forward_hook(lambda m, args, out: inputs.append(args[0][0]))
+    with torch.no_grad():
+        for ids in batches:
+            model(ids)
+    hook.remove()
+    return algorithms.gptq(linear_weight(module), scheme, algorithms.hessian(torch.cat(inputs)))
+
+
+def test_gptq_candidates_are_rounded_by_gptq_on_the_float_models_inputs(tiny_hf_llama):
     model = copy.deepcopy(tiny_hf_llama)
     group = next(g for g in mixed.groups_of(model) if g.name == "model.layers.1.mlp.down_proj")
     gptq = INT4.rounded_by("gptq")
@@ -199,14 +210,7 @@ def test_gptq_candidates_are_rounded_by_gptq_on_the_float_models_inputs(tiny_hf_
     batches = [torch.randint(0, 128, (1, 32), generator=generator) for _ in range(3)]
     rounded = mixed.gptq_rounded(model, {group: [gptq, INT4, None]}, batches)
     assert list(rounded) == [(group, gptq)]  # only the GPTQ candidate
-    # by hand: the float model's inputs to the module on the batches, their Hessian, GPTQ
-    module, inputs = model.get_submodule(group.name), []
-    hook = module.register_forward_hook(lambda m, args, out: inputs.append(args[0][0]))
-    with torch.no_grad():
-        for ids in batches:
-            model(ids)
-    hook.remove()
-    want = algorithms.gptq(linear_weight(module), gptq, algorithms.hessian(torch.cat(inputs)))
+    want = _gptq_by_hand(model, model.get_submodule(group.name), gptq, batches)
     same = (rounded[group, gptq].int_weight() == want.q).float().mean()
     assert same > 0.99, same  # the Hessians differ only in summation order
     # the sensitivity estimates with that module when given the calibration, mse's without
@@ -222,9 +226,6 @@ def test_gptq_candidates_are_rounded_by_gptq_on_the_float_models_inputs(tiny_hf_
 def test_an_untied_heads_gptq_candidates_are_rounded_on_the_final_norms_outputs(
     tiny_hf_llama,
 ):
-    from edgequant import algorithms
-    from edgequant.layers import linear_weight
-
     model = copy.deepcopy(tiny_hf_llama)
     head = model.lm_head
     head.weight = torch.nn.Parameter(head.weight.detach().clone())  # untied
@@ -235,13 +236,7 @@ def test_an_untied_heads_gptq_candidates_are_rounded_on_the_final_norms_outputs(
     batches = [torch.randint(0, 128, (1, 32), generator=generator) for _ in range(3)]
     rounded = mixed.gptq_rounded(model, {group: [gptq, INT4, None]}, batches)
     assert list(rounded) == [(group, gptq)]
-    inputs = []
-    hook = head.register_forward_hook(lambda m, args, out: inputs.append(args[0][0]))
-    with torch.no_grad():
-        for ids in batches:
-            model(ids)
-    hook.remove()
-    want = algorithms.gptq(linear_weight(head), gptq, algorithms.hessian(torch.cat(inputs)))
+    want = _gptq_by_hand(model, head, gptq, batches)
     same = (rounded[group, gptq].int_weight() == want.q).float().mean()
     assert same > 0.99, same  # the Hessians differ only in summation order
     # a head reading the embedding's weight is stored with it: mse rounds it, not GPTQ
