@@ -337,10 +337,14 @@ def float_hessians(model: nn.Module, fqns: list[str], calibration):
     if not batches:
         raise ValueError("calibration has no batches")
     inputs, contexts = _layer_inputs(model, layers, batches)
-    last = max((i for i in range(len(layers)) if any(f.startswith(f"{prefix}.{i}.") for f in fqns)),
-               default=-1)  # fmt: skip
-    if outside:
-        last = len(layers) - 1
+    last = (
+        len(layers) - 1
+        if outside
+        else max(
+            (i for i in range(len(layers)) if any(f.startswith(f"{prefix}.{i}.") for f in fqns)),
+            default=-1,
+        )
+    )
     for i in progress_bar(range(last + 1), last + 1, "hessians", "layer"):
         layer = layers[i]
         # layer i's own masks, RoPE tables and index with the hidden states it is given
@@ -358,11 +362,22 @@ def float_hessians(model: nn.Module, fqns: list[str], calibration):
         shared.clear()
         yield {f: h.value() for f, h in hessians.items()}
     if outside:
-        (head,) = outside
-        h = _Hessian(linear_weight(model.get_submodule(head)).shape[1], {})
-        for args, _ in inputs:
-            h(None, (final(args[0]),), None)
-        yield {head: h.value()}
+        modules = {f: model.get_submodule(f) for f in outside}
+        hessians = _hessians_after(final, modules, (args[0] for args, _ in inputs))
+        yield {f: h.value() for f, h in hessians.items()}
+
+
+def _hessians_after(final: nn.Module, modules: dict[str, nn.Module], hidden) -> dict:
+    """fqn -> `_Hessian` of the linears ``modules`` reading ``final``'s output (the model's last
+    norm) on each of the last layer's ``hidden`` states."""
+    shared: dict = {}
+    hessians = {fqn: _Hessian(linear_weight(m).shape[1], shared) for fqn, m in modules.items()}
+    for h in hidden:
+        x = final(h)
+        for fqn, m in modules.items():
+            hessians[fqn](m, (x,), None)
+        del x
+    return hessians
 
 
 class LayerByLayer:
@@ -439,13 +454,7 @@ class LayerByLayer:
         more pass of the whole model."""
         results: dict[str, algorithms.Quantized] = {}
         modules = {fqn: model.get_submodule(fqn) for fqn in schemes}
-        shared: dict = {}
-        hessians = {fqn: _Hessian(linear_weight(m).shape[1], shared) for fqn, m in modules.items()}
-        for h in self.hidden():
-            x = final(h)
-            for fqn, m in modules.items():
-                hessians[fqn](m, (x,), None)
-            del x
+        hessians = _hessians_after(final, modules, self.hidden())
         self.inputs = []  # the batches' hidden states: their last use (a 1.5B model's: 0.2 GB)
         give_back()
         _round_outside(modules, schemes, hessians, results)
@@ -535,8 +544,7 @@ def _smoothed_rounding(module, scheme: Scheme, stats, s) -> algorithms.Quantized
 def _advance(layer: nn.Module, inputs: list) -> None:
     """Run ``layer`` on every input and put the next layer's in its place, one batch at a time
     (so only one batch's hidden states exist twice: 64 x 512 of a 1.5B model's are 200 MB)."""
-    for k, (args, kwargs) in enumerate(inputs):
-        inputs[k] = (_next_args(layer(*args, **kwargs), args), kwargs)
+    _run_layer(layer, inputs, {}, advance=True)
 
 
 def _next_args(output, args: tuple) -> tuple:

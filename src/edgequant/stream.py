@@ -43,6 +43,7 @@ from edgequant import __version__, kernels
 from edgequant._memory import give_back
 from edgequant._progress import progress_bar
 from edgequant.eval import weight_sqnr
+from edgequant.models.families import module_name
 from edgequant.models.lazy import Source, release
 from edgequant.quantize import (
     Plan,
@@ -133,7 +134,7 @@ def quantize(
 
     outside = [lp for lp in todo if not lp.fqn.startswith(f"{prefix}.")]
     first = [lp for lp in outside if lp.kind == "embedding"]
-    source.fill(model, f"{_module_name(model, 'tok_embeddings')}.")  # runs before the layers
+    source.fill(model, f"{module_name(model, 'tok_embeddings')}.")  # runs before the layers
     check_finite(model)  # what is filled so far; each layer below as it is read
     steps = LayerByLayer(model, schemes, calibration) if schemes else None
     hidden = _embedded(decoder(), windows) if windows is not None else None
@@ -329,16 +330,9 @@ def window_digest(model: nn.Module, window: torch.Tensor) -> str:
     return logits_digest(decoder.head(h).float()[0])
 
 
-def _module_name(model: nn.Module, decoder_name: str) -> str:
-    """The model's own name of one of the decoder's modules (``tok_embeddings``, ``norm``)."""
-    from edgequant.models.families import module_name
-
-    return module_name(model, decoder_name)
-
-
 def _final_norm(model: nn.Module) -> nn.Module:
     """The model's own last norm (what an lm_head reads)."""
-    return model.get_submodule(_module_name(model, "norm"))
+    return model.get_submodule(module_name(model, "norm"))
 
 
 def _under(name: str, lps) -> bool:
