@@ -153,7 +153,8 @@ def test_written_bytes_of_each_gguf_candidate(stories260k, tmp_path):
     model, tok = stories260k
     tied = mixed.groups_of(model)[0]
     assert tied.fqns == ("tok_embeddings", "output")
-    schemes = mixed.candidates(["gguf"], "embedding")
+    schemes = mixed.options_for(tied, ["gguf"])[:-1]  # 64 wide: no K-quant
+    assert [s.weight for s in schemes] == ["int4", "int5", "int8", "fp16"]
     sizes, counted = [], []
     for k, scheme in enumerate(schemes):
         packed, _ = edgequant.quantize(copy.deepcopy(model), mixed.group_recipe({tied: scheme}))
@@ -164,6 +165,38 @@ def test_written_bytes_of_each_gguf_candidate(stories260k, tmp_path):
     assert mixed.stored_bytes(tied, gptq, ["gguf"]) == counted[1]  # however it was rounded
     for k in range(1, len(schemes)):
         assert sizes[k] - sizes[0] == pytest.approx(counted[k] - counted[0], rel=0.01), schemes[k]
+
+
+def test_k_quants_are_gguf_candidates_where_rows_allow(stories260k, tmp_path):
+    """A random Llama with 256-wide rows: its linears take llama.cpp's K-quants (a 64-wide
+    model's do not); a file's bytes grow by what `stored_bytes` counts for them."""
+    import transformers
+
+    from edgequant.export import to_gguf
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        hidden_size=256, intermediate_size=512, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=512, tie_word_embeddings=True,
+    )  # fmt: skip
+    model = transformers.LlamaForCausalLM(config).eval()
+    down = next(g for g in mixed.groups_of(model) if g.name.endswith("down_proj"))
+    weights = [s.weight if s else None for s in mixed.options_for(down, ["gguf"], "gptq")]
+    assert weights == ["int4", "int5", "int8", "q3_k", "q4_k", "q5_k", "q6_k", "fp16", None]
+    assert mixed.options_for(down, ["gguf"], "gptq")[5] == Scheme("q5_k", algorithm="imatrix")
+    assert mixed.options_for(down, ["gguf"], "hqq")[5] == Scheme("q5_k")
+    assert mixed.options_for(down, ["pte", "gguf"]) == [Scheme("fp16"), None]
+    sizes, counted = [], []
+    q8_0 = Scheme("int8", "per_group", 32, scale_dtype="fp16")
+    for k, scheme in enumerate((q8_0, Scheme("q6_k"), Scheme("q3_k"))):
+        packed, _ = edgequant.quantize(copy.deepcopy(model), mixed.group_recipe({down: scheme}))
+        sizes.append(
+            to_gguf(packed, tmp_path / f"{k}.gguf", tokenizer=stories260k[1]).stat().st_size
+        )
+        counted.append(mixed.stored_bytes(down, scheme, ["gguf"]))
+    assert counted[1:] == [256 * 2 * 210, 256 * 2 * 110]  # [256, 512]: 2 blocks of 256 a row
+    for k in (1, 2):
+        assert sizes[k] - sizes[0] == pytest.approx(counted[k] - counted[0], rel=0.01)
 
 
 def test_sensitivity_is_the_kl_of_the_model_with_that_group_alone_quantized(tiny_hf_llama):
@@ -200,6 +233,39 @@ def _gptq_by_hand(model, module, scheme, batches):
             model(ids)
     hook.remove()
     return algorithms.gptq(linear_weight(module), scheme, algorithms.hessian(torch.cat(inputs)))
+
+
+def test_imatrix_candidates_are_rounded_with_the_float_models_inputs():
+    """A K-quant candidate of a GPTQ budget is llama.cpp's rounding weighed by the mean square
+    of each input column the float model gives the module."""
+    import transformers
+
+    from edgequant import kquants
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=128,
+    )  # fmt: skip
+    model = transformers.LlamaForCausalLM(config).eval()
+    group = next(g for g in mixed.groups_of(model) if g.name == "model.layers.1.mlp.down_proj")
+    q4_k = Scheme("q4_k").rounded_by("gptq")
+    generator = torch.Generator().manual_seed(2)
+    batches = [torch.randint(0, 128, (1, 32), generator=generator) for _ in range(3)]
+    rounded = mixed.gptq_rounded(model, {group: [q4_k, Scheme("q4_k"), None]}, batches)
+    assert list(rounded) == [(group, q4_k)]
+    module = model.get_submodule(group.name)
+    inputs = []
+    hook = module.register_forward_hook(lambda m, args, out: inputs.append(args[0][0]))
+    with torch.no_grad():
+        for ids in batches:
+            model(ids)
+    hook.remove()
+    x = torch.cat(inputs)
+    want = kquants.quantize(module.weight, "q4_k", (x * x).mean(0))
+    same = (rounded[group, q4_k].blocks == want).float().mean()
+    plain = (kquants.quantize(module.weight, "q4_k") == want).float().mean()
+    assert same > 0.995 and plain < 0.95, (same, plain)  # the Hessian's summation order
 
 
 def test_gptq_candidates_are_rounded_by_gptq_on_the_float_models_inputs(tiny_hf_llama):

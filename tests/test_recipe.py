@@ -194,7 +194,10 @@ def test_save_refuses_unknown_suffix(tmp_path):
 INT_SCHEME = "{weight: int8}"
 ROLES_LIST = "['default', 'embedding', 'attention', 'feedforward', 'lm_head', 'norm']"
 RULE_KEYS = "['role', 'layers', 'module', 'scheme']"
-WEIGHTS = "['int2', 'int3', 'int4', 'int5', 'int6', 'int7', 'int8', 'fp16', 'bf16', 'fp32']"
+WEIGHTS = (
+    "['int2', 'int3', 'int4', 'int5', 'int6', 'int7', 'int8', 'fp16', 'bf16', 'fp32', 'q2_k', "
+    "'q3_k', 'q4_k', 'q5_k', 'q6_k']"
+)
 BAD_YAML = [
     (
         "unknown-top-level-key",

@@ -60,13 +60,18 @@ def test_defaults():
 
 
 def test_derived_facts():
-    assert [Scheme(w).bits for w in WEIGHT_DTYPES] == [2, 3, 4, 5, 6, 7, 8, 16, 16, 32]
-    assert [Scheme(w).is_integer for w in WEIGHT_DTYPES] == [True] * 7 + [False] * 3
+    assert [Scheme(w).bits for w in WEIGHT_DTYPES] == [2, 3, 4, 5, 6, 7, 8, 16, 16, 32,
+                                                       2, 3, 4, 5, 6]  # fmt: skip
+    assert [Scheme(w).is_integer for w in WEIGHT_DTYPES] == [True] * 7 + [False] * 8
+    assert [Scheme(w).is_kquant for w in WEIGHT_DTYPES] == [False] * 10 + [True] * 5
     assert Scheme("int4", "per_group", 32, scale_dtype="bf16").torch_scale_dtype == torch.bfloat16
     assert Scheme("int8").torch_scale_dtype == torch.float32
 
 
-WEIGHTS = "['int2', 'int3', 'int4', 'int5', 'int6', 'int7', 'int8', 'fp16', 'bf16', 'fp32']"
+WEIGHTS = (
+    "['int2', 'int3', 'int4', 'int5', 'int6', 'int7', 'int8', 'fp16', 'bf16', 'fp32', 'q2_k', "
+    "'q3_k', 'q4_k', 'q5_k', 'q6_k']"
+)
 
 
 INVALID = [
@@ -125,7 +130,7 @@ INVALID = [
     (
         dict(weight="int8", algorithm="gptx"),
         "Scheme: algorithm 'gptx' is not allowed; allowed: ['minmax', 'mse', 'hqq', 'gptq', "
-        "'awq', 'smoothquant']",
+        "'awq', 'smoothquant', 'imatrix']",
     ),
     (
         dict(weight="int8", granularity="per_tensor", algorithm="mse"),

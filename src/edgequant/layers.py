@@ -9,6 +9,8 @@ Storage (buffers, so ``state_dict`` bytes are the scheme's bytes):
   ``[rows, n_groups]`` in the scheme's scale dtype; ``zero_point`` (int8, same shape) only when
   asymmetric;
 - fp16 / bf16 schemes: ``weight`` in that dtype;
+- K-quant schemes (``q2_k`` .. ``q6_k``): ``blocks``, llama.cpp's bytes of each row, uint8
+  ``[rows, cols // 256 * block bytes]`` (`edgequant.kquants`);
 - ``bias`` (Linear only) stays float32.
 
 Modules built from one tied tensor (embedding shared with lm_head) share these buffers.
@@ -36,6 +38,10 @@ _FLOAT = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 def shape_problem(scheme: Scheme, cols: int, what: str = "input features") -> str | None:
     """Why ``scheme`` cannot store rows of ``cols`` values (``what`` they are), or None."""
+    if scheme.is_kquant:
+        from edgequant import kquants
+
+        return kquants.shape_problem(scheme.weight, cols, what)
     if not scheme.is_integer:
         return None
     if scheme.granularity == "per_group" and cols % scheme.group_size:
@@ -64,6 +70,10 @@ def packed_layout(rows: int, cols: int, scheme: Scheme) -> dict[str, tuple[tuple
     >>> packed_layout(8, 64, Scheme("int4", "per_group", 32))["qweight"]
     ((8, 32), torch.uint8)
     """
+    if scheme.is_kquant:
+        from edgequant.kquants import row_bytes
+
+        return {"blocks": ((rows, row_bytes(scheme.weight, cols)), torch.uint8)}
     if not scheme.is_integer:
         return {"weight": ((rows, cols), _FLOAT[scheme.weight])}
     per_byte = 8 // scheme.bits if scheme.bits in PACKABLE_BITS else 1
@@ -108,6 +118,11 @@ def pack_weight(
             "edgequant cannot quantize it (check the checkpoint it was loaded from)"
         )
     check_shape(scheme, weight.shape[1], name, what)
+    if scheme.is_kquant:  # llama.cpp's rounding, or blocks rounded with calibration data
+        from edgequant import kquants
+
+        blocks = kquants.quantize(weight, scheme.weight) if result is None else result.blocks
+        return {"blocks": blocks}
     if not scheme.is_integer:
         return {"weight": cast_float(weight.float(), _FLOAT[scheme.weight], name=name).contiguous()}
     if result is None:
@@ -151,7 +166,7 @@ class _Packed(nn.Module):
 
     def packed_buffers(self) -> dict[str, torch.Tensor]:
         """The stored weight tensors by name (what `set_packed` takes)."""
-        names = ("qweight", "scale", "zero_point", "weight")
+        names = ("qweight", "scale", "zero_point", "weight", "blocks")
         return {n: t for n in names if isinstance(t := getattr(self, n, None), torch.Tensor)}
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:  # noqa: D401 - torch hook
@@ -164,11 +179,17 @@ class _Packed(nn.Module):
 
     def int_rows(self, start: int, stop: int) -> torch.Tensor:
         """Rows ``start:stop`` of `int_weight`, unpacked from those rows only."""
+        if not self.scheme.is_integer:
+            raise TypeError(f"a {self.scheme.weight} weight has no integers with scales")
         q = self.qweight[start:stop]
         return unpack(q, self.scheme.bits) if self.scheme.bits in PACKABLE_BITS else q
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The float weight this module computes with, ``[rows, cols]``."""
+        if self.scheme.is_kquant:
+            from edgequant import kquants
+
+            return kquants.dequantize(self.blocks, self.scheme.weight).to(dtype)
         if not self.scheme.is_integer:
             return self.weight.to(dtype)
         return dequantize(
@@ -182,6 +203,10 @@ class _Packed(nn.Module):
 
     def dequantized_rows(self, start: int, stop: int) -> torch.Tensor:
         """Rows ``start:stop`` of `dequantized_weight` (float32), computed from those rows only."""
+        if self.scheme.is_kquant:
+            from edgequant import kquants
+
+            return kquants.dequantize(self.blocks[start:stop], self.scheme.weight)
         if not self.scheme.is_integer:
             return self.weight[start:stop].float()
         q = self.int_rows(start, stop)

@@ -149,14 +149,20 @@ def _write(module: nn.Module, result: algorithms.Quantized, scheme: Scheme) -> N
 
 
 def _rounds_by_gptq(scheme: Scheme) -> bool:
-    """GPTQ rounds it: a ``gptq`` rule, or ``awq`` with ``gptq: true`` (AWQ's scales, then
-    GPTQ on the scaled inputs)."""
-    return scheme.algorithm == "gptq" or (
+    """Its inputs' Hessian rounds it: a ``gptq`` rule, ``awq`` with ``gptq: true`` (AWQ's
+    scales, then GPTQ on the scaled inputs), or a K-quant's ``imatrix`` (llama.cpp's quantizer
+    weighing each column by the Hessian's diagonal)."""
+    return scheme.algorithm in ("gptq", "imatrix") or (
         scheme.algorithm == "awq" and scheme.params.get("gptq", False)
     )
 
 
 def _gptq(module: nn.Module, scheme: Scheme, h: _Hessian, write: bool = True):
+    if scheme.algorithm == "imatrix":
+        result = imatrix_rounded(linear_weight(module), scheme, h.value())
+        if write:
+            _write(module, result, scheme)
+        return result
     params = scheme.params
     if scheme.algorithm != "gptq":  # awq with gptq: true passes on its magnitude only
         params = {k: v for k, v in params.items() if k == "magnitude"}
@@ -166,6 +172,15 @@ def _gptq(module: nn.Module, scheme: Scheme, h: _Hessian, write: bool = True):
     if write:
         _write(module, result, scheme)
     return result
+
+
+def imatrix_rounded(weight: torch.Tensor, scheme: Scheme, hessian: torch.Tensor):
+    """A K-quant ``imatrix`` rule's rounding: llama.cpp's quantizer with each input column's
+    mean square input (``diag(H) / 2``, ``H = 2 X^T X / n``: what ``llama-imatrix`` gathers) as
+    its importance."""
+    from edgequant import kquants
+
+    return kquants.rounded(weight, scheme.weight, torch.diagonal(hessian).float() / 2)
 
 
 def _layer_inputs(model: nn.Module, layers: nn.ModuleList, batches: list) -> tuple[list, list]:

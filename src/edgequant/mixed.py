@@ -55,6 +55,11 @@ def _gguf_block(weight: str) -> Scheme:
     return Scheme(weight, "per_group", 32, scale_dtype="fp16")
 
 
+# llama.cpp's K-quants among a GGUF's candidates (q2_k, 2.6 bits a weight, is left out: each
+# candidate lengthens the sensitivity, and its loss is far from the budgets measured here)
+_KQUANTS = tuple(Scheme(k) for k in ("q3_k", "q4_k", "q5_k", "q6_k"))
+
+
 # target -> {"linear": schemes, "embedding": schemes}: what each runtime runs exactly (the
 # writers' own checks, `edgequant.targets.check`, have the last word on every packed module)
 TARGET_SCHEMES: dict[str, dict[str, tuple[Scheme, ...]]] = {
@@ -76,9 +81,18 @@ TARGET_SCHEMES: dict[str, dict[str, tuple[Scheme, ...]]] = {
         ),  # fmt: skip
         "embedding": (*(_int4(g, "none") for g in _INT4_GROUPS), Scheme("int8"), Scheme("fp16")),
     },
-    "gguf": {  # the types edgequant writes bit-exactly: Q4_0, Q5_0, Q8_0, F16
-        "linear": (*(_gguf_block(b) for b in ("int4", "int5", "int8")), Scheme("fp16")),
-        "embedding": (*(_gguf_block(b) for b in ("int4", "int5", "int8")), Scheme("fp16")),
+    "gguf": {  # the types edgequant writes bit-exactly: Q4_0, Q5_0, Q8_0, F16, and llama.cpp's
+        # own K-quants (rows of a multiple of 256 values; rounded by its quantizer)
+        "linear": (
+            *(_gguf_block(b) for b in ("int4", "int5", "int8")),
+            *_KQUANTS,
+            Scheme("fp16"),
+        ),  # fmt: skip
+        "embedding": (
+            *(_gguf_block(b) for b in ("int4", "int5", "int8")),
+            *_KQUANTS,
+            Scheme("fp16"),
+        ),  # fmt: skip
     },
 }
 
@@ -87,8 +101,9 @@ def candidates(targets: list[str], kind: str) -> list[Scheme]:
     """The schemes every one of ``targets`` runs exactly for a module of ``kind`` (``linear``
     or ``embedding``), in the first target's order.
 
-    >>> [s.describe() for s in candidates(["gguf"], "linear")]
-    ['int4 g32 sym fp16-scales', 'int5 g32 sym fp16-scales', 'int8 g32 sym fp16-scales', 'fp16']
+    >>> [s.describe() for s in candidates(["gguf"], "linear")]  # doctest: +NORMALIZE_WHITESPACE
+    ['int4 g32 sym fp16-scales', 'int5 g32 sym fp16-scales', 'int8 g32 sym fp16-scales',
+     'q3_k', 'q4_k', 'q5_k', 'q6_k', 'fp16']
     >>> [s.describe() for s in candidates(["pte", "gguf"], "linear")]
     ['fp16']
     """
@@ -459,8 +474,9 @@ def gptq_rounded(
 ) -> dict[tuple[Group, Scheme], nn.Module]:
     """The packed module of every decoder-layer linear in ``options`` (and of an untied head:
     a head sharing the embedding's weight is rounded as mse does) for each of its candidates
-    whose algorithm is ``gptq``, rounded by GPTQ on the Hessian of the inputs the float model
-    gives it on the ``calibration`` batches (`edgequant.layerwise.float_hessians`: every layer
+    whose algorithm is ``gptq`` (or a K-quant's ``imatrix``), rounded by GPTQ (llama.cpp's
+    quantizer weighing columns by the Hessian's diagonal) on the Hessian of the inputs the float
+    model gives it on the ``calibration`` batches (`edgequant.layerwise.float_hessians`: every layer
     float, so each module is rounded as if it alone were quantized, as the sensitivity asks).
     Without it the sensitivity of a GPTQ candidate is that of mse rounding, which after a
     rotation over-states what GPTQ leaves several times over (SmolLM2's rotated head at int4
@@ -471,7 +487,7 @@ def gptq_rounded(
     heads = [g for g in options if g.kind == "linear" and g.layer is None and g.tied_with is None
              and len(g.fqns) == 1 and layerwise.head_norm(model, g.fqns) is not None]  # fmt: skip
     in_layers = [g for g in options if g.kind == "linear" and g.layer is not None]
-    wanted = {g: [s for s in options[g] if s is not None and s.algorithm == "gptq"]
+    wanted = {g: [s for s in options[g] if s is not None and s.algorithm in ("gptq", "imatrix")]
               for g in in_layers + heads}  # fmt: skip
     by_fqn = {g.name: g for g, schemes in wanted.items() if schemes}
     rounded: dict[tuple[Group, Scheme], nn.Module] = {}
@@ -479,7 +495,10 @@ def gptq_rounded(
         for fqn, h in hessians.items():
             group, module = by_fqn[fqn], model.get_submodule(fqn)
             for scheme in wanted[group]:
-                result = algorithms.gptq(linear_weight(module), scheme, h, **scheme.params)
+                if scheme.algorithm == "imatrix":
+                    result = layerwise.imatrix_rounded(linear_weight(module), scheme, h)
+                else:
+                    result = algorithms.gptq(linear_weight(module), scheme, h, **scheme.params)
                 rounded[group, scheme] = QuantizedLinear.from_float(
                     module, scheme, name=fqn, result=result
                 )

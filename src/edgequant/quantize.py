@@ -414,8 +414,9 @@ def pack(model: nn.Module, lp: LayerPlan, result, packed: dict[str, nn.Module]) 
     module = model.get_submodule(lp.fqn)
     cls = QuantizedEmbedding if lp.kind == "embedding" else QuantizedLinear
     if lp.tied_to is None:
-        if result is None and lp.scheme.algorithm in NEEDS_CALIBRATION:
-            # a lookup table (or a linear tied to one) has no input Hessian: mse instead
+        if result is None and lp.scheme.algorithm in NEEDS_CALIBRATION and lp.scheme.is_integer:
+            # a lookup table (or a linear tied to one) has no input Hessian: mse instead (a
+            # K-quant: llama.cpp's quantizer without an importance)
             weight = module.weight if lp.kind == "embedding" else linear_weight(module)
             result = algorithms.quantize_weight(weight, _as_mse(lp.scheme), name=lp.fqn)
         return cls.from_float(module, lp.scheme, name=lp.fqn, result=result)

@@ -3,9 +3,11 @@
 A scheme is data, never guessed from a name: artifacts store it field by field.
 
 Weight dtypes: ``int2`` .. ``int8`` (integers with scales), ``fp16`` / ``bf16`` (a plain cast),
-``fp32`` (kept as is). Activation modes: ``none`` (float compute), ``int8_dynamic`` (each token's
-activations quantized to int8 at run time with its own scale, integer matmul, float output),
-``int8_static`` (one activation scale from calibration).
+``fp32`` (kept as is), ``q2_k`` .. ``q6_k`` (llama.cpp's K-quant blocks, rounded by llama.cpp's
+own quantizer and stored as its bytes: `edgequant.kquants`; a GGUF runs them). Activation modes:
+``none`` (float compute), ``int8_dynamic`` (each token's activations quantized to int8 at run
+time with its own scale, integer matmul, float output), ``int8_static`` (one activation scale
+from calibration).
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ import torch
 from edgequant.primitives import FLOAT_DTYPES, GRANULARITIES
 
 INT_DTYPES = tuple(f"int{b}" for b in range(2, 9))
-WEIGHT_DTYPES = INT_DTYPES + ("fp16", "bf16", "fp32")
+# llama.cpp's K-quants: super-blocks of 256 values of a row (`edgequant.kquants`)
+KQUANT_DTYPES = tuple(f"q{b}_k" for b in range(2, 7))
+WEIGHT_DTYPES = INT_DTYPES + ("fp16", "bf16", "fp32") + KQUANT_DTYPES
 ACTIVATIONS = ("none", "int8_dynamic", "int8_static")
 # Algorithms (edgequant.algorithms) and the parameters each takes, with their types.
 ALGORITHMS: dict[str, dict[str, type]] = {
@@ -50,6 +54,9 @@ ALGORITHMS: dict[str, dict[str, type]] = {
         "magnitude": float,
     },
     "smoothquant": {"alpha": float, "grid": int, "tokens": int},
+    # llama.cpp's quantizer weighing each input column by its calibration inputs' mean square
+    # (what llama-imatrix gathers); K-quant weights only
+    "imatrix": {},
 }
 # The values each parameter may take: (low, high) inclusive, low excluded where marked "(",
 # or the allowed strings. The bounds keep out what cannot mean anything (NaN, negatives) and
@@ -94,7 +101,7 @@ def _param_range_error(name: str, value: Any) -> str | None:
 
 
 # Algorithms that need calibration data (`edgequant.calibration`).
-NEEDS_CALIBRATION = ("gptq", "awq", "smoothquant")
+NEEDS_CALIBRATION = ("gptq", "awq", "smoothquant", "imatrix")
 # Algorithms that rescale a linear's input channels and fold the inverse into the op before it.
 SMOOTHING = ("awq", "smoothquant")
 
@@ -175,7 +182,19 @@ algorithm_params=())
                 f"Scheme: algorithm {self.algorithm!r} works per channel or per group, not "
                 "per_tensor"
             )
-        if self.algorithm != "minmax" and not self.is_integer:
+        if self.is_kquant and self.algorithm not in ("minmax", "imatrix"):
+            raise ValueError(
+                f"Scheme: a {self.weight} weight is rounded by llama.cpp's quantizer: algorithm "
+                f"'minmax' (no importance) or 'imatrix' (weighed by calibration inputs), not "
+                f"{self.algorithm!r}"
+            )
+        if self.algorithm == "imatrix" and not self.is_kquant:
+            raise ValueError(
+                f"Scheme: algorithm 'imatrix' is llama.cpp's quantizer for K-quant weights "
+                f"{list(KQUANT_DTYPES)}, not {self.weight!r} (gptq weighs an integer weight by "
+                "its calibration inputs)"
+            )
+        if self.algorithm != "minmax" and not self.is_integer and not self.is_kquant:
             raise ValueError(
                 f"Scheme: algorithm {self.algorithm!r} chooses integers and scales; a "
                 f"{self.weight} weight is a plain cast (leave algorithm at 'minmax')"
@@ -195,6 +214,12 @@ algorithm_params=())
         if self.scale_dtype not in FLOAT_DTYPES:
             raise bad("scale_dtype", self.scale_dtype, list(FLOAT_DTYPES))
         if not self.is_integer:
+            if self.activation != "none" and self.is_kquant:
+                raise ValueError(
+                    f"Scheme: a {self.weight} weight meets activations llama.cpp rounds itself "
+                    f"(8-bit blocks); activation {self.activation!r} does not apply, leave it "
+                    "at 'none'"
+                )
             if self.activation != "none":
                 raise ValueError(
                     f"Scheme: a {self.weight} weight computes in float; activation "
@@ -209,9 +234,10 @@ algorithm_params=())
             }
             for name, default in integer_only.items():
                 if getattr(self, name) != default:
+                    kind = "llama.cpp's blocks" if self.is_kquant else "a plain cast"
                     raise ValueError(
                         f"Scheme: {name} {getattr(self, name)!r} does not apply to a "
-                        f"{self.weight} weight (a plain cast); leave it at {default!r}"
+                        f"{self.weight} weight ({kind}); leave it at {default!r}"
                     )
             return
         if self.granularity == "per_group":
@@ -234,13 +260,19 @@ algorithm_params=())
         return self.weight in INT_DTYPES
 
     @property
+    def is_kquant(self) -> bool:
+        """True for llama.cpp's K-quant blocks (``q2_k`` .. ``q6_k``)."""
+        return self.weight in KQUANT_DTYPES
+
+    @property
     def bits(self) -> int:
-        """Bits of one stored weight value (16 for fp16/bf16, 32 for fp32)."""
-        return (
-            int(self.weight[3:])
-            if self.is_integer
-            else {"fp16": 16, "bf16": 16}.get(self.weight, 32)
-        )
+        """Bits of one stored weight value (16 for fp16/bf16, 32 for fp32; a K-quant's integer
+        width, 4 for ``q4_k``)."""
+        if self.is_integer:
+            return int(self.weight[3:])
+        if self.is_kquant:
+            return int(self.weight[1])
+        return {"fp16": 16, "bf16": 16}.get(self.weight, 32)
 
     @property
     def torch_scale_dtype(self) -> torch.dtype:
@@ -255,7 +287,13 @@ algorithm_params=())
         4.5
         >>> Scheme("int3", "per_group", 32, scale_dtype="fp16").bits_per_weight(2048, 4096)
         8.5
+        >>> Scheme("q6_k").bits_per_weight(2048, 4096)  # 210 bytes a block of 256
+        6.5625
         """
+        if self.is_kquant:
+            from edgequant.kquants import BLOCK_BYTES, BLOCK_VALUES
+
+            return 8 * BLOCK_BYTES[self.weight] / BLOCK_VALUES
         if not self.is_integer:
             return float(self.bits)
         value_bits = self.bits if self.bits in (2, 4) else 8
@@ -272,7 +310,18 @@ algorithm_params=())
 
         >>> Scheme("int8").rounded_by("hqq").algorithm, Scheme("fp16").rounded_by("hqq").algorithm
         ('hqq', 'minmax')
+
+        A K-quant is rounded by llama.cpp's quantizer: with the importance of its calibration
+        inputs (``imatrix``) when ``algorithm`` calibrates, without otherwise.
+
+        >>> Scheme("q4_k").rounded_by("gptq").algorithm, Scheme("q4_k").rounded_by("hqq").algorithm
+        ('imatrix', 'minmax')
         """
+        if self.is_kquant:
+            return dataclasses.replace(
+                self, algorithm="imatrix" if algorithm in NEEDS_CALIBRATION else "minmax",
+                algorithm_params=(),
+            )  # fmt: skip
         if not self.is_integer:
             return self
         return dataclasses.replace(self, algorithm=algorithm, algorithm_params=params)
@@ -283,6 +332,8 @@ algorithm_params=())
         >>> Scheme("int8").describe()
         'int8 per-channel sym'
         """
+        if self.is_kquant:
+            return self.weight + (", imatrix" if self.algorithm == "imatrix" else "")
         if not self.is_integer:
             return self.weight
         gran = {"per_tensor": "per-tensor", "per_channel": "per-channel"}.get(

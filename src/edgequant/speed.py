@@ -54,7 +54,7 @@ def kind(scheme) -> str:
     ``int8``, or ``int4`` (4 bits or fewer)."""
     if scheme is None or scheme.weight == "fp32":
         return "fp32"
-    if not scheme.is_integer:
+    if not scheme.is_integer and not scheme.is_kquant:
         return "fp16"
     return "int8" if scheme.bits > 4 else "int4"
 

@@ -8,6 +8,7 @@ edgequant scheme                               GGUF type    block
 int4, symmetric, group 32, fp16 scales         ``Q4_0``     fp16 ``d``, 32 nibbles ``q + 8``
 int5, symmetric, group 32, fp16 scales         ``Q5_0``     fp16 ``d``, 32 high bits, 32 nibbles
 int8, symmetric, group 32, fp16 scales         ``Q8_0``     fp16 ``d``, 32 int8 ``q``
+q2_k .. q6_k (llama.cpp's own blocks)          ``Q2_K`` ..  the bundle's bytes (`edgequant.kquants`)
 fp16 / bf16 / fp32 (and float modules)         ``F16`` / ``BF16`` / ``F32``
 =============================================  ===========  =====================================
 
@@ -48,6 +49,8 @@ def exact_type(scheme: Scheme | None) -> str | None:
     """
     if scheme is None or scheme.weight == "fp32":
         return "F32"
+    if scheme.is_kquant:
+        return scheme.weight.upper()
     if scheme.weight in ("fp16", "bf16"):
         return {"fp16": "F16", "bf16": "BF16"}[scheme.weight]
     block = (
@@ -70,8 +73,8 @@ def gguf_problem(module) -> tuple[str, str] | None:
         return None
     nearest = nearest_scheme(module.scheme, module.cols)
     return (
-        f"GGUF has no exact type for {module.scheme.describe()} (exact: Q4_0, Q5_0, Q8_0, F16, "
-        "BF16, F32)",
+        f"GGUF has no exact type for {module.scheme.describe()} (exact: Q4_0, Q5_0, Q8_0, "
+        "Q2_K..Q6_K, F16, BF16, F32)",
         f"{nearest.describe()} ({exact_type(nearest)})",
     )
 
@@ -151,6 +154,9 @@ def encode(
     if isinstance(module, (QuantizedLinear, QuantizedEmbedding)):
         scheme = module.scheme
         kind = exact_type(scheme)
+        if scheme.is_kquant:  # llama.cpp's bytes as they are; q/k rows in the file's order
+            blocks = permute(module.blocks) if permute else module.blocks
+            return blocks.contiguous().numpy(), kind
         if kind in _BLOCKS:
             blocks = _BLOCKS[kind]
             if permute:  # q/k: rows reordered within each head
@@ -208,6 +214,12 @@ def file_type(tensors: Iterable) -> int:
         "Q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
         "Q5_0": gguf.LlamaFileType.MOSTLY_Q5_0,
         "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+        # K-quants: llama.cpp's mixes named for them (the _S ones hold mostly that type)
+        "Q2_K": gguf.LlamaFileType.MOSTLY_Q2_K,
+        "Q3_K": gguf.LlamaFileType.MOSTLY_Q3_K_S,
+        "Q4_K": gguf.LlamaFileType.MOSTLY_Q4_K_S,
+        "Q5_K": gguf.LlamaFileType.MOSTLY_Q5_K_S,
+        "Q6_K": gguf.LlamaFileType.MOSTLY_Q6_K,
     }
     return int(table[common])
 

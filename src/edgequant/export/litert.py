@@ -59,6 +59,11 @@ _BLOCKS = (32, 64, 128, 256)
 def litert_problem(module: nn.Module) -> tuple[str, str] | None:
     """Why this packed module cannot be written to LiteRT as stored, and the nearest scheme."""
     s = module.scheme
+    if s.is_kquant:
+        return (
+            f"{s.weight} is llama.cpp's K-quant block format: only a GGUF runs it",
+            "int4 blocks or int8 per-channel",
+        )
     if s.weight == "fp16" and s.activation == "none":
         return None
     if not s.is_integer:

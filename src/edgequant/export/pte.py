@@ -45,6 +45,11 @@ from edgequant.layers import QuantizedEmbedding, QuantizedLinear
 def xnnpack_problem(module: nn.Module) -> tuple[str, str] | None:
     """Why XNNPACK cannot run this packed module as stored, and the nearest scheme it can."""
     s = module.scheme
+    if s.is_kquant:
+        return (
+            f"{s.weight} is llama.cpp's K-quant block format: only a GGUF runs it",
+            "int4 g32 (8da4w) or int8 per-channel with activation int8_dynamic",
+        )
     if s.weight == "bf16":
         return ("XNNPACK has no bf16 kernels here", "fp16")
     if s.weight == "fp16" and s.activation == "none":

@@ -15,8 +15,8 @@ Which one a layer uses is decided once per layer by `choose` (measured choices, 
   activations with bf16 scales / zeros;
 - ``int4_dynamic`` (8da4w): activations quantized per token; the integers ``q - zero_point``
   (exact in bf16, |v| <= 255) go through the int4 kernel, the token scales are applied after;
-- ``upcast_cached`` (fp16 / bf16 weights): the reference computation with the fp32 weight made
-  once and cached (bit-exact with the reference; run-time memory of a float layer).
+- ``upcast_cached`` (fp16 / bf16 and K-quant weights): the reference computation with the fp32
+  weight made once and cached (bit-exact with the reference; run-time memory of a float layer).
 
 bf16 appears only where the result of a kernel is rounded (about 3 significant digits); the
 tests hold every fast kernel to an SQNR floor against its reference.
@@ -46,7 +46,7 @@ _INT4_GROUPS = (32, 64, 128, 256)
 def choose(layer) -> str | None:
     """Name of the fast kernel for this layer's scheme and shape, or None for the reference."""
     s = layer.scheme
-    if s.weight in ("fp16", "bf16"):
+    if s.weight in ("fp16", "bf16") or s.is_kquant:
         return "upcast_cached"
     if not s.is_integer:
         return None
@@ -177,11 +177,12 @@ def int4_dynamic(x: torch.Tensor, layer) -> torch.Tensor:
 
 
 def upcast_cached(x: torch.Tensor, layer) -> torch.Tensor:
-    """fp16 / bf16 weights with fp32 activations and compute, exactly as the reference, but the
-    fp32 weight is made once and kept: upcasting on every call was 7-8x slower than fp32 here,
-    and a matmul in fp16 would round the activations (logits SQNR 72 -> 66 dB on stories260K).
-    Run-time memory is therefore that of the float layer; the bundle stores the 16-bit weight."""
-    weight = _cached(layer, "fp32_weight", lambda: layer.weight.float())
+    """fp16 / bf16 (and K-quant) weights with fp32 activations and compute, exactly as the
+    reference, but the fp32 weight is made once and kept: upcasting on every call was 7-8x
+    slower than fp32 here, and a matmul in fp16 would round the activations (logits SQNR 72 ->
+    66 dB on stories260K). Run-time memory is therefore that of the float layer; the bundle
+    stores the 16-bit weight (a K-quant's blocks)."""
+    weight = _cached(layer, "fp32_weight", lambda: layer.dequantized_weight())
     return torch.nn.functional.linear(x.float(), weight, layer.bias)
 
 

@@ -62,8 +62,10 @@ def linear_as(x: torch.Tensor, layer, runtime: str) -> torch.Tensor:
     """`linear` with the input rounded as ``runtime`` rounds it instead of as the scheme says.
 
     ``ggml`` (llama.cpp's CPU backend): an integer weight (written as Q4_0 / Q5_0 / Q8_0) meets
-    Q8_0 activation blocks; an fp16 / bf16 weight meets activations converted to its dtype; fp32
-    activations stay as they are.
+    Q8_0 activation blocks; an fp16 / bf16 weight meets activations converted to its dtype;
+    fp32 activations stay as they are, and so do a K-quant weight's (llama.cpp rounds them to
+    8-bit blocks of 256, Q8_K; not modelled here: on a random 256-wide Llama the eager model's
+    logits are 36 dB from llama.cpp's either way).
     """
     check_runtime(runtime)
     scheme = layer.scheme
@@ -89,6 +91,11 @@ def linear(x: torch.Tensor, layer) -> torch.Tensor:
 def embedding(ids: torch.Tensor, layer) -> torch.Tensor:
     """Gather the packed rows of ``ids`` and dequantize only those."""
     scheme = layer.scheme
+    if scheme.is_kquant:
+        from edgequant import kquants
+
+        rows = kquants.dequantize(layer.blocks[ids.reshape(-1)], scheme.weight)
+        return rows.reshape(*ids.shape, layer.cols)
     if not scheme.is_integer:
         return F.embedding(ids, layer.weight).float()
     flat = ids.reshape(-1)
