@@ -544,7 +544,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("pte", "tflite", "gguf"),
         required=True,
         help="pte: ExecuTorch, XNNPACK; tflite: LiteRT (fp32, fp16, int8 per-channel, int4 "
-        "blocks); gguf: llama.cpp (Q4_0, Q5_0, Q8_0, F16, BF16, F32)",
+        "blocks); gguf: llama.cpp (Q4_0, Q5_0, Q8_0, Q2_K..Q6_K, F16, BF16, F32)",
     )
     p.add_argument("--artifact", required=True, help="the bundle folder to export")
     p.add_argument("--out", required=True, help="the file to write")
