@@ -170,16 +170,9 @@ def test_written_bytes_of_each_gguf_candidate(stories260k, tmp_path):
 def test_k_quants_are_gguf_candidates_where_rows_allow(stories260k, tmp_path):
     """A random Llama with 256-wide rows: its linears take llama.cpp's K-quants (a 64-wide
     model's do not); a file's bytes grow by what `stored_bytes` counts for them."""
-    import transformers
-
     from edgequant.export import to_gguf
 
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        hidden_size=256, intermediate_size=512, num_hidden_layers=1, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=512, tie_word_embeddings=True,
-    )  # fmt: skip
-    model = transformers.LlamaForCausalLM(config).eval()
+    model = _llama_256(layers=1, vocab=512, tied=True)
     down = next(g for g in mixed.groups_of(model) if g.name.endswith("down_proj"))
     weights = [s.weight if s else None for s in mixed.options_for(down, ["gguf"], "gptq")]
     assert weights == ["int4", "int5", "int8", "q3_k", "q4_k", "q5_k", "q6_k", "fp16", None]
@@ -221,33 +214,45 @@ def test_sensitivity_is_the_kl_of_the_model_with_that_group_alone_quantized(tiny
     assert measured[groups[8]][0] > measured[groups[8]][1] > 0  # int4 costs more than int8
 
 
-def _gptq_by_hand(model, module, scheme, batches):
-    """GPTQ of ``module`` on the Hessian of the inputs the float model gives it on ``batches``."""
-    from edgequant import algorithms
-    from edgequant.layers import linear_weight
-
+def _float_inputs(model, module, batches) -> torch.Tensor:
+    """The inputs the float model gives ``module`` on ``batches``, ``[tokens, features]``."""
     inputs = []
     hook = module.register_forward_hook(lambda m, args, out: inputs.append(args[0][0]))
     with torch.no_grad():
         for ids in batches:
             model(ids)
     hook.remove()
-    return algorithms.gptq(linear_weight(module), scheme, algorithms.hessian(torch.cat(inputs)))
+    return torch.cat(inputs)
+
+
+def _gptq_by_hand(model, module, scheme, batches):
+    """GPTQ of ``module`` on the Hessian of the inputs the float model gives it on ``batches``."""
+    from edgequant import algorithms
+    from edgequant.layers import linear_weight
+
+    x = _float_inputs(model, module, batches)
+    return algorithms.gptq(linear_weight(module), scheme, algorithms.hessian(x))
+
+
+def _llama_256(layers: int, vocab: int, tied: bool):
+    """A random Llama whose rows are multiples of 256 (hidden 256, feed-forward 512): llama.cpp's
+    K-quants fit them."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        hidden_size=256, intermediate_size=512, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=vocab, tie_word_embeddings=tied,
+    )  # fmt: skip
+    return transformers.LlamaForCausalLM(config).eval()
 
 
 def test_imatrix_candidates_are_rounded_with_the_float_models_inputs():
     """A K-quant candidate of a GPTQ budget is llama.cpp's rounding weighed by the mean square
     of each input column the float model gives the module."""
-    import transformers
-
     from edgequant import kquants
 
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=128,
-    )  # fmt: skip
-    model = transformers.LlamaForCausalLM(config).eval()
+    model = _llama_256(layers=2, vocab=128, tied=True)
     group = next(g for g in mixed.groups_of(model) if g.name == "model.layers.1.mlp.down_proj")
     q4_k = Scheme("q4_k").rounded_by("gptq")
     generator = torch.Generator().manual_seed(2)
@@ -255,13 +260,7 @@ def test_imatrix_candidates_are_rounded_with_the_float_models_inputs():
     rounded = mixed.gptq_rounded(model, {group: [q4_k, Scheme("q4_k"), None]}, batches)
     assert list(rounded) == [(group, q4_k)]
     module = model.get_submodule(group.name)
-    inputs = []
-    hook = module.register_forward_hook(lambda m, args, out: inputs.append(args[0][0]))
-    with torch.no_grad():
-        for ids in batches:
-            model(ids)
-    hook.remove()
-    x = torch.cat(inputs)
+    x = _float_inputs(model, module, batches)
     want = kquants.quantize(module.weight, "q4_k", (x * x).mean(0))
     same = (rounded[group, q4_k].blocks == want).float().mean()
     plain = (kquants.quantize(module.weight, "q4_k") == want).float().mean()
