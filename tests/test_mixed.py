@@ -400,6 +400,19 @@ def test_quantize_with_a_budget_writes_the_chosen_recipe_and_its_file(tmp_path):
     assert report["recipe"]["rotate"] == "hadamard" and report["bundle_reloads_identically"]
     assert ["output"] in [m["fqns"] for m in allocation["modules"]]  # untied by the rotation
     assert allocation["allocated_bytes"] <= allocation["budget_bytes"]
+    # what other budgets would buy: 8 budgets from the fewest bytes to every module at 8 bits,
+    # the predicted KL falling as they grow; the chosen budget's no worse than a smaller one's
+    curve = allocation["curve"]
+    low, high = allocation["reachable_bytes"]
+    assert curve[0]["budget_bytes"] == low < curve[-1]["budget_bytes"] < high
+    assert len(curve) == 8 and all(p["allocated_bytes"] <= p["budget_bytes"] for p in curve)
+    kls = [p["predicted_kl"] for p in curve]
+    assert kls == sorted(kls, reverse=True) and kls[-1] < kls[0]
+    smaller = [p for p in curve if p["budget_bytes"] <= allocation["budget_bytes"]]
+    assert allocation["predicted_kl"] <= smaller[-1]["predicted_kl"]
+    page = (out / "report.html").read_text()  # the card shows the allocation and the curve
+    assert "The budget's allocation" in page and "the budget: predicted and measured" in page
+    assert f"{allocation['allocated_bytes']:,} bytes" in page
     chosen = {m["scheme"] for m in allocation["modules"]}
     assert chosen <= {"int4 g32 sym fp16-scales", "int5 g32 sym fp16-scales",
                       "int8 g32 sym fp16-scales", "fp16", None}  # fmt: skip

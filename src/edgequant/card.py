@@ -1,6 +1,7 @@
 """The recipe card: ``report.html`` beside the bundle, one self-contained page (no network, plots
 inline as SVG) made from ``report.json``: the model and the recipe resolved per role and
 layer, the eager model and every deployed file measured in its runtime, a KL-versus-bytes plot,
+for a budget run its allocation and the predicted KL at other budgets,
 the per-layer SQNR plot, and each file's greedy answer to one chat prompt.
 
 Numbers are printed as in ``report.md`` (KL to 4 decimals, tokens/s to 1), so the page's text
@@ -107,6 +108,58 @@ def kl_bytes_plot(report: dict[str, Any]) -> str | None:
     svg = _svg(fig)
     plt.close(fig)
     return svg
+
+
+def budget_plot(report: dict[str, Any]) -> str | None:
+    """For a budget run (``report["allocation"]``): the predicted KL against the weights' bytes
+    at other budgets (`edgequant.mixed.predicted_curve`), the chosen budget's prediction, and
+    what was measured at it (the eager model, each file), as SVG."""
+    allocation = report.get("allocation") or {}
+    curve = allocation.get("curve")
+    if not curve:
+        return None
+    plt, (fig, ax) = _figure(6.5, 4)
+    mb = [p["allocated_bytes"] / 1e6 for p in curve]
+    ax.plot(mb, [max(p["predicted_kl"], 1e-5) for p in curve], "o-", color="grey",
+            label="predicted, other budgets")  # fmt: skip
+    x = allocation["allocated_bytes"] / 1e6
+    ax.scatter(x, max(allocation["predicted_kl"], 1e-5), marker="D", s=50,
+               label=f"predicted, {allocation['budget']}")  # fmt: skip
+    measured = [("eager", report.get("kl_divergence"))] + [
+        (name, row.get("kl_divergence")) for name, row in (report.get("targets") or {}).items()
+    ]
+    for name, kl in measured:
+        if kl is not None:
+            ax.scatter(x, max(kl, 1e-5), marker="o", s=40, label=f"measured, {name}")
+    ax.set_yscale("log")
+    ax.set_xlabel("weights as the targets' files store them (MB)")
+    ax.set_ylabel("KL(float || quantized), nats/token")
+    ax.set_title("the budget: predicted and measured")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    svg = _svg(fig)
+    plt.close(fig)
+    return svg
+
+
+def allocation_rows(report: dict[str, Any]) -> list[list[str]]:
+    """The budget run's facts as table rows (none without ``report["allocation"]``)."""
+    a = report.get("allocation")
+    if not a:
+        return []
+    counts: dict[str, int] = defaultdict(int)
+    for m in a["modules"]:
+        counts[m["scheme"] or "float"] += 1
+    low, high = a["reachable_bytes"]
+    by_count = sorted(counts.items(), key=lambda item: -item[1])
+    return [
+        ["budget", f"{a['budget']} = {a['budget_bytes']:,} bytes for {', '.join(a['targets'])}"],
+        ["reachable", f"{low:,} to {high:,} bytes"],
+        ["allocated", f"{a['allocated_bytes']:,} bytes"],
+        ["predicted KL", f"{a['predicted_kl']:.4f} (the sum of each module's own)"],
+        ["sensitivity", f"{a['sensitivity']} on {a['sensitivity_windows']} tokens"],
+        ["schemes", "; ".join(f"{n} x {k}" for k, n in by_count)],
+    ]  # fmt: skip
 
 
 def sqnr_plot(report: dict[str, Any]) -> str | None:
@@ -247,7 +300,10 @@ def render(report: dict[str, Any]) -> str:
         for label, row in anchors.items():
             if "skipped" in row:
                 parts.append(f"<p class='skip'>{e(label)} skipped: {e(row['skipped'])}</p>")
-    plots = [p for p in (kl_bytes_plot(report), sqnr_plot(report)) if p]
+    budget = allocation_rows(report)
+    if budget:
+        parts += ["<h2>The budget's allocation</h2>", _table(["", ""], budget)]
+    plots = [p for p in (kl_bytes_plot(report), budget_plot(report), sqnr_plot(report)) if p]
     if plots:
         parts += ["<h2>Plots</h2>", "<div class='plots'>", *plots, "</div>"]
     parts += ["<h2>Recipe, resolved per role and layer</h2>"]

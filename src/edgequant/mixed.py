@@ -664,6 +664,42 @@ def choose(table: dict[Group, list[Option]], budget: str | Budget) -> tuple[Any,
     return recipe, facts
 
 
+CURVE_POINTS = 8  # budgets of `predicted_curve`, over the reachable range
+
+
+def predicted_curve(table: dict[Group, list[Option]], points: int = CURVE_POINTS) -> list[dict]:
+    """What other budgets would buy, from the same table: the allocator's choice (`allocate`)
+    at ``points`` budgets spread evenly from the fewest bytes the modules can store to every
+    module at its largest integer scheme (8 bits; beyond it only float is left, which costs
+    next to nothing), each as its budget, its allocated bytes and its predicted KL (the recipe
+    card plots it).
+
+    >>> from edgequant.schemes import Scheme
+    >>> table = {Group(("a",), "linear", (1, 8), None, 0): [
+    ...     Option(Scheme("int4", "per_group", 4), 1, 1.0), Option(Scheme("int8"), 2, 0.1),
+    ...     Option(None, 8, 0.0)]}
+    >>> [(p["allocated_bytes"], p["predicted_kl"]) for p in predicted_curve(table, 2)]
+    [(1, 1.0), (2, 0.1)]
+    """
+    by_name = {g.name: opts for g, opts in table.items()}
+    low = sum(min(o.bytes for o in opts) for opts in by_name.values())
+    high = sum(
+        max((o.bytes for o in opts if o.scheme is not None
+             and (o.scheme.is_integer or o.scheme.is_kquant)),
+            default=max(o.bytes for o in opts))
+        for opts in by_name.values()
+    )  # fmt: skip
+    curve = []
+    for k in range(points):
+        budget = low + (high - low) * k // max(points - 1, 1)
+        chosen = allocate(by_name, budget)
+        picks = [by_name[name][i] for name, i in chosen.items()]
+        curve.append({"budget_bytes": budget,
+                      "allocated_bytes": sum(o.bytes for o in picks),
+                      "predicted_kl": sum(o.cost for o in picks)})  # fmt: skip
+    return curve
+
+
 def budget_recipe(
     model: nn.Module,
     budget: str | Budget,
@@ -680,7 +716,7 @@ def budget_recipe(
     module among the schemes all ``targets`` run exactly (and float); ``algorithm`` rounds the
     integer schemes (minmax by default; gptq's candidates are rounded by GPTQ on
     ``calibration`` for the sensitivity when given). Returns the recipe and `choose`'s facts,
-    with the targets and how the sensitivity was found."""
+    with the targets, how the sensitivity was found and the `predicted_curve`."""
     if isinstance(budget, str):
         budget = parse_budget(budget)
     groups = groups_of(model, apart=decided_apart(targets))
@@ -692,7 +728,8 @@ def budget_recipe(
                          calibration=calibration)  # fmt: skip
     recipe, facts = choose(table, budget)
     return recipe, {**facts, "targets": list(targets), "sensitivity": measure,
-                    "sensitivity_windows": list(windows.shape)}  # fmt: skip
+                    "sensitivity_windows": list(windows.shape),
+                    "curve": predicted_curve(table)}  # fmt: skip
 
 
 def sensitivity_windows(tokenizer) -> torch.Tensor:
