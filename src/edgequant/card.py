@@ -302,7 +302,7 @@ def render(report: dict[str, Any]) -> str:
                 parts.append(f"<p class='skip'>{e(label)} skipped: {e(row['skipped'])}</p>")
     budget = allocation_rows(report)
     if budget:
-        parts += ["<h2>The budget's allocation</h2>", _table(["", ""], budget)]
+        parts += ["<h2>The budget's allocation</h2>", _table(["", "value"], budget)]
     plots = [p for p in (kl_bytes_plot(report), budget_plot(report), sqnr_plot(report)) if p]
     if plots:
         parts += ["<h2>Plots</h2>", "<div class='plots'>", *plots, "</div>"]
