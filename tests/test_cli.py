@@ -380,7 +380,7 @@ def test_quantize_with_an_algorithm_and_calibration(stories260k, tmp_path, capsy
     assert main([*base, "--algorithm", "gptx", "--out", str(out)]) == 2
     assert (
         "algorithm 'gptx' does not exist; choose from ['minmax', 'mse', 'hqq', 'gptq', 'awq', "
-        "'smoothquant']" in capsys.readouterr().err
+        "'smoothquant', 'imatrix']" in capsys.readouterr().err
     )
     assert main([*base, "--algorithm", "gptq", "--out", str(out)]) == 2
     assert "needs calibration data: pass --calibration wikitext:128x512" in capsys.readouterr().err

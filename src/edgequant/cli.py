@@ -444,7 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--algorithm",
         help="minmax, mse, hqq, gptq, awq or smoothquant for every integer rule of the recipe "
-        "(default: the recipe's own)",
+        "(a K-quant rule takes imatrix for a calibrated one; default: the recipe's own)",
     )
     p.add_argument(
         "--calibration",
