@@ -75,6 +75,14 @@ def _svg(fig) -> str:
     return text[text.index("<svg") :]  # drop the XML prolog and doctype
 
 
+def _finished(plt, fig) -> str:
+    """The figure laid out, as SVG, and closed."""
+    fig.tight_layout()
+    svg = _svg(fig)
+    plt.close(fig)
+    return svg
+
+
 def _figure(width: float, height: float):
     import matplotlib
 
@@ -104,10 +112,7 @@ def kl_bytes_plot(report: dict[str, Any]) -> str | None:
     ax.set_xlabel("file size (MiB)")
     ax.set_ylabel("KL(float || quantized), nats/token")
     ax.set_title("quality against size")
-    fig.tight_layout()
-    svg = _svg(fig)
-    plt.close(fig)
-    return svg
+    return _finished(plt, fig)
 
 
 def budget_plot(report: dict[str, Any]) -> str | None:
@@ -136,10 +141,7 @@ def budget_plot(report: dict[str, Any]) -> str | None:
     ax.set_ylabel("KL(float || quantized), nats/token")
     ax.set_title("the budget: predicted and measured")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    svg = _svg(fig)
-    plt.close(fig)
-    return svg
+    return _finished(plt, fig)
 
 
 def allocation_rows(report: dict[str, Any]) -> list[list[str]]:
@@ -176,10 +178,7 @@ def sqnr_plot(report: dict[str, Any]) -> str | None:
     ax.set_ylabel("weight SQNR (dB)")
     ax.set_title("per-layer weight SQNR by role")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    svg = _svg(fig)
-    plt.close(fig)
-    return svg
+    return _finished(plt, fig)
 
 
 def anchor_rows(report: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
