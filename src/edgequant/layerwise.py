@@ -157,18 +157,21 @@ def _rounds_by_gptq(scheme: Scheme) -> bool:
     )
 
 
-def _gptq(module: nn.Module, scheme: Scheme, h: _Hessian, write: bool = True):
+def hessian_rounded(weight: torch.Tensor, scheme: Scheme, hessian: torch.Tensor,
+                    overwrite: bool = False):  # fmt: skip
+    """``weight`` rounded as a rule that `_rounds_by_gptq` rounds on its inputs' Hessian: a
+    K-quant's ``imatrix`` by llama.cpp's quantizer with the Hessian's diagonal, the others by
+    GPTQ (``overwrite``: it may use the Hessian's memory)."""
     if scheme.algorithm == "imatrix":
-        result = imatrix_rounded(linear_weight(module), scheme, h.value())
-        if write:
-            _write(module, result, scheme)
-        return result
+        return imatrix_rounded(weight, scheme, hessian)
     params = scheme.params
     if scheme.algorithm != "gptq":  # awq with gptq: true passes on its magnitude only
         params = {k: v for k, v in params.items() if k == "magnitude"}
-    result = algorithms.gptq(
-        linear_weight(module), scheme, h.take(), overwrite_hessian=True, **params
-    )
+    return algorithms.gptq(weight, scheme, hessian, overwrite_hessian=overwrite, **params)
+
+
+def _gptq(module: nn.Module, scheme: Scheme, h: _Hessian, write: bool = True):
+    result = hessian_rounded(linear_weight(module), scheme, h.take(), overwrite=True)
     if write:
         _write(module, result, scheme)
     return result

@@ -58,6 +58,8 @@ def _gguf_block(weight: str) -> Scheme:
 # llama.cpp's K-quants among a GGUF's candidates (q2_k, 2.6 bits a weight, is left out: each
 # candidate lengthens the sensitivity, and its loss is far from the budgets measured here)
 _KQUANTS = tuple(Scheme(k) for k in ("q3_k", "q4_k", "q5_k", "q6_k"))
+# GGUF stores a lookup table in the same types as a linear
+_GGUF = (*(_gguf_block(b) for b in ("int4", "int5", "int8")), *_KQUANTS, Scheme("fp16"))
 
 
 # target -> {"linear": schemes, "embedding": schemes}: what each runtime runs exactly (the
@@ -83,16 +85,8 @@ TARGET_SCHEMES: dict[str, dict[str, tuple[Scheme, ...]]] = {
     },
     "gguf": {  # the types edgequant writes bit-exactly: Q4_0, Q5_0, Q8_0, F16, and llama.cpp's
         # own K-quants (rows of a multiple of 256 values; rounded by its quantizer)
-        "linear": (
-            *(_gguf_block(b) for b in ("int4", "int5", "int8")),
-            *_KQUANTS,
-            Scheme("fp16"),
-        ),  # fmt: skip
-        "embedding": (
-            *(_gguf_block(b) for b in ("int4", "int5", "int8")),
-            *_KQUANTS,
-            Scheme("fp16"),
-        ),  # fmt: skip
+        "linear": _GGUF,
+        "embedding": _GGUF,
     },
 }
 
@@ -481,7 +475,7 @@ def gptq_rounded(
     Without it the sensitivity of a GPTQ candidate is that of mse rounding, which after a
     rotation over-states what GPTQ leaves several times over (SmolLM2's rotated head at int4
     g32: KL 0.069 mse-rounded)."""
-    from edgequant import algorithms, layerwise
+    from edgequant import layerwise
     from edgequant.layers import QuantizedLinear, linear_weight
 
     heads = [g for g in options if g.kind == "linear" and g.layer is None and g.tied_with is None
@@ -495,10 +489,7 @@ def gptq_rounded(
         for fqn, h in hessians.items():
             group, module = by_fqn[fqn], model.get_submodule(fqn)
             for scheme in wanted[group]:
-                if scheme.algorithm == "imatrix":
-                    result = layerwise.imatrix_rounded(linear_weight(module), scheme, h)
-                else:
-                    result = algorithms.gptq(linear_weight(module), scheme, h, **scheme.params)
+                result = layerwise.hessian_rounded(linear_weight(module), scheme, h)
                 rounded[group, scheme] = QuantizedLinear.from_float(
                     module, scheme, name=fqn, result=result
                 )
