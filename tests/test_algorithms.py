@@ -289,3 +289,26 @@ def test_mse_weighing_many_candidates_at_once_chooses_as_one_at_a_time(symmetric
         assert torch.equal(other.q, found[0].q) and torch.equal(other.scale, found[0].scale)
         if not symmetric:
             assert torch.equal(other.zero_point, found[0].zero_point)
+
+
+def test_gptaq_target_maps_the_rounded_inputs_to_the_float_outputs_by_least_squares():
+    g = torch.Generator().manual_seed(0)
+    xf = torch.randn(512, 16, generator=g, dtype=torch.float64) * torch.linspace(0.2, 3, 16)
+    xq = xf + 0.2 * torch.randn(512, 16, generator=g, dtype=torch.float64)
+    w = torch.randn(8, 16, generator=g)
+    n = xf.shape[0]
+    hessian, shift = 2 * xq.T @ xq / n, 2 * (xf - xq).T @ xq / n
+    best = torch.linalg.lstsq(xq, xf @ w.double().T).solution.T  # argmin |X_q W'^T - X_f W^T|
+    whole = alg.gptaq_target(w, hessian, shift, 1.0, damp=1e-12)
+    assert whole.dtype == torch.float32
+    assert torch.allclose(whole.double(), best, atol=1e-5)
+    assert (whole - w).abs().max() > 0.05  # a real step, not the weight again
+    half = alg.gptaq_target(w, hessian, shift, 0.5, damp=1e-12)
+    assert torch.allclose(half.double(), (w.double() + best) / 2, atol=1e-5)
+    assert torch.equal(alg.gptaq_target(w, hessian, shift, 0.0), w)
+    # the damping GPTQ adds to the Hessian (a fraction of its mean diagonal) shortens the step
+    damped = alg.gptaq_target(w, hessian, shift, 1.0, damp=1.0)
+    assert (damped - w).norm() < (whole - w).norm()
+    with pytest.raises(ValueError) as e:
+        alg.gptaq_target(w, hessian, shift[:4], 1.0)
+    assert str(e.value) == "hessian and shift must be [16, 16], got (16, 16) and (4, 16)"

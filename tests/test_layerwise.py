@@ -90,9 +90,9 @@ def test_sequential_gptq_rounds_each_stage_on_what_the_rounded_stages_before_it_
     taken: dict[str, dict[str, torch.Tensor]] = {}
     original = layerwise._gptq
 
-    def recording(module, scheme, h, write=True):
+    def recording(module, scheme, h, write=True, shift=None):
         taken[mode][module.edgequant_name] = h.value().clone()
-        return original(module, scheme, h, write)
+        return original(module, scheme, h, write, shift)
 
     monkeypatch.setattr(layerwise, "_gptq", recording)
     for mode in ("together", "sequential"):
@@ -194,4 +194,97 @@ def test_float_hessians_refuse_a_linear_outside_the_layers_that_is_not_the_head(
     assert str(e.value) == (
         "float_hessians: ['model.embed_tokens'] are outside the decoder layers and are not the "
         "model's head (the linear reading its final norm)"
+    )
+
+
+def _inputs_of(model, fqns: list[str], batches) -> dict[str, torch.Tensor]:
+    """fqn -> every input row ``[n, cols]`` (float64) the linears ``fqns`` read in ``model``."""
+    seen: dict[str, list[torch.Tensor]] = {f: [] for f in fqns}
+    handles = [model.get_submodule(f).register_forward_hook(
+        lambda m, a, out, f=f: seen[f].append(a[0].reshape(-1, a[0].shape[-1]).double())
+    ) for f in fqns]  # fmt: skip
+    for ids in batches:
+        model(ids, use_cache=False)
+    for h in handles:
+        h.remove()
+    return {f: torch.cat(rows) for f, rows in seen.items()}
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("sequential", [False, True])
+def test_gptaq_rounds_toward_the_float_models_outputs(monkeypatch, sequential):
+    # each linear's shift (X_f - X_q)^T X_q pairs what it reads in the float model with what it
+    # reads in the model being rounded (the layers before it rounded; with `sequential` the
+    # stages before it in its own layer too), the untied head's as well
+    import copy
+
+    from edgequant import algorithms
+    from edgequant.schemes import Scheme
+
+    batches = _batches()
+    float_model = _tiny_llama()
+    float_model.lm_head.weight = torch.nn.Parameter(float_model.lm_head.weight.detach().clone())
+    linears = [n for n, m in float_model.named_modules() if isinstance(m, torch.nn.Linear)]
+    found: dict[float, dict] = {}
+    shifts: dict[str, torch.Tensor] = {}
+    original = algorithms.gptaq_target
+
+    def recording(weight, hessian, shift, alpha, damp=0.01):
+        shifts[names[id(weight)]] = shift.clone()
+        return original(weight, hessian, shift, alpha, damp)
+
+    monkeypatch.setattr(algorithms, "gptaq_target", recording)
+    for alpha in (0.0, 0.25):
+        model = copy.deepcopy(float_model)
+        names = {id(model.get_submodule(f).weight): f for f in linears}
+        scheme = Scheme("int4", granularity="per_group", group_size=16, algorithm="gptq",
+                        algorithm_params={"gptaq": alpha, "sequential": sequential})  # fmt: skip
+        found[alpha] = layerwise.run(model, {f: scheme for f in linears}, batches)
+    assert sorted(shifts) == sorted(linears)  # alpha 0: plain GPTQ, no shift gathered
+    # the first linears read the same inputs in both models: no shift, plain GPTQ's rounding
+    for f in [f"model.layers.0.self_attn.{p}_proj" for p in "qkv"]:
+        assert torch.count_nonzero(shifts[f]) == 0, f
+        assert torch.equal(found[0.25][f].q, found[0.0][f].q), f
+
+    def round_in(model, fqns):
+        for f in fqns:
+            weight = found[0.25][f].dequantize(16).to(torch.float32)
+            model.get_submodule(f).weight = torch.nn.Parameter(weight)
+
+    # every other one against the rounded model's inputs, rebuilt here stage by stage
+    rounded = copy.deepcopy(float_model)
+    stages = [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+              ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]  # fmt: skip
+    fx = _inputs_of(float_model, linears, batches)
+    for i in range(2):
+        for stage in stages:
+            here = [f"model.layers.{i}.{n}" for n in stage]
+            xq = _inputs_of(rounded, here, batches)
+            for f in here:
+                want = 2.0 * (fx[f] - xq[f]).T @ xq[f] / xq[f].shape[0]
+                assert torch.allclose(shifts[f], want, rtol=1e-4, atol=1e-6), f
+            if sequential:  # the next stages read this one rounded
+                round_in(rounded, here)
+        round_in(rounded, [f for f in linears if f.startswith(f"model.layers.{i}.")])
+        # nothing before the first layer's down projection is rounded unless by stages
+        moved = torch.count_nonzero(shifts[f"model.layers.{i}.mlp.down_proj"]) > 0
+        assert moved == (i > 0 or sequential)
+    xq = _inputs_of(rounded, ["lm_head"], batches)["lm_head"]
+    want = 2.0 * (fx["lm_head"] - xq).T @ xq / xq.shape[0]
+    assert torch.allclose(shifts["lm_head"], want, rtol=1e-4, atol=1e-6)
+    # and the rounding changes where the shift is not zero
+    assert not torch.equal(found[0.25]["lm_head"].q, found[0.0]["lm_head"].q)
+
+
+def test_gptaq_refuses_a_linear_outside_the_layers_that_is_not_the_head():
+    from edgequant.schemes import Scheme
+
+    model = _tiny_llama()
+    scheme = Scheme("int4", granularity="per_group", group_size=16, algorithm="gptq",
+                    algorithm_params={"gptaq": 0.25})  # fmt: skip
+    with pytest.raises(ValueError) as e:
+        layerwise._outside_layers(model, {"model.embed_tokens": scheme}, _batches(), {})
+    assert str(e.value) == (
+        "gptaq: ['model.embed_tokens'] are outside the decoder layers and are not the model's "
+        "head (the linear reading its final norm); GPTAQ rounds only those; drop gptaq for them"
     )

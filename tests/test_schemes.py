@@ -139,7 +139,7 @@ INVALID = [
     (
         dict(weight="int8", algorithm="gptq", algorithm_params={"dampen": 0.1}),
         "Scheme: algorithm 'gptq' takes no parameter 'dampen'; it takes ['act_order', 'block', "
-        "'damp', 'magnitude', 'scales', 'sequential']",
+        "'damp', 'gptaq', 'magnitude', 'scales', 'sequential']",
     ),
     (
         dict(weight="int8", symmetric="yes"),
@@ -313,6 +313,8 @@ def test_describe(scheme, text):
         ("hqq", "start", "zeros", "one of ['mse', 'minmax']"),
         ("gptq", "damp", -0.01, "a number in (0.0, 10.0]"),
         ("gptq", "scales", "max", "one of ['mse', 'minmax']"),
+        ("gptq", "gptaq", 1.5, "a number in [0.0, 1.0]"),
+        ("awq", "gptaq", -0.25, "a number in [0.0, 1.0]"),
         ("awq", "tokens", 0, "an integer in [1, 1000000]"),
         ("smoothquant", "alpha", 1.5, "a number in [0.0, 1.0]"),
     ],

@@ -361,3 +361,20 @@ def test_under_a_memory_limit_below_the_float_size_only_streaming_works(tmp_path
     model, _, _ = edgequant.models.load(folder)
     edgequant.save(edgequant.quantize(model, "int8-dynamic")[0], tmp_path / "mem")
     assert _digest(tmp_path / "st/model.safetensors") == _digest(tmp_path / "mem/model.safetensors")
+
+
+def test_a_stopped_gptaq_run_resumes_to_the_in_memory_bundle(tiny_folder, tmp_path):
+    # GPTAQ carries the float model's calibration hidden states across the stop too
+    recipe = with_algorithm(edgequant.recipes.get("8da4w"), "gptq", gptaq=0.25)
+    windows = torch.randint(0, 256, (1, 32), generator=torch.Generator().manual_seed(2))
+    _in_memory(tiny_folder, recipe, tmp_path / "mem", _batches(), windows)
+    out = tmp_path / "stopped"
+    with pytest.raises(stream.Stopped, match="stopped after layer 0"):
+        stream.quantize(open_source(tiny_folder), recipe, out, calibration=_batches(),
+                        windows=windows, stop_after=0)  # fmt: skip
+    stream.quantize(open_source(tiny_folder), recipe, out, calibration=_batches(),
+                    windows=windows, resume=True)  # fmt: skip
+    assert _digest(out / "model.safetensors") == _digest(tmp_path / "mem/model.safetensors")
+    plain = with_algorithm(edgequant.recipes.get("8da4w"), "gptq")
+    _in_memory(tiny_folder, plain, tmp_path / "plain", _batches(), windows)
+    assert _digest(tmp_path / "plain/model.safetensors") != _digest(out / "model.safetensors")

@@ -19,6 +19,7 @@ energy, SmoothQuant min-max: no op before them to fold into that the model does 
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import re
@@ -109,6 +110,46 @@ class _Hessian:
         return h.mul_(2.0).div_(max(self.rows, 1))
 
 
+class _Shift:
+    """Sums ``(x_f - x_q)^T x_q`` in fp64 (GPTAQ's asymmetric term, `algorithms.gptaq_target`):
+    ``x_q`` is what a linear reads in the model being rounded (this hook's input), ``x_f`` what
+    its float twin read on the same batch (put in ``stash`` under ``name`` by `_stasher`'s
+    hook on the float layer, run just before). Linears reading one input share the product
+    through ``shared``, as `_Hessian`'s do."""
+
+    def __init__(self, cols: int, stash: dict, name: str, shared: dict) -> None:
+        self.sum = torch.zeros(cols, cols, dtype=torch.float64)
+        self.rows = 0
+        self.stash, self.name, self.shared = stash, name, shared
+
+    def __call__(self, module, args, output) -> None:
+        x = args[0]
+        if self.shared.get("input") is not x:
+            self.shared.clear()
+            xq = x.detach().reshape(-1, x.shape[-1]).float()
+            self.shared.update(input=x, product=(self.stash[self.name] - xq).T @ xq)
+        self.sum += self.shared["product"]
+        self.rows += x.numel() // x.shape[-1]
+
+    def value(self) -> torch.Tensor:
+        """``D = 2 (X_f - X_q)^T X_q / n``, on the scale of `_Hessian.value`."""
+        return 2.0 * self.sum / max(self.rows, 1)
+
+
+def _stasher(stash: dict, name: str):
+    """A forward hook keeping a linear's input rows (``[n, cols]``, float32) in ``stash``."""
+
+    def hook(module, args, output) -> None:
+        stash[name] = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+
+    return hook
+
+
+def gptaq_strength(scheme: Scheme) -> float:
+    """The ``gptaq`` parameter of a rule GPTQ rounds (0: plain GPTQ)."""
+    return float(scheme.params.get("gptaq", 0.0)) if _rounds_by_gptq(scheme) else 0.0
+
+
 class _Inputs:
     """Per-channel sums of ``|x|`` and ``x^2``, the max of ``|x|``, and ``keep`` evenly spaced
     rows of every batch, of a linear's inputs."""
@@ -158,20 +199,28 @@ def _rounds_by_gptq(scheme: Scheme) -> bool:
 
 
 def hessian_rounded(weight: torch.Tensor, scheme: Scheme, hessian: torch.Tensor,
-                    overwrite: bool = False):  # fmt: skip
+                    overwrite: bool = False, shift: torch.Tensor | None = None):  # fmt: skip
     """``weight`` rounded as a rule that `_rounds_by_gptq` rounds on its inputs' Hessian: a
     K-quant's ``imatrix`` by llama.cpp's quantizer with the Hessian's diagonal, the others by
-    GPTQ (``overwrite``: it may use the Hessian's memory)."""
+    GPTQ (``overwrite``: it may use the Hessian's memory); with ``shift`` (`_Shift.value`) and
+    a ``gptaq`` strength, GPTQ rounds `algorithms.gptaq_target` instead of ``weight``."""
     if scheme.algorithm == "imatrix":
         return imatrix_rounded(weight, scheme, hessian)
-    params = scheme.params
+    params = {k: v for k, v in scheme.params.items() if k != "gptaq"}
     if scheme.algorithm != "gptq":  # awq with gptq: true passes on its magnitude only
         params = {k: v for k, v in params.items() if k == "magnitude"}
+    alpha = gptaq_strength(scheme)
+    if shift is not None and alpha > 0:
+        damp = params.get("damp", 0.01)
+        weight = algorithms.gptaq_target(weight, hessian, shift, alpha, damp)
     return algorithms.gptq(weight, scheme, hessian, overwrite_hessian=overwrite, **params)
 
 
-def _gptq(module: nn.Module, scheme: Scheme, h: _Hessian, write: bool = True):
-    result = hessian_rounded(linear_weight(module), scheme, h.take(), overwrite=True)
+def _gptq(module: nn.Module, scheme: Scheme, h: _Hessian, write: bool = True,
+          shift: _Shift | None = None):  # fmt: skip
+    d = None if shift is None else shift.value()
+    result = hessian_rounded(linear_weight(module), scheme, h.take(), overwrite=True, shift=d)
+    del d
     if write:
         _write(module, result, scheme)
     return result
@@ -248,6 +297,40 @@ def _run_layer(
     finally:
         for h in handles:
             h.remove()
+
+
+def _paired_pass(layer, twin, inputs: list, floats: list, hessians: dict, asym: list[str],
+                 stop: str | None) -> dict:  # fmt: skip
+    """GPTAQ's gathering pass: each batch through the float ``twin`` (on the float model's
+    hidden states ``floats``; its linears ``asym`` keep their inputs), then through ``layer``
+    (on ``inputs``) with ``hessians``' hooks and a `_Shift` for each of ``asym``; with ``stop``
+    (a linear's name) both runs stop once it has run, else ``floats`` become the next layer's.
+    Returns name -> `_Shift`."""
+    stash: dict = {}
+    paired: dict = {}
+    shifts = {
+        n: _Shift(linear_weight(layer.get_submodule(n)).shape[1], stash, n, paired) for n in asym
+    }
+
+    def both(hessian, shift):
+        def hook(module, args, output) -> None:
+            hessian(module, args, output)
+            if shift is not None:
+                shift(module, args, output)
+
+        return hook
+
+    hooks = {layer.get_submodule(n): both(h, shifts.get(n)) for n, h in hessians.items()}
+    keep = {twin.get_submodule(n): _stasher(stash, n) for n in asym}
+    for k in range(len(inputs)):
+        pair = floats[k : k + 1]
+        _run_layer(twin, pair, keep, stop_after=stop and twin.get_submodule(stop),
+                   advance=stop is None)  # fmt: skip
+        floats[k] = pair[0]
+        _run_layer(layer, inputs[k : k + 1], hooks, stop_after=stop and layer.get_submodule(stop))
+        stash.clear()
+    paired.clear()
+    return shifts
 
 
 def _stop(module, args, output) -> None:
@@ -381,21 +464,35 @@ def float_hessians(model: nn.Module, fqns: list[str], calibration):
         yield {f: h.value() for f, h in hessians.items()}
     if outside:
         modules = {f: model.get_submodule(f) for f in outside}
-        hessians = _hessians_after(final, modules, (args[0] for args, _ in inputs))
+        hessians, _ = _hessians_after(final, modules, (args[0] for args, _ in inputs))
         yield {f: h.value() for f, h in hessians.items()}
 
 
-def _hessians_after(final: nn.Module, modules: dict[str, nn.Module], hidden) -> dict:
+def _hessians_after(final: nn.Module, modules: dict[str, nn.Module], hidden,
+                    floats=None) -> tuple[dict, dict]:  # fmt: skip
     """fqn -> `_Hessian` of the linears ``modules`` reading ``final``'s output (the model's last
-    norm) on each of the last layer's ``hidden`` states."""
+    norm) on each of the last layer's ``hidden`` states; with ``floats`` (the float model's
+    hidden states of the same batches), also fqn -> `_Shift` (else an empty dict)."""
     shared: dict = {}
     hessians = {fqn: _Hessian(linear_weight(m).shape[1], shared) for fqn, m in modules.items()}
-    for h in hidden:
+    stash: dict = {}
+    paired: dict = {}
+    shifts = {}
+    if floats is not None:
+        shifts = {fqn: _Shift(linear_weight(m).shape[1], stash, fqn, paired)
+                  for fqn, m in modules.items()}  # fmt: skip
+    hidden = list(hidden)
+    for h, f in zip(hidden, floats if floats is not None else [None] * len(hidden), strict=True):
         x = final(h)
+        if f is not None:
+            xf = final(f)
+            stash.update({fqn: xf.reshape(-1, xf.shape[-1]).float() for fqn in modules})
         for fqn, m in modules.items():
             hessians[fqn](m, (x,), None)
+            if fqn in shifts:
+                shifts[fqn](m, (x,), None)
         del x
-    return hessians
+    return hessians, shifts
 
 
 class LayerByLayer:
@@ -414,15 +511,24 @@ class LayerByLayer:
         self.prefix, self.layers = decoder_layers(model)
         self.inputs, self.contexts = _layer_inputs(model, self.layers, self.batches)
         self.label = " + ".join(sorted({s.algorithm for s in schemes.values()}))
+        # GPTAQ: the float model's hidden states of the batches too (the first layer's inputs
+        # are the same in both), each layer's float twin taking them on
+        self.gptaq = any(gptaq_strength(s) > 0 for s in schemes.values())
+        self.floats: list[torch.Tensor] | None = self.hidden() if self.gptaq else None
 
     def hidden(self) -> list[torch.Tensor]:
         """The next layer's input hidden states, one per batch."""
         return [args[0] for args, _ in self.inputs]
 
-    def set_hidden(self, hidden: list[torch.Tensor]) -> None:
-        """Replace the next layer's input hidden states (resuming a stopped run)."""
+    def set_hidden(self, hidden: list[torch.Tensor], floats: list[torch.Tensor] | None = None):
+        """Replace the next layer's input hidden states (resuming a stopped run), and with GPTAQ
+        the float model's (``floats``, which it then needs)."""
+        if self.gptaq and floats is None:
+            raise ValueError("gptaq needs the float model's hidden states to resume from")
         self.inputs = [((h, *args[1:]), kw) for h, (args, kw) in zip(hidden, self.inputs,
                                                                      strict=True)]  # fmt: skip
+        if self.gptaq:
+            self.floats = list(floats)
 
     def step(self, i: int, _scales: dict | None = None) -> dict[str, algorithms.Quantized]:
         """Calibrate and round layer ``i``; returns fqn -> `Quantized` for its linears."""
@@ -444,23 +550,40 @@ class LayerByLayer:
                 _scales[f"{where}.{n}"] = s
             _advance(layer, inputs)
             return {}
-        done = _smooth_layer(layer, local, inputs, n_batches, where)
+        # the float layer, before anything is rounded (AWQ's scales are folded into it too)
+        twin = copy.deepcopy(layer) if self.gptaq else None
+        floats = None
+        if twin is not None:
+            floats = [((f, *args[1:]), kw) for f, (args, kw) in zip(self.floats, inputs,
+                                                                    strict=True)]  # fmt: skip
+        done = _smooth_layer(layer, local, inputs, n_batches, where, twin=twin)
         gptq = {n: s for n, s in local.items() if _rounds_by_gptq(s)}
+        twin_advanced = False
         if gptq:
             modules = {n: layer.get_submodule(n) for n in gptq}
             sequential = any(s.params.get("sequential", False) for s in gptq.values())
             for stage in _stages(layer, inputs, modules) if sequential else [list(gptq)]:
                 shared: dict = {}
                 hessians = {n: _Hessian(linear_weight(modules[n]).shape[1], shared) for n in stage}
-                hooks = {modules[n]: hessians[n] for n in stage}
-                _run_layer(
-                    layer, inputs, hooks, stop_after=modules[stage[-1]] if sequential else None
-                )
+                stop = stage[-1] if sequential else None
+                asym = [n for n in stage if gptaq_strength(gptq[n]) > 0]
+                shifts = {}
+                if asym:
+                    shifts = _paired_pass(layer, twin, inputs, floats, hessians, asym, stop)
+                    twin_advanced = twin_advanced or stop is None
+                else:
+                    hooks = {modules[n]: hessians[n] for n in stage}
+                    _run_layer(layer, inputs, hooks, stop_after=stop and modules[stop])
                 shared.clear()
                 give_back()  # the pass's activations, before the inverse Hessians
                 for n in stage:
-                    done[n] = _gptq(modules[n], gptq[n], hessians[n])
+                    done[n] = _gptq(modules[n], gptq[n], hessians[n], shift=shifts.get(n))
+                    shifts.pop(n, None)
                     give_back()
+        if twin is not None:
+            if not twin_advanced:
+                _advance(twin, floats)
+            self.floats = [args[0] for args, _ in floats]
         _advance(layer, inputs)
         return {f"{prefix}.{i}.{n}": r for n, r in done.items()}
 
@@ -472,19 +595,21 @@ class LayerByLayer:
         more pass of the whole model."""
         results: dict[str, algorithms.Quantized] = {}
         modules = {fqn: model.get_submodule(fqn) for fqn in schemes}
-        hessians = _hessians_after(final, modules, self.hidden())
-        self.inputs = []  # the batches' hidden states: their last use (a 1.5B model's: 0.2 GB)
+        hessians, shifts = _hessians_after(final, modules, self.hidden(), self.floats)
+        # the batches' hidden states: their last use (a 1.5B model's: 0.2 GB)
+        self.inputs, self.floats = [], None
         give_back()
-        _round_outside(modules, schemes, hessians, results)
+        _round_outside(modules, schemes, hessians, results, shifts)
         return results
 
 
 def _smooth_layer(
-    layer, local: dict[str, Scheme], inputs, n_batches: int, where: str, quantize: bool = True
-) -> dict:
+    layer, local: dict[str, Scheme], inputs, n_batches: int, where: str, quantize: bool = True,
+    twin: nn.Module | None = None,
+) -> dict:  # fmt: skip
     """AWQ / SmoothQuant for the linears of one layer: gather inputs, search and fold each
-    group's scale, quantize. Returns name -> `Quantized` (without ``quantize``: name -> the
-    scale folded into its input columns)."""
+    group's scale (into ``twin`` too, a float copy of ``layer``), quantize. Returns name ->
+    `Quantized` (without ``quantize``: name -> the scale folded into its input columns)."""
     wanted = {n: s for n, s in local.items() if s.algorithm in SMOOTHING}
     if not wanted:
         return {}
@@ -526,6 +651,8 @@ def _smooth_layer(
                 tie=group.tie,
             )  # fmt: skip
         smoothing.fold(layer, group, s)
+        if twin is not None:
+            smoothing.fold(twin, group, s)
         for c in group.consumers:
             applied[c] = s
     skipped = [n for n, s in applied.items() if s is None]
@@ -571,6 +698,12 @@ def _next_args(output, args: tuple) -> tuple:
 
 
 def _outside_layers(model, schemes, batches, results) -> None:
+    asym = sorted(fqn for fqn, s in schemes.items() if gptaq_strength(s) > 0)
+    if asym:
+        raise ValueError(
+            f"gptaq: {asym} are outside the decoder layers and are not the model's head (the "
+            "linear reading its final norm); GPTAQ rounds only those; drop gptaq for them"
+        )
     modules = {fqn: model.get_submodule(fqn) for fqn in schemes}
     shared: dict = {}
     hessians = {fqn: _Hessian(linear_weight(m).shape[1], shared) for fqn, m in modules.items()}
@@ -587,13 +720,14 @@ def _outside_layers(model, schemes, batches, results) -> None:
     _round_outside(modules, schemes, hessians, results)
 
 
-def _round_outside(modules, schemes, hessians, results) -> None:
+def _round_outside(modules, schemes, hessians, results, shifts=None) -> None:
     for fqn, module in modules.items():
         scheme = schemes[fqn]
         # nothing runs after these: their dequantized weights are not written back (a
         # 151,936-row head's would be 0.9 GB)
         if _rounds_by_gptq(scheme):
-            results[fqn] = _gptq(module, scheme, hessians[fqn], write=False)
+            shift = (shifts or {}).get(fqn)
+            results[fqn] = _gptq(module, scheme, hessians[fqn], write=False, shift=shift)
             give_back()
             continue
         energy = torch.diag(hessians[fqn].value()).float() / 2

@@ -44,6 +44,7 @@ ALGORITHMS: dict[str, dict[str, type]] = {
         "scales": str,
         "magnitude": float,
         "sequential": bool,
+        "gptaq": float,
     },
     "awq": {
         "grid": int,
@@ -52,6 +53,7 @@ ALGORITHMS: dict[str, dict[str, type]] = {
         "signed_scales": bool,
         "gptq": bool,
         "magnitude": float,
+        "gptaq": float,
     },
     "smoothquant": {"alpha": float, "grid": int, "tokens": int},
     # llama.cpp's quantizer weighing each input column by its calibration inputs' mean square
@@ -76,6 +78,7 @@ PARAM_RANGES: dict[str, tuple] = {
     "grid": (1, 1000),
     "tokens": (1, 1_000_000),
     "alpha": (0.0, 1.0),
+    "gptaq": (0.0, 1.0),
 }
 
 

@@ -149,7 +149,9 @@ def quantize(
     if done_layers:
         carried, facts = _read_carry(work)
         if steps is not None:
-            steps.set_hidden([carried[f"calibration.{k}"] for k in range(len(steps.batches))])
+            n = range(len(steps.batches))
+            floats = [carried[f"calibration_float.{k}"] for k in n] if steps.gptaq else None
+            steps.set_hidden([carried[f"calibration.{k}"] for k in n], floats)
         if hidden is not None:
             hidden = [carried[f"window.{k}"] for k in range(len(hidden))]
             quantized = [carried[f"quantized.{k}"] for k in range(len(hidden))]
@@ -432,6 +434,8 @@ def _write_carry(work: Path, i: int, steps, hidden, quantized, rows) -> None:
     tensors = {}
     if steps is not None:
         tensors.update({f"calibration.{k}": h.contiguous() for k, h in enumerate(steps.hidden())})
+        for k, h in enumerate(steps.floats or []):  # GPTAQ's: the float model's
+            tensors[f"calibration_float.{k}"] = h.contiguous()
     if hidden is not None:
         tensors.update({f"window.{k}": h.contiguous() for k, h in enumerate(hidden)})
         tensors.update({f"quantized.{k}": h.contiguous() for k, h in enumerate(quantized)})
