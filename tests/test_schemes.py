@@ -335,3 +335,15 @@ def test_algorithm_parameters_at_their_bounds_are_accepted():
     Scheme("int8", algorithm="hqq", algorithm_params={"iters": 0, "magnitude": 8})
     Scheme("int8", activation="int8_dynamic", algorithm="smoothquant",
            algorithm_params={"alpha": 0.0})  # fmt: skip
+
+
+def test_awq_takes_gptaq_only_with_its_gptq_rounding():
+    with pytest.raises(ValueError) as e:
+        Scheme("int4", "per_group", 32, algorithm="awq", algorithm_params={"gptaq": 0.25})
+    assert str(e.value) == (
+        "Scheme: awq parameter gptaq applies to the GPTQ rounding after AWQ's scales: it needs "
+        "gptq: true"
+    )
+    scheme = Scheme("int4", "per_group", 32, algorithm="awq",
+                    algorithm_params={"gptaq": 0.25, "gptq": True})  # fmt: skip
+    assert scheme.params == {"gptaq": 0.25, "gptq": True}

@@ -180,6 +180,12 @@ algorithm_params=())
             wrong = _param_range_error(name, value)
             if wrong:
                 raise bad(f"{self.algorithm} parameter {name}", value, wrong)
+        named = dict(params)
+        if self.algorithm == "awq" and named.get("gptaq", 0) and not named.get("gptq", False):
+            raise ValueError(
+                "Scheme: awq parameter gptaq applies to the GPTQ rounding after AWQ's scales: "
+                "it needs gptq: true"
+            )
         if self.algorithm != "minmax" and self.granularity == "per_tensor":
             raise ValueError(
                 f"Scheme: algorithm {self.algorithm!r} works per channel or per group, not "
