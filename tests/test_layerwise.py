@@ -137,27 +137,33 @@ def _batches(n: int = 3) -> list[torch.Tensor]:
             for k in range(n)]  # fmt: skip
 
 
-@torch.no_grad()
-def test_float_hessians_are_those_of_the_float_models_own_pass():
-    # one pass of each float layer gathers its Hessians and gives the next layer its inputs
-    model = _tiny_llama()
-    batches = _batches()
-    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    fqns = [n for n in linears if n.startswith("model.layers.")]
+def _inputs_of(model, fqns: list[str], batches) -> dict[str, torch.Tensor]:
+    """fqn -> every input row ``[n, cols]`` (float64) the linears ``fqns`` read in ``model``."""
     seen: dict[str, list[torch.Tensor]] = {f: [] for f in fqns}
-    handles = [linears[f].register_forward_hook(
+    handles = [model.get_submodule(f).register_forward_hook(
         lambda m, a, out, f=f: seen[f].append(a[0].reshape(-1, a[0].shape[-1]).double())
     ) for f in fqns]  # fmt: skip
     for ids in batches:
         model(ids, use_cache=False)
     for h in handles:
         h.remove()
+    return {f: torch.cat(rows) for f, rows in seen.items()}
+
+
+@torch.no_grad()
+def test_float_hessians_are_those_of_the_float_models_own_pass():
+    # one pass of each float layer gathers its Hessians and gives the next layer its inputs
+    model = _tiny_llama()
+    batches = _batches()
+    fqns = [n for n, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and n.startswith("model.layers.")]  # fmt: skip
+    seen = _inputs_of(model, fqns, batches)
     got: dict[str, torch.Tensor] = {}
     for layer in layerwise.float_hessians(model, fqns, batches):
         got.update(layer)
     assert sorted(got) == sorted(fqns)
     for f in fqns:
-        x = torch.cat(seen[f])
+        x = seen[f]
         assert torch.allclose(got[f], 2.0 * x.T @ x / x.shape[0], rtol=1e-4, atol=1e-6), f
 
 
@@ -195,19 +201,6 @@ def test_float_hessians_refuse_a_linear_outside_the_layers_that_is_not_the_head(
         "float_hessians: ['model.embed_tokens'] are outside the decoder layers and are not the "
         "model's head (the linear reading its final norm)"
     )
-
-
-def _inputs_of(model, fqns: list[str], batches) -> dict[str, torch.Tensor]:
-    """fqn -> every input row ``[n, cols]`` (float64) the linears ``fqns`` read in ``model``."""
-    seen: dict[str, list[torch.Tensor]] = {f: [] for f in fqns}
-    handles = [model.get_submodule(f).register_forward_hook(
-        lambda m, a, out, f=f: seen[f].append(a[0].reshape(-1, a[0].shape[-1]).double())
-    ) for f in fqns]  # fmt: skip
-    for ids in batches:
-        model(ids, use_cache=False)
-    for h in handles:
-        h.remove()
-    return {f: torch.cat(rows) for f, rows in seen.items()}
 
 
 @torch.no_grad()
