@@ -269,14 +269,19 @@ def test_gptaq_rounds_toward_the_float_models_outputs(monkeypatch, sequential):
     assert not torch.equal(found[0.25]["lm_head"].q, found[0.0]["lm_head"].q)
 
 
-def test_gptaq_refuses_a_linear_outside_the_layers_that_is_not_the_head():
+def test_gptaq_refuses_a_linear_outside_the_layers_that_is_not_the_head(monkeypatch):
+    # before any work: the first layer's inputs are not even gathered
+    def refuse(*args):
+        raise AssertionError("calibration ran")
+
+    monkeypatch.setattr(layerwise, "_layer_inputs", refuse)
     from edgequant.schemes import Scheme
 
     model = _tiny_llama()
     scheme = Scheme("int4", granularity="per_group", group_size=16, algorithm="gptq",
                     algorithm_params={"gptaq": 0.25})  # fmt: skip
     with pytest.raises(ValueError) as e:
-        layerwise._outside_layers(model, {"model.embed_tokens": scheme}, _batches(), {})
+        layerwise.LayerByLayer(model, {"model.embed_tokens": scheme}, _batches())
     assert str(e.value) == (
         "gptaq: ['model.embed_tokens'] are outside the decoder layers and are not the model's "
         "head (the linear reading its final norm); GPTAQ rounds only those; drop gptaq for them"

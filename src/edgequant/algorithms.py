@@ -358,9 +358,7 @@ def gptq(
         # weighted by each input's energy
         return mse(part, sub, importance=importance[cols], magnitude=magnitude)
 
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1.0
-    H.diagonal().add_(damp * torch.diag(H).mean())
+    dead = _damped(H, damp)
     order = torch.arange(cols)
     if act_order:
         order = torch.argsort(torch.diag(H), descending=True)
@@ -461,12 +459,19 @@ def gptaq_target(
     if alpha == 0:
         return w.float()
     h = hessian.detach().double().clone()
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1.0
-    h.diagonal().add_(damp * torch.diag(h).mean())
+    _damped(h, damp)
     # (W D H^-1)^T = H^-1 D^T W^T, H symmetric
     step = torch.cholesky_solve(shift.detach().double().T @ w.T, torch.linalg.cholesky(h))
     return w.add_(step.T, alpha=alpha).float()
+
+
+def _damped(h: torch.Tensor, damp: float) -> torch.Tensor:
+    """GPTQ's damping of a Hessian, in place: a dead input's (no energy) diagonal set to 1,
+    then ``damp`` x the mean diagonal added to every diagonal entry. Returns the dead mask."""
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    h.diagonal().add_(damp * torch.diag(h).mean())
+    return dead
 
 
 # values of the weight GPTQ copies as float32 at once: every decoder linear of a 1.5B model

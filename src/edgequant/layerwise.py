@@ -509,6 +509,13 @@ class LayerByLayer:
             raise ValueError("calibration has no batches")
         self.schemes = schemes
         self.prefix, self.layers = decoder_layers(model)
+        outside = {f for f in schemes if not f.startswith(f"{self.prefix}.")}
+        asym = sorted(f for f in outside if gptaq_strength(schemes[f]) > 0)
+        if asym and head_norm(model, outside) is None:  # before any layer runs
+            raise ValueError(
+                f"gptaq: {asym} are outside the decoder layers and are not the model's head (the "
+                "linear reading its final norm); GPTAQ rounds only those; drop gptaq for them"
+            )
         self.inputs, self.contexts = _layer_inputs(model, self.layers, self.batches)
         self.label = " + ".join(sorted({s.algorithm for s in schemes.values()}))
         # GPTAQ: the float model's hidden states of the batches too (the first layer's inputs
@@ -698,12 +705,6 @@ def _next_args(output, args: tuple) -> tuple:
 
 
 def _outside_layers(model, schemes, batches, results) -> None:
-    asym = sorted(fqn for fqn, s in schemes.items() if gptaq_strength(s) > 0)
-    if asym:
-        raise ValueError(
-            f"gptaq: {asym} are outside the decoder layers and are not the model's head (the "
-            "linear reading its final norm); GPTAQ rounds only those; drop gptaq for them"
-        )
     modules = {fqn: model.get_submodule(fqn) for fqn in schemes}
     shared: dict = {}
     hessians = {fqn: _Hessian(linear_weight(m).shape[1], shared) for fqn, m in modules.items()}
