@@ -37,7 +37,6 @@ from pathlib import Path
 import torch
 
 import edgequant
-from _variants import algorithm_and_params
 from edgequant import calibration as cal
 from edgequant import eval as ev
 from edgequant import mixed, rotation
@@ -46,7 +45,7 @@ from edgequant.job import with_algorithm
 from edgequant.models import load
 from edgequant.models.base import logits as eager_logits
 from edgequant.recipe import ROTATIONS, Recipe, Rule
-from edgequant.schemes import NEEDS_CALIBRATION, Scheme
+from edgequant.schemes import NEEDS_CALIBRATION, Scheme, parse_algorithm
 from edgequant.targets import write
 
 MAX_SEQ_LEN = 512
@@ -87,7 +86,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "mixed.json"))
     parser.add_argument("--png", default=str(Path(__file__).parent / "results" / "mixed.png"))
     args = parser.parse_args()
-    algorithm, params = algorithm_and_params(args.algorithm)  # e.g. gptq@sequential
+    algorithm, params = parse_algorithm(args.algorithm)  # e.g. gptq@sequential
     folder = Path(args.folder)
     folder.mkdir(parents=True, exist_ok=True)
     targets = args.targets.split(",")

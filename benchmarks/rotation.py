@@ -31,14 +31,13 @@ from pathlib import Path
 import torch
 
 import edgequant
-from _variants import algorithm_and_params
 from edgequant import calibration as cal
 from edgequant import eval as ev
 from edgequant.export import load_program
 from edgequant.job import with_algorithm
 from edgequant.models import load
 from edgequant.recipe import ROTATIONS, Recipe, Rule
-from edgequant.schemes import NEEDS_CALIBRATION
+from edgequant.schemes import NEEDS_CALIBRATION, parse_algorithm
 from edgequant.targets import write
 
 MAX_SEQ_LEN = 512
@@ -53,7 +52,7 @@ def decoder_linears() -> Recipe:
 
 def variant_recipe(variant: str) -> Recipe:
     """``[rotation+]algorithm[@param[=value]...]`` as a recipe."""
-    named, params = algorithm_and_params(variant)
+    named, params = parse_algorithm(variant)
     rotate, _, algorithm = named.partition("+")
     if rotate not in ROTATIONS:
         rotate, algorithm = None, named

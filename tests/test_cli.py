@@ -384,11 +384,19 @@ def test_quantize_with_an_algorithm_and_calibration(stories260k, tmp_path, capsy
     )
     assert main([*base, "--algorithm", "gptq", "--out", str(out)]) == 2
     assert "needs calibration data: pass --calibration wikitext:128x512" in capsys.readouterr().err
+    assert main([*base, "--algorithm", "gptq@gptaqq=0.25", "--out", str(out)]) == 2
+    assert (
+        "Scheme: algorithm 'gptq' takes no parameter 'gptaqq'; it takes ['act_order', 'block', "
+        "'damp', 'gptaq', 'magnitude', 'scales', 'sequential']" in capsys.readouterr().err
+    )
     assert not out.exists()  # refused before any work
-    args = [*base, "--algorithm", "gptq", "--calibration", "wikitext:8x128", "--out", str(out)]
+    calibrated = ["--calibration", "wikitext:8x128", "--out", str(out)]
+    args = [*base, "--algorithm", "gptq@damp=0.02@sequential", *calibrated]
     assert main([*args, "--eval-windows", "2", "--seq-len", "128"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["calibration"] == "wikitext-2 test, after token 32768: 8 x 128 tokens, seed 0"
-    assert report["recipe"]["rules"][0]["scheme"]["algorithm"] == "gptq"
+    scheme = report["recipe"]["rules"][0]["scheme"]
+    assert scheme["algorithm"] == "gptq"
+    assert scheme["algorithm_params"] == {"damp": 0.02, "sequential": True}
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["calibration"] == report["calibration"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 import torch
 
@@ -95,6 +97,7 @@ def test_sequential_gptq_rounds_each_stage_on_what_the_rounded_stages_before_it_
         return original(module, scheme, h, write, shift)
 
     monkeypatch.setattr(layerwise, "_gptq", recording)
+    runs: Counter = Counter()
     for mode in ("together", "sequential"):
         model = _tiny_llama()
         layer = model.model.layers[0]
@@ -112,7 +115,19 @@ def test_sequential_gptq_rounds_each_stage_on_what_the_rounded_stages_before_it_
                 ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
                 ["self_attn.o_proj"], ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"],
             ]  # fmt: skip
+        runs.clear()
+        counting = [layer.get_submodule(n).register_forward_hook(
+            lambda m, a, out, n=n: runs.update([n])
+        ) for n in names]  # fmt: skip
         steps.step(0)
+        for h in counting:
+            h.remove()
+        # each linear runs in the gathering pass and the pass giving the next layer's inputs;
+        # by stages, in the run finding the stages (one batch), then in every later stage's
+        # passes, which stop where their own stage begins, and the last pass
+        want = {"together": [6] * 7, "sequential": [1 + 3 * 4] * 3 + [1 + 3 * 3] + [1 + 3 * 2] * 2
+                + [1 + 3]}[mode]  # fmt: skip
+        assert [runs[n] for n in names] == want, runs
         # o_proj's inputs now, with q/k/v rounded (the model's layer 0 holds its rounded weights)
         seen: list[torch.Tensor] = []
         handle = layer.self_attn.o_proj.register_forward_hook(
@@ -267,6 +282,47 @@ def test_gptaq_rounds_toward_the_float_models_outputs(monkeypatch, sequential):
     assert torch.allclose(shifts["lm_head"], want, rtol=1e-4, atol=1e-6)
     # and the rounding changes where the shift is not zero
     assert not torch.equal(found[0.25]["lm_head"].q, found[0.0]["lm_head"].q)
+
+
+@torch.no_grad()
+def test_gptaq_by_stages_runs_the_float_twin_once_when_its_inputs_fit(monkeypatch):
+    # the twin's inputs kept for every batch (one twin pass a layer) or, past TWIN_ROWS_BYTES,
+    # the twin run again for each stage: the same rounding bit for bit
+    import copy
+
+    from edgequant.schemes import Scheme
+
+    batches = _batches()
+    float_model = _tiny_llama()
+    linears = [n for n, m in float_model.named_modules() if isinstance(m, torch.nn.Linear)
+               and n.startswith("model.layers.")]  # fmt: skip
+    scheme = Scheme("int4", granularity="per_group", group_size=16, algorithm="gptq",
+                    algorithm_params={"gptaq": 0.25, "sequential": True})  # fmt: skip
+    kept: list[int] = []
+    original = layerwise._twin_rows
+
+    def counting(twin, floats, names):
+        kept.append(len(names))
+        return original(twin, floats, names)
+
+    monkeypatch.setattr(layerwise, "_twin_rows", counting)
+    # what is kept: each stage's one input (64 wide but the down projection's 96), 72 rows
+    layer = float_model.model.layers[0]
+    stages = [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+              ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]  # fmt: skip
+    floats = [((torch.zeros(1, 24, 64),), {}) for _ in batches]
+    modules = {n: layer.get_submodule(n) for stage in stages for n in stage}
+    assert layerwise._twin_rows_bytes(floats, modules, stages) == 4 * 72 * (3 * 64 + 96)
+    found = {}
+    roomy = layerwise.TWIN_ROWS_BYTES
+    for limit in (roomy, 0):
+        monkeypatch.setattr(layerwise, "TWIN_ROWS_BYTES", limit)
+        found[limit] = layerwise.run(copy.deepcopy(float_model), {f: scheme for f in linears},
+                                     batches)  # fmt: skip
+    assert kept == [7, 7]  # once a layer with the room, never without it
+    for f in linears:
+        a, b = found[roomy][f], found[0][f]
+        assert torch.equal(a.q, b.q) and torch.equal(a.scale, b.scale), f
 
 
 def test_gptaq_refuses_a_linear_outside_the_layers_that_is_not_the_head(monkeypatch):

@@ -347,3 +347,20 @@ def test_awq_takes_gptaq_only_with_its_gptq_rounding():
     scheme = Scheme("int4", "per_group", 32, algorithm="awq",
                     algorithm_params={"gptaq": 0.25, "gptq": True})  # fmt: skip
     assert scheme.params == {"gptaq": 0.25, "gptq": True}
+
+
+@pytest.mark.parametrize(
+    ("text", "name", "params"),
+    [
+        ("gptq", "gptq", {}),
+        ("gptq@gptaq=0.25@sequential", "gptq", {"gptaq": 0.25, "sequential": True}),
+        ("gptq@scales=minmax@act_order=false", "gptq", {"scales": "minmax", "act_order": False}),
+        ("awq@gptq@grid=10", "awq", {"gptq": True, "grid": 10}),
+    ],
+)
+def test_an_algorithm_and_its_parameters_are_read_from_one_word(text, name, params):
+    from edgequant.schemes import parse_algorithm
+
+    assert parse_algorithm(text) == (name, params)
+    got = Scheme("int4", "per_group", 32).rounded_by(name, **params)
+    assert got.algorithm == name and got.params == params

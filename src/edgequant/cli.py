@@ -443,8 +443,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", action="store_true", help="also run every preset; one table")
     p.add_argument(
         "--algorithm",
-        help="minmax, mse, hqq, gptq, awq or smoothquant for every integer rule of the recipe "
-        "(a K-quant rule takes imatrix for a calibrated one; default: the recipe's own)",
+        help="minmax, mse, hqq, gptq, awq or smoothquant for every integer rule of the recipe, "
+        "its parameters after @ (gptq@gptaq=0.25@sequential; a name alone means true); a "
+        "K-quant rule takes imatrix for a calibrated one (default: the recipe's own)",
     )
     p.add_argument(
         "--calibration",

@@ -582,12 +582,15 @@ def _check_calibration(recipe, calibration: str | None) -> None:
 
 def with_algorithm(recipe, algorithm: str, **params):
     """``recipe`` with ``algorithm`` (and its ``params``) on every integer rule (float rules stay
-    as they are; the rotation too)."""
-    from edgequant.schemes import ALGORITHMS
+    as they are; the rotation too). ``algorithm`` may carry parameters after ``@``
+    (`edgequant.schemes.parse_algorithm`: ``gptq@gptaq=0.25@sequential``); ``params`` win."""
+    from edgequant.schemes import ALGORITHMS, parse_algorithm
 
-    if algorithm not in ALGORITHMS:
-        raise ValueError(f"algorithm {algorithm!r} does not exist; choose from {list(ALGORITHMS)}")
-    changed = recipe.map_schemes(lambda scheme: scheme.rounded_by(algorithm, **params))
+    name, written = parse_algorithm(algorithm)
+    if name not in ALGORITHMS:
+        raise ValueError(f"algorithm {name!r} does not exist; choose from {list(ALGORITHMS)}")
+    params = {**written, **params}
+    changed = recipe.map_schemes(lambda scheme: scheme.rounded_by(name, **params))
     return dataclasses.replace(changed, name=f"{recipe.name or 'recipe'}+{algorithm}")
 
 

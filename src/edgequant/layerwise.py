@@ -69,6 +69,10 @@ def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
 
 # the largest ``x^T x`` (values) made whole and shared by the linears reading one input
 SHARED_PRODUCT = 4096 * 4096
+# GPTAQ by stages: the float twin's inputs to a layer's linears are kept for every batch (the
+# twin runs once instead of once per stage) up to this many bytes, else the twin runs again
+# for each stage (SmolLM2 on 128 x 512 calibration tokens: 0.9 GB)
+TWIN_ROWS_BYTES = 2 << 30
 
 
 class _Hessian:
@@ -274,18 +278,27 @@ def _run_layer(
     layer: nn.Module,
     inputs: list,
     hooks: dict,
-    stop_after: nn.Module | None = None,
+    stop_at: list[nn.Module] | None = None,
     advance: bool = False,
 ) -> None:
     """Run ``layer`` on every input with forward ``hooks`` (module -> hook) in place; with
-    ``stop_after``, each run stops once that module has run (what follows is not needed); with
     ``advance``, each input is replaced by the next layer's, as `_advance` does (the layer's
-    weights are what the next layer should see: nothing is rounded between the two passes)."""
-    if advance and stop_after is not None:
+    weights are what the next layer should see: nothing is rounded between the two passes).
+    With ``stop_at`` (the linears of one `_stages` stage, which read one input tensor), each
+    run stops as the first of them is about to run: every hook is called then with that input
+    (the hooks gather inputs, never outputs) and nothing of the stage or after it runs."""
+    if advance and stop_at:
         raise ValueError("a run stopped part way through the layer gives no next inputs")
-    handles = [m.register_forward_hook(h) for m, h in hooks.items()]
-    if stop_after is not None:
-        handles.append(stop_after.register_forward_hook(_stop))
+    if stop_at:
+
+        def reached(module, args) -> None:
+            for m, hook in hooks.items():
+                hook(m, args, None)
+            raise _Caught
+
+        handles = [m.register_forward_pre_hook(reached) for m in stop_at]
+    else:
+        handles = [m.register_forward_hook(h) for m, h in hooks.items()]
     try:
         for k, (args, kwargs) in enumerate(inputs):
             try:
@@ -299,13 +312,36 @@ def _run_layer(
             h.remove()
 
 
+def _twin_rows(twin, floats: list, names: list[str]) -> list[dict[str, torch.Tensor]]:
+    """Run the float ``twin`` once on every batch (``floats`` become the next layer's), keeping
+    what its linears ``names`` read: one dict per batch, which `_paired_pass` reads instead of
+    running the twin again for each stage (linears reading one tensor keep it once)."""
+    rows: list[dict[str, torch.Tensor]] = []
+    stash: dict = {}
+    keep = {twin.get_submodule(n): _stasher(stash, n) for n in names}
+    for k in range(len(floats)):
+        pair = floats[k : k + 1]
+        _run_layer(twin, pair, keep, advance=True)
+        floats[k] = pair[0]
+        rows.append(dict(stash))
+        stash.clear()
+    return rows
+
+
+def _twin_rows_bytes(floats: list, modules: dict, stages: list[list[str]]) -> int:
+    """What `_twin_rows` keeps for ``stages``' linears: each stage's one input, every batch."""
+    rows = sum(args[0].numel() // args[0].shape[-1] for args, _ in floats)
+    return sum(4 * rows * linear_weight(modules[stage[0]]).shape[1] for stage in stages if stage)
+
+
 def _paired_pass(layer, twin, inputs: list, floats: list, hessians: dict, asym: list[str],
-                 stop: str | None) -> dict:  # fmt: skip
+                 stop: list[str] | None, twin_rows: list | None = None) -> dict:  # fmt: skip
     """GPTAQ's gathering pass: each batch through the float ``twin`` (on the float model's
     hidden states ``floats``; its linears ``asym`` keep their inputs), then through ``layer``
     (on ``inputs``) with ``hessians``' hooks and a `_Shift` for each of ``asym``; with ``stop``
-    (a linear's name) both runs stop once it has run, else ``floats`` become the next layer's.
-    Returns name -> `_Shift`."""
+    (a stage's linears' names) both runs stop where the stage begins (`_run_layer`), else
+    ``floats`` become the next layer's. With ``twin_rows`` (`_twin_rows`), the twin does not
+    run: its inputs are read from there (and dropped). Returns name -> `_Shift`."""
     stash: dict = {}
     paired: dict = {}
     shifts = {
@@ -323,18 +359,19 @@ def _paired_pass(layer, twin, inputs: list, floats: list, hessians: dict, asym: 
     hooks = {layer.get_submodule(n): both(h, shifts.get(n)) for n, h in hessians.items()}
     keep = {twin.get_submodule(n): _stasher(stash, n) for n in asym}
     for k in range(len(inputs)):
-        pair = floats[k : k + 1]
-        _run_layer(twin, pair, keep, stop_after=stop and twin.get_submodule(stop),
-                   advance=stop is None)  # fmt: skip
-        floats[k] = pair[0]
-        _run_layer(layer, inputs[k : k + 1], hooks, stop_after=stop and layer.get_submodule(stop))
+        if twin_rows is not None:
+            kept = twin_rows[k]  # a linear the layer never runs kept nothing
+            stash.update({n: kept.pop(n) for n in asym if n in kept})
+        else:
+            pair = floats[k : k + 1]
+            _run_layer(twin, pair, keep, stop_at=stop and [twin.get_submodule(n) for n in stop],
+                       advance=stop is None)  # fmt: skip
+            floats[k] = pair[0]
+        _run_layer(layer, inputs[k : k + 1], hooks,
+                   stop_at=stop and [layer.get_submodule(n) for n in stop])  # fmt: skip
         stash.clear()
     paired.clear()
     return shifts
-
-
-def _stop(module, args, output) -> None:
-    raise _Caught
 
 
 def _stages(layer: nn.Module, inputs: list, modules: dict[str, nn.Module]) -> list[list[str]]:
@@ -569,18 +606,25 @@ class LayerByLayer:
         if gptq:
             modules = {n: layer.get_submodule(n) for n in gptq}
             sequential = any(s.params.get("sequential", False) for s in gptq.values())
-            for stage in _stages(layer, inputs, modules) if sequential else [list(gptq)]:
+            stages = _stages(layer, inputs, modules) if sequential else [list(gptq)]
+            asyms = [[n for n in stage if gptaq_strength(gptq[n]) > 0] for stage in stages]
+            twin_rows = None
+            if sequential and any(asyms):
+                if _twin_rows_bytes(floats, modules, asyms) <= TWIN_ROWS_BYTES:
+                    twin_rows = _twin_rows(twin, floats, [n for a in asyms for n in a])
+                    twin_advanced = True
+            for stage, asym in zip(stages, asyms, strict=True):
                 shared: dict = {}
                 hessians = {n: _Hessian(linear_weight(modules[n]).shape[1], shared) for n in stage}
-                stop = stage[-1] if sequential else None
-                asym = [n for n in stage if gptaq_strength(gptq[n]) > 0]
+                stop = stage if sequential else None
                 shifts = {}
                 if asym:
-                    shifts = _paired_pass(layer, twin, inputs, floats, hessians, asym, stop)
+                    shifts = _paired_pass(layer, twin, inputs, floats, hessians, asym, stop,
+                                          twin_rows)  # fmt: skip
                     twin_advanced = twin_advanced or stop is None
                 else:
                     hooks = {modules[n]: hessians[n] for n in stage}
-                    _run_layer(layer, inputs, hooks, stop_after=stop and modules[stop])
+                    _run_layer(layer, inputs, hooks, stop_at=stop and [modules[n] for n in stop])
                 shared.clear()
                 give_back()  # the pass's activations, before the inverse Hessians
                 for n in stage:

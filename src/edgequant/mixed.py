@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgequant.schemes import Scheme
+from edgequant.schemes import Scheme, parse_algorithm
 
 log = logging.getLogger(__name__)
 
@@ -704,14 +704,16 @@ def budget_recipe(
     """The recipe (FQN rules) whose weights, as the ``targets``' files store them
     (`stored_bytes`), fit ``budget`` with the least summed `sensitivity` (``measure``) on
     ``windows`` (calibration text, disjoint from the evaluation windows), choosing for each
-    module among the schemes all ``targets`` run exactly (and float); ``algorithm`` rounds the
-    integer schemes (minmax by default; gptq's candidates are rounded by GPTQ on
-    ``calibration`` for the sensitivity when given). Returns the recipe and `choose`'s facts,
-    with the targets, how the sensitivity was found and the `predicted_curve`."""
+    module among the schemes all ``targets`` run exactly (and float); ``algorithm`` (with any
+    parameters after ``@``, `parse_algorithm`) rounds the integer schemes (minmax by default;
+    gptq's candidates are rounded by GPTQ on ``calibration`` for the sensitivity when given).
+    Returns the recipe and `choose`'s facts, with the targets, how the sensitivity was found
+    and the `predicted_curve`."""
     if isinstance(budget, str):
         budget = parse_budget(budget)
     groups = groups_of(model, apart=decided_apart(targets))
-    options = {g: options_for(g, targets, algorithm) for g in groups}
+    name, params = parse_algorithm(algorithm) if algorithm is not None else (None, {})
+    options = {g: options_for(g, targets, name, **params) for g in groups}
     limit = budget.bytes_for(counted_weights(groups))
     sizes = ([stored_bytes(g, s, targets) for s in options[g]] for g in groups)
     check_reachable(sizes, limit)  # before measuring

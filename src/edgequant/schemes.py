@@ -105,6 +105,30 @@ def _param_range_error(name: str, value: Any) -> str | None:
 
 # Algorithms that need calibration data (`edgequant.calibration`).
 NEEDS_CALIBRATION = ("gptq", "awq", "smoothquant", "imatrix")
+
+
+def parse_algorithm(text: str) -> tuple[str, dict[str, Any]]:
+    """An algorithm with its parameters as one word (the CLI's ``--algorithm``, the benchmarks'
+    variants): ``"gptq@gptaq=0.25@sequential"`` -> ``("gptq", {"gptaq": 0.25, "sequential":
+    True})``; a name alone means true, a value is read as JSON (``0.25``, ``false``) or else
+    kept as text (``scales=minmax``). The names and values are checked where the scheme is
+    built (`Scheme`)."""
+    import json
+
+    name, *settings = text.split("@")
+    params: dict[str, Any] = {}
+    for setting in settings:
+        key, eq, value = setting.partition("=")
+        if not eq:
+            params[key] = True
+            continue
+        try:
+            params[key] = json.loads(value)
+        except json.JSONDecodeError:
+            params[key] = value
+    return name, params
+
+
 # Algorithms that rescale a linear's input channels and fold the inverse into the op before it.
 SMOOTHING = ("awq", "smoothquant")
 
