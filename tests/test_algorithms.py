@@ -312,3 +312,26 @@ def test_gptaq_target_maps_the_rounded_inputs_to_the_float_outputs_by_least_squa
     with pytest.raises(ValueError) as e:
         alg.gptaq_target(w, hessian, shift[:4], 1.0)
     assert str(e.value) == "hessian and shift must be [16, 16], got (16, 16) and (4, 16)"
+
+
+def test_gptaq_target_with_the_streams_gap_maps_to_the_float_outputs_plus_that_gap():
+    # gap G = 2 R^T X_q / n: the weight that best maps X_q to X_f W^T + R at alpha = beta = 1
+    g = torch.Generator().manual_seed(1)
+    xf = torch.randn(512, 16, generator=g, dtype=torch.float64) * torch.linspace(0.2, 3, 16)
+    xq = xf + 0.2 * torch.randn(512, 16, generator=g, dtype=torch.float64)
+    w = torch.randn(8, 16, generator=g)
+    r = 0.3 * torch.randn(512, 8, generator=g, dtype=torch.float64)
+    n = xf.shape[0]
+    hessian, shift, gap = 2 * xq.T @ xq / n, 2 * (xf - xq).T @ xq / n, 2 * r.T @ xq / n
+    best = torch.linalg.lstsq(xq, xf @ w.double().T + r).solution.T
+    got = alg.gptaq_target(w, hessian, shift, 1.0, damp=1e-12, gap=gap, beta=1.0)
+    assert torch.allclose(got.double(), best, atol=1e-5)
+    # beta 0 (or no gap) is GPTAQ's own target; the gap's step adds to it linearly
+    plain = alg.gptaq_target(w, hessian, shift, 1.0, damp=1e-12)
+    assert torch.equal(alg.gptaq_target(w, hessian, shift, 1.0, damp=1e-12, gap=gap), plain)
+    quarter = alg.gptaq_target(w, hessian, shift, 1.0, damp=1e-12, gap=gap, beta=0.25)
+    assert torch.allclose(quarter.double(), plain.double() + 0.25 * (best - plain.double()),
+                          atol=1e-5)  # fmt: skip
+    with pytest.raises(ValueError) as e:
+        alg.gptaq_target(w, hessian, shift, 1.0, gap=gap[:, :4], beta=1.0)
+    assert str(e.value) == "gap must be [8, 16], got (8, 4)"

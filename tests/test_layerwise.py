@@ -92,9 +92,9 @@ def test_sequential_gptq_rounds_each_stage_on_what_the_rounded_stages_before_it_
     taken: dict[str, dict[str, torch.Tensor]] = {}
     original = layerwise._gptq
 
-    def recording(module, scheme, h, write=True, shift=None):
+    def recording(module, scheme, h, write=True, shift=None, gap=None):
         taken[mode][module.edgequant_name] = h.value().clone()
-        return original(module, scheme, h, write, shift)
+        return original(module, scheme, h, write, shift, gap)
 
     monkeypatch.setattr(layerwise, "_gptq", recording)
     runs: Counter = Counter()
@@ -237,9 +237,9 @@ def test_gptaq_rounds_toward_the_float_models_outputs(monkeypatch, sequential):
     shifts: dict[str, torch.Tensor] = {}
     original = algorithms.gptaq_target
 
-    def recording(weight, hessian, shift, alpha, damp=0.01):
+    def recording(weight, hessian, shift, alpha, damp=0.01, **gap):
         shifts[names[id(weight)]] = shift.clone()
-        return original(weight, hessian, shift, alpha, damp)
+        return original(weight, hessian, shift, alpha, damp, **gap)
 
     monkeypatch.setattr(algorithms, "gptaq_target", recording)
     for alpha in (0.0, 0.25):
@@ -287,7 +287,8 @@ def test_gptaq_rounds_toward_the_float_models_outputs(monkeypatch, sequential):
 @torch.no_grad()
 def test_gptaq_by_stages_runs_the_float_twin_once_when_its_inputs_fit(monkeypatch):
     # the twin's inputs kept for every batch (one twin pass a layer) or, past TWIN_ROWS_BYTES,
-    # the twin run again for each stage: the same rounding bit for bit
+    # the twin run again for each stage: the same rounding bit for bit (the residual stream's
+    # gap too, kept or from the twin's last run)
     import copy
 
     from edgequant.schemes import Scheme
@@ -297,13 +298,14 @@ def test_gptaq_by_stages_runs_the_float_twin_once_when_its_inputs_fit(monkeypatc
     linears = [n for n, m in float_model.named_modules() if isinstance(m, torch.nn.Linear)
                and n.startswith("model.layers.")]  # fmt: skip
     scheme = Scheme("int4", granularity="per_group", group_size=16, algorithm="gptq",
-                    algorithm_params={"gptaq": 0.25, "sequential": True})  # fmt: skip
+                    algorithm_params={"gptaq": 0.25, "sequential": True,
+                                      "gptaq_residual": 0.5})  # fmt: skip
     kept: list[int] = []
     original = layerwise._twin_rows
 
-    def counting(twin, floats, names):
+    def counting(twin, floats, names, writer=None):
         kept.append(len(names))
-        return original(twin, floats, names)
+        return original(twin, floats, names, writer)
 
     monkeypatch.setattr(layerwise, "_twin_rows", counting)
     # what is kept: each stage's one input (64 wide but the down projection's 96), 72 rows
@@ -323,6 +325,83 @@ def test_gptaq_by_stages_runs_the_float_twin_once_when_its_inputs_fit(monkeypatc
     for f in linears:
         a, b = found[roomy][f], found[0][f]
         assert torch.equal(a.q, b.q) and torch.equal(a.scale, b.scale), f
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("sequential", [False, True])
+def test_gptaq_residual_moves_the_down_projection_toward_the_float_models_stream(
+    monkeypatch, sequential
+):
+    # the gap of each layer's down projection pairs what the stream holds just before it is
+    # added (the input of the post-attention norm) in the float model and in the model being
+    # rounded (the layers before rounded; by stages, its own layer's other linears too) with
+    # what it reads in the latter
+    import copy
+
+    from edgequant import algorithms
+    from edgequant.schemes import Scheme
+
+    batches = _batches()
+    float_model = _tiny_llama()
+    linears = [n for n, m in float_model.named_modules() if isinstance(m, torch.nn.Linear)
+               and n.startswith("model.layers.")]  # fmt: skip
+    gaps: dict[str, torch.Tensor] = {}
+    original = algorithms.gptaq_target
+
+    def recording(weight, hessian, shift, alpha, damp=0.01, gap=None, beta=0.0):
+        if gap is not None:
+            gaps[names[id(weight)]] = gap.clone()
+            assert beta == 0.5
+        return original(weight, hessian, shift, alpha, damp, gap, beta)
+
+    monkeypatch.setattr(algorithms, "gptaq_target", recording)
+    model = copy.deepcopy(float_model)
+    names = {id(model.get_submodule(f).weight): f for f in linears}
+    scheme = Scheme("int4", granularity="per_group", group_size=16, algorithm="gptq",
+                    algorithm_params={"gptaq": 0.25, "gptaq_residual": 0.5,
+                                      "sequential": sequential})  # fmt: skip
+    found = layerwise.run(model, {f: scheme for f in linears}, batches)
+    assert sorted(gaps) == [f"model.layers.{i}.mlp.down_proj" for i in range(2)]
+    rounded = copy.deepcopy(float_model)
+    norms = [f"model.layers.{i}.post_attention_layernorm" for i in range(2)]
+    downs = [f"model.layers.{i}.mlp.down_proj" for i in range(2)]
+    stream_f = _inputs_of(float_model, norms, batches)
+
+    def round_in(fqns):
+        for f in fqns:
+            weight = found[f].dequantize(16).to(torch.float32)
+            rounded.get_submodule(f).weight = torch.nn.Parameter(weight)
+
+    for i in range(2):
+        others = [f for f in linears if f.startswith(f"model.layers.{i}.") and f != downs[i]]
+        if sequential:
+            round_in(others)
+        here = _inputs_of(rounded, [norms[i], downs[i]], batches)
+        r, xq = stream_f[norms[i]] - here[norms[i]], here[downs[i]]
+        want = 2.0 * r.T @ xq / xq.shape[0]
+        assert torch.allclose(gaps[downs[i]], want, rtol=1e-4, atol=1e-6), i
+        round_in([*others, downs[i]])
+    # the first layer reads the same stream in both models until its own linears: no gap,
+    # unless its attention is rounded first
+    assert (torch.count_nonzero(gaps[downs[0]]) > 0) == sequential
+    assert torch.count_nonzero(gaps[downs[1]]) > 0
+
+
+def test_gptaq_residual_is_refused_where_a_norm_follows_the_last_linear():
+    from edgequant.schemes import Scheme
+
+    model = _gemma3_with_local_and_global_layers()
+    linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+               and n.startswith("model.layers.")]  # fmt: skip
+    scheme = Scheme("int4", granularity="per_group", group_size=16, algorithm="gptq",
+                    algorithm_params={"gptaq": 0.25, "gptaq_residual": 0.5})  # fmt: skip
+    with pytest.raises(ValueError) as e:
+        layerwise.run(model, {f: scheme for f in linears}, _batches())
+    assert str(e.value) == (
+        "gptaq_residual: model.layers.0.mlp.down_proj, the layer's last linear, does not add "
+        "its output to the residual stream (a norm or another op follows it); drop "
+        "gptaq_residual"
+    )
 
 
 def test_gptaq_refuses_a_linear_outside_the_layers_that_is_not_the_head(monkeypatch):

@@ -139,7 +139,7 @@ INVALID = [
     (
         dict(weight="int8", algorithm="gptq", algorithm_params={"dampen": 0.1}),
         "Scheme: algorithm 'gptq' takes no parameter 'dampen'; it takes ['act_order', 'block', "
-        "'damp', 'gptaq', 'magnitude', 'scales', 'sequential']",
+        "'damp', 'gptaq', 'gptaq_residual', 'magnitude', 'scales', 'sequential']",
     ),
     (
         dict(weight="int8", symmetric="yes"),
@@ -315,6 +315,7 @@ def test_describe(scheme, text):
         ("gptq", "scales", "max", "one of ['mse', 'minmax']"),
         ("gptq", "gptaq", 1.5, "a number in [0.0, 1.0]"),
         ("awq", "gptaq", -0.25, "a number in [0.0, 1.0]"),
+        ("gptq", "gptaq_residual", 2.0, "a number in [0.0, 1.0]"),
         ("awq", "tokens", 0, "an integer in [1, 1000000]"),
         ("smoothquant", "alpha", 1.5, "a number in [0.0, 1.0]"),
     ],
@@ -335,6 +336,17 @@ def test_algorithm_parameters_at_their_bounds_are_accepted():
     Scheme("int8", algorithm="hqq", algorithm_params={"iters": 0, "magnitude": 8})
     Scheme("int8", activation="int8_dynamic", algorithm="smoothquant",
            algorithm_params={"alpha": 0.0})  # fmt: skip
+
+
+def test_gptaq_residual_needs_gptaq():
+    with pytest.raises(ValueError) as e:
+        Scheme("int4", "per_group", 32, algorithm="gptq", algorithm_params={"gptaq_residual": 0.5})
+    assert str(e.value) == (
+        "Scheme: gptq parameter gptaq_residual moves GPTAQ's target: it needs gptaq > 0"
+    )
+    scheme = Scheme("int4", "per_group", 32, algorithm="gptq",
+                    algorithm_params={"gptaq": 0.25, "gptaq_residual": 0.5})  # fmt: skip
+    assert scheme.params == {"gptaq": 0.25, "gptaq_residual": 0.5}
 
 
 def test_awq_takes_gptaq_only_with_its_gptq_rounding():

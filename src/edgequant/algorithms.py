@@ -437,6 +437,8 @@ def gptaq_target(
     shift: torch.Tensor,
     alpha: float,
     damp: float = 0.01,
+    gap: torch.Tensor | None = None,
+    beta: float = 0.0,
 ) -> torch.Tensor:
     """The weight GPTQ should round for GPTAQ's asymmetric calibration (Li et al., 2025,
     "GPTQv2"): a linear of the model being rounded reads ``x_q``, its float twin read ``x_f``;
@@ -447,22 +449,34 @@ def gptaq_target(
     linear's own float output on the rounded model's inputs. ``alpha`` takes that fraction of
     the step (``alpha = 0`` is ``weight``): the whole step fits the calibration rows' rounding
     noise too, shrinking every direction the inputs carry little energy in (measured on
-    SmolLM2: KL 1.30 at 1, 0.085 at 0.25, against 0.101 without; docs/algorithms.md). Returns
-    float32."""
-    cols = weight.shape[1]
+    SmolLM2: KL 1.30 at 1, 0.085 at 0.25, against 0.101 without; docs/algorithms.md).
+
+    ``gap`` (``G = 2 R^T X_q / n``, ``[rows, cols]``) with ``beta``: the linear's output is added
+    to the residual stream, which differs by ``R`` between the float model and the model being
+    rounded just before it; ``beta`` of the step ``G H^-1`` towards the weight that best maps
+    ``x_q`` to the float output plus that difference moves the stream back towards the float
+    model's. Returns float32."""
+    rows, cols = weight.shape
     if hessian.shape != (cols, cols) or shift.shape != (cols, cols):
         raise ValueError(
             f"hessian and shift must be [{cols}, {cols}], got {tuple(hessian.shape)} and "
             f"{tuple(shift.shape)}"
         )
+    if gap is not None and gap.shape != (rows, cols):
+        raise ValueError(f"gap must be [{rows}, {cols}], got {tuple(gap.shape)}")
     w = weight.detach().double()
-    if alpha == 0:
+    if gap is None:
+        beta = 0.0
+    if alpha == 0 and beta == 0:
         return w.float()
     h = hessian.detach().double().clone()
     _damped(h, damp)
-    # (W D H^-1)^T = H^-1 D^T W^T, H symmetric
-    step = torch.cholesky_solve(shift.detach().double().T @ w.T, torch.linalg.cholesky(h))
-    return w.add_(step.T, alpha=alpha).float()
+    # (alpha W D + beta G) H^-1, transposed: H^-1 (alpha D^T W^T + beta G^T), H symmetric
+    right = alpha * (shift.detach().double().T @ w.T)
+    if beta:
+        right += beta * gap.detach().double().T
+    step = torch.cholesky_solve(right, torch.linalg.cholesky(h))
+    return w.add_(step.T).float()
 
 
 def _damped(h: torch.Tensor, damp: float) -> torch.Tensor:

@@ -154,6 +154,32 @@ def gptaq_strength(scheme: Scheme) -> float:
     return float(scheme.params.get("gptaq", 0.0)) if _rounds_by_gptq(scheme) else 0.0
 
 
+def gptaq_residual(scheme: Scheme) -> float:
+    """The ``gptaq_residual`` parameter of a rule GPTQ rounds (0: none)."""
+    return float(scheme.params.get("gptaq_residual", 0.0)) if _rounds_by_gptq(scheme) else 0.0
+
+
+class _Gap:
+    """Sums ``r^T x_q`` in fp64 for a layer's last linear (``gptaq_residual``,
+    `algorithms.gptaq_target`'s ``gap``): ``x_q`` is what it reads in the model being rounded,
+    ``r`` what the residual stream it writes into differs by, float model less the model being
+    rounded, just before its output is added (each layer's output less the linear's own)."""
+
+    def __init__(self, rows: int, cols: int) -> None:
+        self.sum = torch.zeros(rows, cols, dtype=torch.float64)
+        self.rows = 0
+
+    def add(self, r: torch.Tensor, x: torch.Tensor) -> None:
+        r2 = r.detach().reshape(-1, r.shape[-1]).float()
+        x2 = x.detach().reshape(-1, x.shape[-1]).float()
+        self.sum += r2.T @ x2
+        self.rows += x2.shape[0]
+
+    def value(self) -> torch.Tensor:
+        """``G = 2 R^T X_q / n``, on the scale of `_Hessian.value`."""
+        return 2.0 * self.sum / max(self.rows, 1)
+
+
 class _Inputs:
     """Per-channel sums of ``|x|`` and ``x^2``, the max of ``|x|``, and ``keep`` evenly spaced
     rows of every batch, of a linear's inputs."""
@@ -203,28 +229,33 @@ def _rounds_by_gptq(scheme: Scheme) -> bool:
 
 
 def hessian_rounded(weight: torch.Tensor, scheme: Scheme, hessian: torch.Tensor,
-                    overwrite: bool = False, shift: torch.Tensor | None = None):  # fmt: skip
+                    overwrite: bool = False, shift: torch.Tensor | None = None,
+                    gap: torch.Tensor | None = None):  # fmt: skip
     """``weight`` rounded as a rule that `_rounds_by_gptq` rounds on its inputs' Hessian: a
     K-quant's ``imatrix`` by llama.cpp's quantizer with the Hessian's diagonal, the others by
     GPTQ (``overwrite``: it may use the Hessian's memory); with ``shift`` (`_Shift.value`) and
-    a ``gptaq`` strength, GPTQ rounds `algorithms.gptaq_target` instead of ``weight``."""
+    a ``gptaq`` strength, GPTQ rounds `algorithms.gptaq_target` instead of ``weight`` (moved by
+    ``gap``, `_Gap.value`, too with a ``gptaq_residual``)."""
     if scheme.algorithm == "imatrix":
         return imatrix_rounded(weight, scheme, hessian)
-    params = {k: v for k, v in scheme.params.items() if k != "gptaq"}
+    params = {k: v for k, v in scheme.params.items() if k not in ("gptaq", "gptaq_residual")}
     if scheme.algorithm != "gptq":  # awq with gptq: true passes on its magnitude only
         params = {k: v for k, v in params.items() if k == "magnitude"}
     alpha = gptaq_strength(scheme)
     if shift is not None and alpha > 0:
         damp = params.get("damp", 0.01)
-        weight = algorithms.gptaq_target(weight, hessian, shift, alpha, damp)
+        weight = algorithms.gptaq_target(weight, hessian, shift, alpha, damp, gap=gap,
+                                         beta=gptaq_residual(scheme))  # fmt: skip
     return algorithms.gptq(weight, scheme, hessian, overwrite_hessian=overwrite, **params)
 
 
 def _gptq(module: nn.Module, scheme: Scheme, h: _Hessian, write: bool = True,
-          shift: _Shift | None = None):  # fmt: skip
+          shift: _Shift | None = None, gap: _Gap | None = None):  # fmt: skip
     d = None if shift is None else shift.value()
-    result = hessian_rounded(linear_weight(module), scheme, h.take(), overwrite=True, shift=d)
-    del d
+    g = None if gap is None else gap.value()
+    result = hessian_rounded(linear_weight(module), scheme, h.take(), overwrite=True, shift=d,
+                             gap=g)  # fmt: skip
+    del d, g
     if write:
         _write(module, result, scheme)
     return result
@@ -312,36 +343,58 @@ def _run_layer(
             h.remove()
 
 
-def _twin_rows(twin, floats: list, names: list[str]) -> list[dict[str, torch.Tensor]]:
+def _twin_rows(twin, floats: list, names: list[str],
+               writer: str | None = None) -> list[dict[str, torch.Tensor]]:  # fmt: skip
     """Run the float ``twin`` once on every batch (``floats`` become the next layer's), keeping
     what its linears ``names`` read: one dict per batch, which `_paired_pass` reads instead of
-    running the twin again for each stage (linears reading one tensor keep it once)."""
+    running the twin again for each stage (linears reading one tensor keep it once); with
+    ``writer`` (the layer's last linear), also the stream before its output is added, under
+    `STREAM`."""
     rows: list[dict[str, torch.Tensor]] = []
     stash: dict = {}
     keep = {twin.get_submodule(n): _stasher(stash, n) for n in names}
+    if writer is not None:
+        then = keep.get(twin.get_submodule(writer))
+
+        def written(module, args, out) -> None:
+            if then is not None:
+                then(module, args, out)
+            stash[STREAM] = out[0] if isinstance(out, (tuple, list)) else out
+
+        keep[twin.get_submodule(writer)] = written
     for k in range(len(floats)):
         pair = floats[k : k + 1]
         _run_layer(twin, pair, keep, advance=True)
         floats[k] = pair[0]
+        if writer is not None:  # the layer's output less the linear's
+            stash[STREAM] = floats[k][0][0] - stash[STREAM]
         rows.append(dict(stash))
         stash.clear()
     return rows
 
 
-def _twin_rows_bytes(floats: list, modules: dict, stages: list[list[str]]) -> int:
-    """What `_twin_rows` keeps for ``stages``' linears: each stage's one input, every batch."""
+STREAM = "(the residual stream before the layer's last linear adds its output)"
+
+
+def _twin_rows_bytes(floats: list, modules: dict, stages: list[list[str]], stream: int = 0) -> int:
+    """What `_twin_rows` keeps for ``stages``' linears: each stage's one input, every batch;
+    and ``stream`` values a row of the stream (its width, with a ``writer``)."""
     rows = sum(args[0].numel() // args[0].shape[-1] for args, _ in floats)
-    return sum(4 * rows * linear_weight(modules[stage[0]]).shape[1] for stage in stages if stage)
+    widths = [linear_weight(modules[stage[0]]).shape[1] for stage in stages if stage]
+    return 4 * rows * (sum(widths) + stream)
 
 
 def _paired_pass(layer, twin, inputs: list, floats: list, hessians: dict, asym: list[str],
-                 stop: list[str] | None, twin_rows: list | None = None) -> dict:  # fmt: skip
+                 stop: list[str] | None, twin_rows: list | None = None,
+                 writer: tuple[str, _Gap] | None = None) -> dict:  # fmt: skip
     """GPTAQ's gathering pass: each batch through the float ``twin`` (on the float model's
     hidden states ``floats``; its linears ``asym`` keep their inputs), then through ``layer``
     (on ``inputs``) with ``hessians``' hooks and a `_Shift` for each of ``asym``; with ``stop``
     (a stage's linears' names) both runs stop where the stage begins (`_run_layer`), else
     ``floats`` become the next layer's. With ``twin_rows`` (`_twin_rows`), the twin does not
-    run: its inputs are read from there (and dropped). Returns name -> `_Shift`."""
+    run: its inputs are read from there (and dropped). With ``writer`` (the layer's last
+    linear, whose output `_adds_to_stream`, and its `_Gap`; runs of the whole layer only), the
+    gap is summed too. Returns name -> `_Shift`."""
     stash: dict = {}
     paired: dict = {}
     shifts = {
@@ -358,6 +411,24 @@ def _paired_pass(layer, twin, inputs: list, floats: list, hessians: dict, asym: 
 
     hooks = {layer.get_submodule(n): both(h, shifts.get(n)) for n, h in hessians.items()}
     keep = {twin.get_submodule(n): _stasher(stash, n) for n in asym}
+    seen: dict = {}
+    if writer is not None:
+        if stop is not None:
+            raise ValueError("the residual stream's gap is gathered on whole runs of the layer")
+
+        def output(key: str, then=None):
+            def hook(module, args, out) -> None:
+                if then is not None:
+                    then(module, args, out)
+                seen[key] = out[0] if isinstance(out, (tuple, list)) else out
+                seen[f"{key} input"] = args[0] if args else None
+
+            return hook
+
+        in_layer, in_twin = layer.get_submodule(writer[0]), twin.get_submodule(writer[0])
+        hooks[in_layer] = output("written", hooks.get(in_layer))
+        hooks[layer] = output("layer")
+        keep[in_twin] = output("float written", keep.get(in_twin))
     for k in range(len(inputs)):
         if twin_rows is not None:
             kept = twin_rows[k]  # a linear the layer never runs kept nothing
@@ -369,9 +440,41 @@ def _paired_pass(layer, twin, inputs: list, floats: list, hessians: dict, asym: 
             floats[k] = pair[0]
         _run_layer(layer, inputs[k : k + 1], hooks,
                    stop_at=stop and [layer.get_submodule(n) for n in stop])  # fmt: skip
+        if writer is not None:  # the stream before the write: the layer's output less it
+            if twin_rows is not None:
+                before = twin_rows[k].pop(STREAM)
+            else:
+                before = floats[k][0][0] - seen["float written"]
+            writer[1].add(before - (seen["layer"] - seen["written"]), seen["written input"])
+            seen.clear()
         stash.clear()
     paired.clear()
     return shifts
+
+
+@torch.no_grad()
+def _adds_to_stream(layer: nn.Module, name: str, args: tuple, kwargs: dict) -> bool:
+    """Whether ``layer``'s output is its linear ``name``'s output added to what does not depend
+    on it (Llama's down projection; not Gemma's, a norm follows it): the layer run on ``args``
+    as it is and with that output zeroed differ by exactly that output."""
+    seen: dict = {}
+    linear = layer.get_submodule(name)
+
+    def first(out):
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+    handle = linear.register_forward_hook(lambda m, a, out: seen.update(written=out))
+    try:
+        whole = first(layer(*args, **kwargs))
+    finally:
+        handle.remove()
+    handle = linear.register_forward_hook(lambda m, a, out: torch.zeros_like(out))
+    try:
+        without = first(layer(*args, **kwargs))
+    finally:
+        handle.remove()
+    tolerance = 1e-5 * float(whole.abs().max())
+    return torch.allclose(whole - without, seen["written"], rtol=1e-4, atol=tolerance)
 
 
 def _stages(layer: nn.Module, inputs: list, modules: dict[str, nn.Module]) -> list[list[str]]:
@@ -608,19 +711,25 @@ class LayerByLayer:
             sequential = any(s.params.get("sequential", False) for s in gptq.values())
             stages = _stages(layer, inputs, modules) if sequential else [list(gptq)]
             asyms = [[n for n in stage if gptaq_strength(gptq[n]) > 0] for stage in stages]
+            writer = self._writer(layer, gptq, modules, inputs, where)
             twin_rows = None
             if sequential and any(asyms):
-                if _twin_rows_bytes(floats, modules, asyms) <= TWIN_ROWS_BYTES:
-                    twin_rows = _twin_rows(twin, floats, [n for a in asyms for n in a])
+                width = 0 if writer is None else linear_weight(modules[writer[0]]).shape[0]
+                if _twin_rows_bytes(floats, modules, asyms, width) <= TWIN_ROWS_BYTES:
+                    twin_rows = _twin_rows(twin, floats, [n for a in asyms for n in a],
+                                           writer and writer[0])  # fmt: skip
                     twin_advanced = True
             for stage, asym in zip(stages, asyms, strict=True):
                 shared: dict = {}
                 hessians = {n: _Hessian(linear_weight(modules[n]).shape[1], shared) for n in stage}
-                stop = stage if sequential else None
+                # by stages, each run stops where its stage begins; the last linear's with a
+                # gap to gather runs the whole layer (only that linear and the addition more)
+                last = writer is not None and stage == [writer[0]]
+                stop = stage if sequential and not last else None
                 shifts = {}
                 if asym:
                     shifts = _paired_pass(layer, twin, inputs, floats, hessians, asym, stop,
-                                          twin_rows)  # fmt: skip
+                                          twin_rows, writer if stop is None else None)  # fmt: skip
                     twin_advanced = twin_advanced or stop is None
                 else:
                     hooks = {modules[n]: hessians[n] for n in stage}
@@ -628,7 +737,8 @@ class LayerByLayer:
                 shared.clear()
                 give_back()  # the pass's activations, before the inverse Hessians
                 for n in stage:
-                    done[n] = _gptq(modules[n], gptq[n], hessians[n], shift=shifts.get(n))
+                    gap = writer[1] if writer is not None and writer[0] == n else None
+                    done[n] = _gptq(modules[n], gptq[n], hessians[n], shift=shifts.get(n), gap=gap)
                     shifts.pop(n, None)
                     give_back()
         if twin is not None:
@@ -637,6 +747,27 @@ class LayerByLayer:
             self.floats = [args[0] for args, _ in floats]
         _advance(layer, inputs)
         return {f"{prefix}.{i}.{n}": r for n, r in done.items()}
+
+    @staticmethod
+    def _writer(layer, gptq: dict, modules: dict, inputs: list,
+                where: str) -> tuple[str, _Gap] | None:  # fmt: skip
+        """The layer's last linear and a `_Gap` for it when its rule has a ``gptaq_residual``
+        (and GPTAQ), else None; refused where the gap cannot be gathered."""
+        if not any(gptaq_residual(s) > 0 for s in gptq.values()):
+            return None
+        last = _stages(layer, inputs, modules)[-1]
+        name = last[-1]
+        if gptaq_residual(gptq[name]) == 0 or gptaq_strength(gptq[name]) == 0:
+            return None
+        args, kwargs = inputs[0]
+        if len(last) > 1 or not _adds_to_stream(layer, name, args, kwargs):
+            raise ValueError(
+                f"gptaq_residual: {where}.{name}, the layer's last linear, does not add its "
+                "output to the residual stream (a norm or another op follows it); drop "
+                "gptaq_residual"
+            )
+        weight = linear_weight(modules[name])
+        return name, _Gap(weight.shape[0], weight.shape[1])
 
     def outside(
         self, model: nn.Module, schemes: dict[str, Scheme], final: nn.Module

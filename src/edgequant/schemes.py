@@ -45,6 +45,7 @@ ALGORITHMS: dict[str, dict[str, type]] = {
         "magnitude": float,
         "sequential": bool,
         "gptaq": float,
+        "gptaq_residual": float,
     },
     "awq": {
         "grid": int,
@@ -54,6 +55,7 @@ ALGORITHMS: dict[str, dict[str, type]] = {
         "gptq": bool,
         "magnitude": float,
         "gptaq": float,
+        "gptaq_residual": float,
     },
     "smoothquant": {"alpha": float, "grid": int, "tokens": int},
     # llama.cpp's quantizer weighing each input column by its calibration inputs' mean square
@@ -79,6 +81,7 @@ PARAM_RANGES: dict[str, tuple] = {
     "tokens": (1, 1_000_000),
     "alpha": (0.0, 1.0),
     "gptaq": (0.0, 1.0),
+    "gptaq_residual": (0.0, 1.0),
 }
 
 
@@ -210,6 +213,12 @@ algorithm_params=())
                 "Scheme: awq parameter gptaq applies to the GPTQ rounding after AWQ's scales: "
                 "it needs gptq: true"
             )
+        if named.get("gptaq_residual", 0) and not named.get("gptaq", 0):
+            raise ValueError(
+                f"Scheme: {self.algorithm} parameter gptaq_residual moves GPTAQ's target: it "
+                "needs gptaq > 0"
+            )
+
         if self.algorithm != "minmax" and self.granularity == "per_tensor":
             raise ValueError(
                 f"Scheme: algorithm {self.algorithm!r} works per channel or per group, not "
