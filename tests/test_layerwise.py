@@ -387,6 +387,31 @@ def test_gptaq_residual_moves_the_down_projection_toward_the_float_models_stream
     assert torch.count_nonzero(gaps[downs[1]]) > 0
 
 
+@torch.no_grad()
+def test_gptaq_residual_does_nothing_when_the_last_linear_is_not_rounded_by_gptaq(monkeypatch):
+    # the down projections kept float: the term has no linear to move (o_proj, the last one
+    # rounded, is not the layer's last linear and gets no gap)
+    from edgequant import algorithms
+    from edgequant.schemes import Scheme
+
+    model = _tiny_llama()
+    linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+               and n.startswith("model.layers.") and "mlp" not in n]  # fmt: skip
+    gaps: list = []
+    original = algorithms.gptaq_target
+
+    def recording(weight, hessian, shift, alpha, damp=0.01, gap=None, beta=0.0):
+        gaps.append(gap)
+        return original(weight, hessian, shift, alpha, damp, gap, beta)
+
+    monkeypatch.setattr(algorithms, "gptaq_target", recording)
+    scheme = Scheme("int4", granularity="per_group", group_size=16, algorithm="gptq",
+                    algorithm_params={"gptaq": 0.25, "gptaq_residual": 0.5})  # fmt: skip
+    found = layerwise.run(model, {f: scheme for f in linears}, _batches())
+    assert sorted(found) == sorted(linears)
+    assert len(gaps) == len(linears) and all(g is None for g in gaps)
+
+
 def test_gptaq_residual_is_refused_where_a_norm_follows_the_last_linear():
     from edgequant.schemes import Scheme
 

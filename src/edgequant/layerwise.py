@@ -477,9 +477,11 @@ def _adds_to_stream(layer: nn.Module, name: str, args: tuple, kwargs: dict) -> b
     return torch.allclose(whole - without, seen["written"], rtol=1e-4, atol=tolerance)
 
 
-def _stages(layer: nn.Module, inputs: list, modules: dict[str, nn.Module]) -> list[list[str]]:
+def _stages(layer: nn.Module, inputs: list, modules: dict[str, nn.Module],
+            ran_only: bool = False) -> list[list[str]]:  # fmt: skip
     """``modules``' names in the order ``layer`` runs them (on the first input), those reading
-    one input tensor together: Llama's q/k/v, then o, then gate/up, then down. GPTQ's
+    one input tensor together: Llama's q/k/v, then o, then gate/up, then down (then, unless
+    ``ran_only``, those the first input does not run, a stage each). GPTQ's
     ``sequential`` rounds a stage on the inputs the stages before it (rounded) give it, as
     AutoGPTQ's ``true_sequential`` does."""
     calls: list[tuple[str, torch.Tensor]] = []
@@ -506,8 +508,8 @@ def _stages(layer: nn.Module, inputs: list, modules: dict[str, nn.Module]) -> li
                 stages.append([name])
             seen.add(name)
         last = x
-    missing = [n for n in modules if n not in seen]
-    return stages + ([missing] if missing else [])
+    # linears the first input does not run: a stage each (they may read different tensors)
+    return stages + ([] if ran_only else [[n] for n in modules if n not in seen])
 
 
 @torch.no_grad()
@@ -755,9 +757,13 @@ class LayerByLayer:
         (and GPTAQ), else None; refused where the gap cannot be gathered."""
         if not any(gptaq_residual(s) > 0 for s in gptq.values()):
             return None
-        last = _stages(layer, inputs, modules)[-1]
+        # the last of all the layer's linears that run (rounded by GPTQ or not)
+        linears = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
+        last = _stages(layer, inputs, {**linears, **modules}, ran_only=True)[-1]
         name = last[-1]
-        if gptaq_residual(gptq[name]) == 0 or gptaq_strength(gptq[name]) == 0:
+        if name not in gptq or gptaq_residual(gptq[name]) == 0 or gptaq_strength(gptq[name]) == 0:
+            log.info("gptaq_residual: %s.%s, the layer's last linear, has no gptaq_residual",
+                     where, name)  # fmt: skip
             return None
         args, kwargs = inputs[0]
         if len(last) > 1 or not _adds_to_stream(layer, name, args, kwargs):
