@@ -354,14 +354,8 @@ def _twin_rows(twin, floats: list, names: list[str],
     stash: dict = {}
     keep = {twin.get_submodule(n): _stasher(stash, n) for n in names}
     if writer is not None:
-        then = keep.get(twin.get_submodule(writer))
-
-        def written(module, args, out) -> None:
-            if then is not None:
-                then(module, args, out)
-            stash[STREAM] = out[0] if isinstance(out, (tuple, list)) else out
-
-        keep[twin.get_submodule(writer)] = written
+        linear = twin.get_submodule(writer)
+        keep[linear] = _keeping(stash, STREAM, keep.get(linear))
     for k in range(len(floats)):
         pair = floats[k : k + 1]
         _run_layer(twin, pair, keep, advance=True)
@@ -415,20 +409,10 @@ def _paired_pass(layer, twin, inputs: list, floats: list, hessians: dict, asym: 
     if writer is not None:
         if stop is not None:
             raise ValueError("the residual stream's gap is gathered on whole runs of the layer")
-
-        def output(key: str, then=None):
-            def hook(module, args, out) -> None:
-                if then is not None:
-                    then(module, args, out)
-                seen[key] = out[0] if isinstance(out, (tuple, list)) else out
-                seen[f"{key} input"] = args[0] if args else None
-
-            return hook
-
         in_layer, in_twin = layer.get_submodule(writer[0]), twin.get_submodule(writer[0])
-        hooks[in_layer] = output("written", hooks.get(in_layer))
-        hooks[layer] = output("layer")
-        keep[in_twin] = output("float written", keep.get(in_twin))
+        hooks[in_layer] = _keeping(seen, "written", hooks.get(in_layer), inputs=True)
+        hooks[layer] = _keeping(seen, "layer")
+        keep[in_twin] = _keeping(seen, "float written", keep.get(in_twin))
     for k in range(len(inputs)):
         if twin_rows is not None:
             kept = twin_rows[k]  # a linear the layer never runs kept nothing
@@ -459,18 +443,14 @@ def _adds_to_stream(layer: nn.Module, name: str, args: tuple, kwargs: dict) -> b
     as it is and with that output zeroed differ by exactly that output."""
     seen: dict = {}
     linear = layer.get_submodule(name)
-
-    def first(out):
-        return out[0] if isinstance(out, (tuple, list)) else out
-
-    handle = linear.register_forward_hook(lambda m, a, out: seen.update(written=out))
+    handle = linear.register_forward_hook(_keeping(seen, "written"))
     try:
-        whole = first(layer(*args, **kwargs))
+        whole = _hidden(layer(*args, **kwargs))
     finally:
         handle.remove()
     handle = linear.register_forward_hook(lambda m, a, out: torch.zeros_like(out))
     try:
-        without = first(layer(*args, **kwargs))
+        without = _hidden(layer(*args, **kwargs))
     finally:
         handle.remove()
     tolerance = 1e-5 * float(whole.abs().max())
@@ -880,9 +860,27 @@ def _advance(layer: nn.Module, inputs: list) -> None:
     _run_layer(layer, inputs, {}, advance=True)
 
 
+def _hidden(output) -> torch.Tensor:
+    """A module's output tensor (a decoder layer's may be a tuple: its first)."""
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def _keeping(store: dict, key: str, then=None, inputs: bool = False):
+    """A forward hook running ``then`` (another hook, or None), then keeping the module's output
+    in ``store`` under ``key`` (and with ``inputs``, its input under ``key + " input"``)."""
+
+    def hook(module, args, out) -> None:
+        if then is not None:
+            then(module, args, out)
+        store[key] = _hidden(out)
+        if inputs:
+            store[f"{key} input"] = args[0]
+
+    return hook
+
+
 def _next_args(output, args: tuple) -> tuple:
-    hidden = output[0] if isinstance(output, (tuple, list)) else output
-    return (hidden, *args[1:])
+    return (_hidden(output), *args[1:])
 
 
 def _outside_layers(model, schemes, batches, results) -> None:
