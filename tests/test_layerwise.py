@@ -308,6 +308,8 @@ def test_gptaq_by_stages_runs_the_float_twin_once_when_its_inputs_fit(monkeypatc
         return original(twin, floats, names, writer)
 
     monkeypatch.setattr(layerwise, "_twin_rows", counting)
+    # the next layer's inputs made from the last run (tested on its own below) in neither
+    monkeypatch.setattr(layerwise, "_rest_fits", lambda inputs, linear: False)
     # what is kept: each stage's one input (64 wide but the down projection's 96), 72 rows
     layer = float_model.model.layers[0]
     stages = [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
@@ -446,3 +448,41 @@ def test_gptaq_refuses_a_linear_outside_the_layers_that_is_not_the_head(monkeypa
         "gptaq: ['model.embed_tokens'] are outside the decoder layers and are not the model's "
         "head (the linear reading its final norm); GPTAQ rounds only those; drop gptaq for them"
     )
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("fits", [True, False])
+def test_gptaq_by_stages_with_the_residual_term_gives_the_next_layer_the_rounded_layers_output(
+    monkeypatch, fits
+):
+    # the last stage runs the whole layer with all but the down projection rounded: its output
+    # less the down projection's float output plus the rounded one's is the next layer's input
+    # with one pass fewer; past TWIN_ROWS_BYTES the layer runs again
+    from edgequant.schemes import Scheme
+
+    model = _tiny_llama()
+    batches = _batches()
+    linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+               and n.startswith("model.layers.")]  # fmt: skip
+    scheme = Scheme("int4", granularity="per_group", group_size=16, algorithm="gptq",
+                    algorithm_params={"gptaq": 0.25, "sequential": True,
+                                      "gptaq_residual": 0.5})  # fmt: skip
+    if not fits:
+        monkeypatch.setattr(layerwise, "TWIN_ROWS_BYTES", 0)
+    steps = layerwise.LayerByLayer(model, {f: scheme for f in linears}, batches)
+    layer = steps.layers[0]
+    contexts = steps.contexts[0]
+    given = [((args[0], *rest), kwargs)
+             for (args, _), (rest, kwargs) in zip(steps.inputs, contexts, strict=True)]  # fmt: skip
+    runs = []  # the float twin is a copy of the layer, hook and all: the layer's own runs
+    handle = layer.register_forward_hook(lambda m, a, out: runs.append(m is layer))
+    steps.step(0)
+    handle.remove()
+    whole = [layer(*args, **kwargs) for args, kwargs in given]  # layer 0 as rounded
+    for got, want in zip(steps.hidden(), whole, strict=True):
+        want = want[0] if isinstance(want, tuple) else want
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+        assert torch.equal(got, want) == (not fits)
+    # the layer's whole runs: the last stage's, and once more without the room; 4 more on the
+    # first batch (`_stages` twice, `_adds_to_stream` twice)
+    assert sum(runs) == 4 + len(batches) * (1 if fits else 2)

@@ -378,9 +378,17 @@ def _twin_rows_bytes(floats: list, modules: dict, stages: list[list[str]], strea
     return 4 * rows * (sum(widths) + stream)
 
 
+def _rest_fits(inputs: list, linear: nn.Module) -> bool:
+    """Whether the rows `_paired_pass`'s ``rest`` keeps for ``linear`` (the layer's last) fit
+    `TWIN_ROWS_BYTES`: each batch's layer output and the linear's input."""
+    rows = sum(args[0].numel() // args[0].shape[-1] for args, _ in inputs)
+    return 4 * rows * sum(linear_weight(linear).shape) <= TWIN_ROWS_BYTES
+
+
 def _paired_pass(layer, twin, inputs: list, floats: list, hessians: dict, asym: list[str],
                  stop: list[str] | None, twin_rows: list | None = None,
-                 writer: tuple[str, _Gap] | None = None) -> dict:  # fmt: skip
+                 writer: tuple[str, _Gap] | None = None,
+                 rest: list | None = None) -> dict:  # fmt: skip
     """GPTAQ's gathering pass: each batch through the float ``twin`` (on the float model's
     hidden states ``floats``; its linears ``asym`` keep their inputs), then through ``layer``
     (on ``inputs``) with ``hessians``' hooks and a `_Shift` for each of ``asym``; with ``stop``
@@ -388,7 +396,9 @@ def _paired_pass(layer, twin, inputs: list, floats: list, hessians: dict, asym: 
     ``floats`` become the next layer's. With ``twin_rows`` (`_twin_rows`), the twin does not
     run: its inputs are read from there (and dropped). With ``writer`` (the layer's last
     linear, whose output `_adds_to_stream`, and its `_Gap`; runs of the whole layer only), the
-    gap is summed too. Returns name -> `_Shift`."""
+    gap is summed too, and ``rest`` (a list) gets each batch's layer output less that linear's
+    and the linear's input (`LayerByLayer.step` then makes the next layer's inputs from them).
+    Returns name -> `_Shift`."""
     stash: dict = {}
     paired: dict = {}
     shifts = {
@@ -429,7 +439,10 @@ def _paired_pass(layer, twin, inputs: list, floats: list, hessians: dict, asym: 
                 before = twin_rows[k].pop(STREAM)
             else:
                 before = floats[k][0][0] - seen["float written"]
-            writer[1].add(before - (seen["layer"] - seen["written"]), seen["written input"])
+            without = seen["layer"] - seen["written"]
+            writer[1].add(before - without, seen["written input"])
+            if rest is not None:
+                rest.append((without, seen["written input"]))
             seen.clear()
         stash.clear()
     paired.clear()
@@ -687,7 +700,7 @@ class LayerByLayer:
                                                                     strict=True)]  # fmt: skip
         done = _smooth_layer(layer, local, inputs, n_batches, where, twin=twin)
         gptq = {n: s for n, s in local.items() if _rounds_by_gptq(s)}
-        twin_advanced = False
+        twin_advanced = advanced = False
         if gptq:
             modules = {n: layer.get_submodule(n) for n in gptq}
             sequential = any(s.params.get("sequential", False) for s in gptq.values())
@@ -708,10 +721,16 @@ class LayerByLayer:
                 # gap to gather runs the whole layer (only that linear and the addition more)
                 last = writer is not None and stage == [writer[0]]
                 stop = stage if sequential and not last else None
+                # by stages, the last run has everything but the last linear rounded: the
+                # next layer's inputs are what it gives less that linear's output plus the
+                # rounded linear's (no run more), when they fit
+                rest = [] if sequential and last and _rest_fits(inputs, modules[stage[0]]) \
+                    else None  # fmt: skip
                 shifts = {}
                 if asym:
                     shifts = _paired_pass(layer, twin, inputs, floats, hessians, asym, stop,
-                                          twin_rows, writer if stop is None else None)  # fmt: skip
+                                          twin_rows, writer if stop is None else None,
+                                          rest)  # fmt: skip
                     twin_advanced = twin_advanced or stop is None
                 else:
                     hooks = {modules[n]: hessians[n] for n in stage}
@@ -723,11 +742,20 @@ class LayerByLayer:
                     done[n] = _gptq(modules[n], gptq[n], hessians[n], shift=shifts.get(n), gap=gap)
                     shifts.pop(n, None)
                     give_back()
+                if rest is not None:
+                    linear = modules[stage[0]]
+                    for k, (without, x) in enumerate(rest):
+                        args, kwargs = inputs[k]
+                        with torch.no_grad():
+                            inputs[k] = ((without + linear(x), *args[1:]), kwargs)
+                    rest.clear()
+                    advanced = True
         if twin is not None:
             if not twin_advanced:
                 _advance(twin, floats)
             self.floats = [args[0] for args, _ in floats]
-        _advance(layer, inputs)
+        if not advanced:
+            _advance(layer, inputs)
         return {f"{prefix}.{i}.{n}": r for n, r in done.items()}
 
     @staticmethod
