@@ -85,8 +85,6 @@ def _tiny_llama():
 def test_sequential_gptq_rounds_each_stage_on_what_the_rounded_stages_before_it_give(
     monkeypatch,
 ):
-    from edgequant.schemes import Scheme
-
     batches = [torch.randint(0, 128, (1, 24), generator=torch.Generator().manual_seed(k))
                for k in range(3)]  # fmt: skip
     taken: dict[str, dict[str, torch.Tensor]] = {}
@@ -104,8 +102,7 @@ def test_sequential_gptq_rounds_each_stage_on_what_the_rounded_stages_before_it_
         names = [n for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)]
         for n in names:
             layer.get_submodule(n).edgequant_name = n
-        scheme = Scheme("int4", granularity="per_group", group_size=16, algorithm="gptq",
-                        algorithm_params={"sequential": mode == "sequential"})  # fmt: skip
+        scheme = _gptq_int4(sequential=mode == "sequential")
         schemes = {f"model.layers.0.{n}": scheme for n in names}
         taken[mode] = {}
         steps = layerwise.LayerByLayer(model, schemes, batches)
@@ -145,6 +142,20 @@ def test_sequential_gptq_rounds_each_stage_on_what_the_rounded_stages_before_it_
     assert torch.equal(
         taken["together"]["self_attn.q_proj"], taken["sequential"]["self_attn.q_proj"]
     )
+
+
+def _layer_linears(model) -> list[str]:
+    """The names of the decoder layers' linears."""
+    return [n for n, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and n.startswith("model.layers.")]  # fmt: skip
+
+
+def _gptq_int4(**params):
+    """int4 in groups of 16 rounded by GPTQ with ``params``."""
+    from edgequant.schemes import Scheme
+
+    return Scheme("int4", granularity="per_group", group_size=16, algorithm="gptq",
+                  algorithm_params=params)  # fmt: skip
 
 
 def _batches(n: int = 3) -> list[torch.Tensor]:
@@ -227,7 +238,6 @@ def test_gptaq_rounds_toward_the_float_models_outputs(monkeypatch, sequential):
     import copy
 
     from edgequant import algorithms
-    from edgequant.schemes import Scheme
 
     batches = _batches()
     float_model = _tiny_llama()
@@ -245,8 +255,7 @@ def test_gptaq_rounds_toward_the_float_models_outputs(monkeypatch, sequential):
     for alpha in (0.0, 0.25):
         model = copy.deepcopy(float_model)
         names = {id(model.get_submodule(f).weight): f for f in linears}
-        scheme = Scheme("int4", granularity="per_group", group_size=16, algorithm="gptq",
-                        algorithm_params={"gptaq": alpha, "sequential": sequential})  # fmt: skip
+        scheme = _gptq_int4(gptaq=alpha, sequential=sequential)
         found[alpha] = layerwise.run(model, {f: scheme for f in linears}, batches)
     assert sorted(shifts) == sorted(linears)  # alpha 0: plain GPTQ, no shift gathered
     # the first linears read the same inputs in both models: no shift, plain GPTQ's rounding
@@ -291,15 +300,10 @@ def test_gptaq_by_stages_runs_the_float_twin_once_when_its_inputs_fit(monkeypatc
     # gap too, kept or from the twin's last run)
     import copy
 
-    from edgequant.schemes import Scheme
-
     batches = _batches()
     float_model = _tiny_llama()
-    linears = [n for n, m in float_model.named_modules() if isinstance(m, torch.nn.Linear)
-               and n.startswith("model.layers.")]  # fmt: skip
-    scheme = Scheme("int4", granularity="per_group", group_size=16, algorithm="gptq",
-                    algorithm_params={"gptaq": 0.25, "sequential": True,
-                                      "gptaq_residual": 0.5})  # fmt: skip
+    linears = _layer_linears(float_model)
+    scheme = _gptq_int4(gptaq=0.25, sequential=True, gptaq_residual=0.5)
     kept: list[int] = []
     original = layerwise._twin_rows
 
@@ -341,12 +345,10 @@ def test_gptaq_residual_moves_the_down_projection_toward_the_float_models_stream
     import copy
 
     from edgequant import algorithms
-    from edgequant.schemes import Scheme
 
     batches = _batches()
     float_model = _tiny_llama()
-    linears = [n for n, m in float_model.named_modules() if isinstance(m, torch.nn.Linear)
-               and n.startswith("model.layers.")]  # fmt: skip
+    linears = _layer_linears(float_model)
     gaps: dict[str, torch.Tensor] = {}
     original = algorithms.gptaq_target
 
@@ -359,9 +361,7 @@ def test_gptaq_residual_moves_the_down_projection_toward_the_float_models_stream
     monkeypatch.setattr(algorithms, "gptaq_target", recording)
     model = copy.deepcopy(float_model)
     names = {id(model.get_submodule(f).weight): f for f in linears}
-    scheme = Scheme("int4", granularity="per_group", group_size=16, algorithm="gptq",
-                    algorithm_params={"gptaq": 0.25, "gptaq_residual": 0.5,
-                                      "sequential": sequential})  # fmt: skip
+    scheme = _gptq_int4(gptaq=0.25, gptaq_residual=0.5, sequential=sequential)
     found = layerwise.run(model, {f: scheme for f in linears}, batches)
     assert sorted(gaps) == [f"model.layers.{i}.mlp.down_proj" for i in range(2)]
     rounded = copy.deepcopy(float_model)
@@ -394,7 +394,6 @@ def test_gptaq_residual_does_nothing_when_the_last_linear_is_not_rounded_by_gpta
     # the down projections kept float: the term has no linear to move (o_proj, the last one
     # rounded, is not the layer's last linear and gets no gap)
     from edgequant import algorithms
-    from edgequant.schemes import Scheme
 
     model = _tiny_llama()
     linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
@@ -407,21 +406,17 @@ def test_gptaq_residual_does_nothing_when_the_last_linear_is_not_rounded_by_gpta
         return original(weight, hessian, shift, alpha, damp, gap, beta)
 
     monkeypatch.setattr(algorithms, "gptaq_target", recording)
-    scheme = Scheme("int4", granularity="per_group", group_size=16, algorithm="gptq",
-                    algorithm_params={"gptaq": 0.25, "gptaq_residual": 0.5})  # fmt: skip
+    scheme = _gptq_int4(gptaq=0.25, gptaq_residual=0.5)
     found = layerwise.run(model, {f: scheme for f in linears}, _batches())
     assert sorted(found) == sorted(linears)
     assert len(gaps) == len(linears) and all(g is None for g in gaps)
 
 
 def test_gptaq_residual_is_refused_where_a_norm_follows_the_last_linear():
-    from edgequant.schemes import Scheme
 
     model = _gemma3_with_local_and_global_layers()
-    linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
-               and n.startswith("model.layers.")]  # fmt: skip
-    scheme = Scheme("int4", granularity="per_group", group_size=16, algorithm="gptq",
-                    algorithm_params={"gptaq": 0.25, "gptaq_residual": 0.5})  # fmt: skip
+    linears = _layer_linears(model)
+    scheme = _gptq_int4(gptaq=0.25, gptaq_residual=0.5)
     with pytest.raises(ValueError) as e:
         layerwise.run(model, {f: scheme for f in linears}, _batches())
     assert str(e.value) == (
@@ -437,11 +432,9 @@ def test_gptaq_refuses_a_linear_outside_the_layers_that_is_not_the_head(monkeypa
         raise AssertionError("calibration ran")
 
     monkeypatch.setattr(layerwise, "_layer_inputs", refuse)
-    from edgequant.schemes import Scheme
 
     model = _tiny_llama()
-    scheme = Scheme("int4", granularity="per_group", group_size=16, algorithm="gptq",
-                    algorithm_params={"gptaq": 0.25})  # fmt: skip
+    scheme = _gptq_int4(gptaq=0.25)
     with pytest.raises(ValueError) as e:
         layerwise.LayerByLayer(model, {"model.embed_tokens": scheme}, _batches())
     assert str(e.value) == (
@@ -458,15 +451,10 @@ def test_gptaq_by_stages_with_the_residual_term_gives_the_next_layer_the_rounded
     # the last stage runs the whole layer with all but the down projection rounded: its output
     # less the down projection's float output plus the rounded one's is the next layer's input
     # with one pass fewer; past TWIN_ROWS_BYTES the layer runs again
-    from edgequant.schemes import Scheme
-
     model = _tiny_llama()
     batches = _batches()
-    linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
-               and n.startswith("model.layers.")]  # fmt: skip
-    scheme = Scheme("int4", granularity="per_group", group_size=16, algorithm="gptq",
-                    algorithm_params={"gptaq": 0.25, "sequential": True,
-                                      "gptaq_residual": 0.5})  # fmt: skip
+    linears = _layer_linears(model)
+    scheme = _gptq_int4(gptaq=0.25, sequential=True, gptaq_residual=0.5)
     if not fits:
         monkeypatch.setattr(layerwise, "TWIN_ROWS_BYTES", 0)
     steps = layerwise.LayerByLayer(model, {f: scheme for f in linears}, batches)
