@@ -396,8 +396,7 @@ def test_gptaq_residual_does_nothing_when_the_last_linear_is_not_rounded_by_gpta
     from edgequant import algorithms
 
     model = _tiny_llama()
-    linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
-               and n.startswith("model.layers.") and "mlp" not in n]  # fmt: skip
+    linears = [n for n in _layer_linears(model) if "mlp" not in n]
     gaps: list = []
     original = algorithms.gptaq_target
 
@@ -413,7 +412,6 @@ def test_gptaq_residual_does_nothing_when_the_last_linear_is_not_rounded_by_gpta
 
 
 def test_gptaq_residual_is_refused_where_a_norm_follows_the_last_linear():
-
     model = _gemma3_with_local_and_global_layers()
     linears = _layer_linears(model)
     scheme = _gptq_int4(gptaq=0.25, gptaq_residual=0.5)
@@ -468,7 +466,7 @@ def test_gptaq_by_stages_with_the_residual_term_gives_the_next_layer_the_rounded
     handle.remove()
     whole = [layer(*args, **kwargs) for args, kwargs in given]  # layer 0 as rounded
     for got, want in zip(steps.hidden(), whole, strict=True):
-        want = want[0] if isinstance(want, tuple) else want
+        want = layerwise._hidden(want)
         assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
         assert torch.equal(got, want) == (not fits)
     # the layer's whole runs: the last stage's, and once more without the room; 4 more on the

@@ -373,16 +373,19 @@ STREAM = "(the residual stream before the layer's last linear adds its output)"
 def _twin_rows_bytes(floats: list, modules: dict, stages: list[list[str]], stream: int = 0) -> int:
     """What `_twin_rows` keeps for ``stages``' linears: each stage's one input, every batch;
     and ``stream`` values a row of the stream (its width, with a ``writer``)."""
-    rows = sum(args[0].numel() // args[0].shape[-1] for args, _ in floats)
     widths = [linear_weight(modules[stage[0]]).shape[1] for stage in stages if stage]
-    return 4 * rows * (sum(widths) + stream)
+    return 4 * _rows(floats) * (sum(widths) + stream)
+
+
+def _rows(inputs: list) -> int:
+    """The hidden-state rows (tokens) of every batch of ``inputs`` (``(args, kwargs)`` pairs)."""
+    return sum(args[0].numel() // args[0].shape[-1] for args, _ in inputs)
 
 
 def _rest_fits(inputs: list, linear: nn.Module) -> bool:
     """Whether the rows `_paired_pass`'s ``rest`` keeps for ``linear`` (the layer's last) fit
     `TWIN_ROWS_BYTES`: each batch's layer output and the linear's input."""
-    rows = sum(args[0].numel() // args[0].shape[-1] for args, _ in inputs)
-    return 4 * rows * sum(linear_weight(linear).shape) <= TWIN_ROWS_BYTES
+    return 4 * _rows(inputs) * sum(linear_weight(linear).shape) <= TWIN_ROWS_BYTES
 
 
 def _paired_pass(layer, twin, inputs: list, floats: list, hessians: dict, asym: list[str],
@@ -746,8 +749,7 @@ class LayerByLayer:
                     linear = modules[stage[0]]
                     for k, (without, x) in enumerate(rest):
                         args, kwargs = inputs[k]
-                        with torch.no_grad():
-                            inputs[k] = ((without + linear(x), *args[1:]), kwargs)
+                        inputs[k] = (_next_args(without + linear(x), args), kwargs)
                     rest.clear()
                     advanced = True
         if twin is not None:
