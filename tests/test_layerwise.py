@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 
 import pytest
@@ -174,6 +175,46 @@ def _inputs_of(model, fqns: list[str], batches) -> dict[str, torch.Tensor]:
     for h in handles:
         h.remove()
     return {f: torch.cat(rows) for f, rows in seen.items()}
+
+
+@torch.no_grad()
+def test_calibration_rounds_the_inputs_of_int8_dynamic_linears_as_their_kernels_do(monkeypatch):
+    from edgequant.kernels.reference import fake_quantize_tokens
+
+    taken: dict[str, torch.Tensor] = {}
+    original = layerwise._gptq
+
+    def recording(module, scheme, h, write=True, shift=None, gap=None):
+        taken[module.edgequant_name] = h.value().clone()
+        return original(module, scheme, h, write, shift, gap)
+
+    monkeypatch.setattr(layerwise, "_gptq", recording)
+    model, batches = _tiny_llama(), _batches()
+    layer = model.model.layers[0]
+    names = [n for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)]
+    for n in names:
+        layer.get_submodule(n).edgequant_name = n
+    scheme = dataclasses.replace(_gptq_int4(sequential=True), activation="int8_dynamic")
+    steps = layerwise.LayerByLayer(model, {f"model.layers.0.{n}": scheme for n in names},
+                                   batches)  # fmt: skip
+    steps.step(0)
+    assert not any(layer.get_submodule(n)._forward_pre_hooks for n in names)  # taken off
+    # layer 0 holds its rounded weights: run it as deployed, each linear's input rounded per
+    # token (asymmetric int8) first
+    for n in names:
+        layer.get_submodule(n).register_forward_pre_hook(
+            lambda m, a: (fake_quantize_tokens(a[0], symmetric=False), *a[1:])
+        )
+    outputs: list[torch.Tensor] = []
+    layer.register_forward_hook(lambda m, a, out: outputs.append(layerwise._hidden(out)))
+    inputs = _inputs_of(model, [f"model.layers.0.{n}" for n in names], batches)
+    for n in names:  # every stage's Hessian is of the rounded inputs the rounded stages give
+        x = inputs[f"model.layers.0.{n}"]
+        torch.testing.assert_close(taken[n], 2.0 * x.T @ x / x.shape[0], rtol=1e-4, atol=1e-6)
+    # and the next layer's inputs are what the layer gives so (the weight-only rules' inputs
+    # stay as they are: test_sequential_gptq_rounds_each_stage_on_what_the_rounded_stages...)
+    for got, want in zip(steps.hidden(), outputs, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 @torch.no_grad()

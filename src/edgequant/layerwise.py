@@ -26,10 +26,12 @@ import re
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from edgequant import algorithms, smoothing
 from edgequant._memory import give_back
 from edgequant._progress import progress_bar
+from edgequant.kernels.reference import fake_quantize_tokens
 from edgequant.layers import is_conv1d, linear_weight
 from edgequant.primitives import rows_per_block
 from edgequant.schemes import SMOOTHING, Scheme
@@ -697,11 +699,26 @@ class LayerByLayer:
             return {}
         # the float layer, before anything is rounded (AWQ's scales are folded into it too)
         twin = copy.deepcopy(layer) if self.gptaq else None
+        done = _smooth_layer(layer, local, inputs, n_batches, where, twin=twin)
+        # from here on the layer's linears read their inputs as the deployed kernels do
+        handles = _round_activations(layer, local)
+        try:
+            done.update(self._round(i, layer, local, inputs, twin))
+        finally:
+            for h in handles:
+                h.remove()
+        return {f"{prefix}.{i}.{n}": r for n, r in done.items()}
+
+    def _round(self, i: int, layer: nn.Module, local: dict[str, Scheme], inputs: list,
+               twin: nn.Module | None) -> dict[str, algorithms.Quantized]:  # fmt: skip
+        """`step`'s GPTQ of layer ``i`` (its AWQ / SmoothQuant done) and its run to give the next
+        layer its inputs; returns name -> `Quantized` of what GPTQ rounded."""
+        where = f"{self.prefix}.{i}"
+        done: dict[str, algorithms.Quantized] = {}
         floats = None
         if twin is not None:
             floats = [((f, *args[1:]), kw) for f, (args, kw) in zip(self.floats, inputs,
                                                                     strict=True)]  # fmt: skip
-        done = _smooth_layer(layer, local, inputs, n_batches, where, twin=twin)
         gptq = {n: s for n, s in local.items() if _rounds_by_gptq(s)}
         twin_advanced = advanced = False
         if gptq:
@@ -749,7 +766,8 @@ class LayerByLayer:
                     linear = modules[stage[0]]
                     for k, (without, x) in enumerate(rest):
                         args, kwargs = inputs[k]
-                        inputs[k] = (_next_args(without + linear(x), args), kwargs)
+                        y = F.linear(x, linear_weight(linear), linear.bias)  # x: as it read it
+                        inputs[k] = (_next_args(without + y, args), kwargs)
                     rest.clear()
                     advanced = True
         if twin is not None:
@@ -758,7 +776,7 @@ class LayerByLayer:
             self.floats = [args[0] for args, _ in floats]
         if not advanced:
             _advance(layer, inputs)
-        return {f"{prefix}.{i}.{n}": r for n, r in done.items()}
+        return done
 
     @staticmethod
     def _writer(layer, gptq: dict, modules: dict, inputs: list,
@@ -882,6 +900,33 @@ def _smoothed_rounding(module, scheme: Scheme, stats, s) -> algorithms.Quantized
             magnitude=magnitude,
         )  # fmt: skip
     return algorithms.minmax(weight, scheme)
+
+
+class _TokenRounding:
+    """A forward pre-hook giving a linear its input as an int8 dynamic kernel reads it
+    (quantized per token, dequantized); linears reading one tensor get one rounded tensor."""
+
+    def __init__(self, symmetric: bool) -> None:
+        self.symmetric = symmetric
+        self.last: tuple | None = None
+
+    def __call__(self, module, args):
+        x = args[0]
+        if self.last is None or self.last[0] is not x:
+            self.last = (x, fake_quantize_tokens(x, self.symmetric).to(x.dtype))
+        return (self.last[1], *args[1:])
+
+
+def _round_activations(layer: nn.Module, local: dict[str, Scheme]) -> list:
+    """`_TokenRounding` hooks on ``layer``'s linears whose rules quantize their inputs per token
+    (int8 dynamic); returns the handles."""
+    shared: dict[bool, _TokenRounding] = {}
+    handles = []
+    for n, s in local.items():
+        if s.activation == "int8_dynamic":
+            hook = shared.setdefault(s.activation_symmetric, _TokenRounding(s.activation_symmetric))
+            handles.append(layer.get_submodule(n).register_forward_pre_hook(hook))
+    return handles
 
 
 def _advance(layer: nn.Module, inputs: list) -> None:
