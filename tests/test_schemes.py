@@ -139,7 +139,7 @@ INVALID = [
     (
         dict(weight="int8", algorithm="gptq", algorithm_params={"dampen": 0.1}),
         "Scheme: algorithm 'gptq' takes no parameter 'dampen'; it takes ['act_order', 'block', "
-        "'damp', 'gptaq', 'gptaq_residual', 'magnitude', 'scales', 'sequential']",
+        "'damp', 'gptaq', 'gptaq_head', 'gptaq_residual', 'magnitude', 'scales', 'sequential']",
     ),
     (
         dict(weight="int8", symmetric="yes"),
@@ -316,6 +316,7 @@ def test_describe(scheme, text):
         ("gptq", "gptaq", 1.5, "a number in [0.0, 1.0]"),
         ("awq", "gptaq", -0.25, "a number in [0.0, 1.0]"),
         ("gptq", "gptaq_residual", 2.0, "a number in [0.0, 1.0]"),
+        ("gptq", "gptaq_head", -1.0, "a number in [0.0, 1.0]"),
         ("awq", "tokens", 0, "an integer in [1, 1000000]"),
         ("smoothquant", "alpha", 1.5, "a number in [0.0, 1.0]"),
     ],
@@ -338,15 +339,16 @@ def test_algorithm_parameters_at_their_bounds_are_accepted():
            algorithm_params={"alpha": 0.0})  # fmt: skip
 
 
-def test_gptaq_residual_needs_gptaq():
+@pytest.mark.parametrize("name", ["gptaq_residual", "gptaq_head"])
+def test_gptaq_residual_and_head_need_gptaq(name):
     with pytest.raises(ValueError) as e:
-        Scheme("int4", "per_group", 32, algorithm="gptq", algorithm_params={"gptaq_residual": 0.5})
+        Scheme("int4", "per_group", 32, algorithm="gptq", algorithm_params={name: 0.5})
     assert str(e.value) == (
-        "Scheme: gptq parameter gptaq_residual moves GPTAQ's target: it needs gptaq > 0"
+        f"Scheme: gptq parameter {name} works with GPTAQ's float twin: it needs gptaq > 0"
     )
     scheme = Scheme("int4", "per_group", 32, algorithm="gptq",
-                    algorithm_params={"gptaq": 0.25, "gptaq_residual": 0.5})  # fmt: skip
-    assert scheme.params == {"gptaq": 0.25, "gptaq_residual": 0.5}
+                    algorithm_params={"gptaq": 0.25, name: 0.5})  # fmt: skip
+    assert scheme.params == {"gptaq": 0.25, name: 0.5}
 
 
 def test_awq_takes_gptaq_only_with_its_gptq_rounding():

@@ -363,6 +363,17 @@ def test_under_a_memory_limit_below_the_float_size_only_streaming_works(tmp_path
     assert _digest(tmp_path / "st/model.safetensors") == _digest(tmp_path / "mem/model.safetensors")
 
 
+def test_a_streamed_run_refuses_gptaq_head(tiny_folder, tmp_path):
+    recipe = with_algorithm(edgequant.recipes.get("8da4w"), "gptq", gptaq=0.25, gptaq_head=1.0)
+    with pytest.raises(ValueError, match=(
+        r"^gptaq_head \(lm_head and others\) fits the float head to the rounded "
+        r"model, which a streamed run does not do yet: quantize in memory \(--no-stream\) or "
+        r"drop gptaq_head$"
+    )):  # fmt: skip
+        stream.quantize(open_source(tiny_folder), recipe, tmp_path / "s", calibration=_batches())
+    assert not (tmp_path / "s").exists()
+
+
 def test_a_stopped_gptaq_run_resumes_to_the_in_memory_bundle(tiny_folder, tmp_path):
     # GPTAQ carries the float model's calibration hidden states across the stop too
     recipe = with_algorithm(edgequant.recipes.get("8da4w"), "gptq", gptaq=0.25)

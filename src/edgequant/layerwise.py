@@ -161,6 +161,11 @@ def gptaq_residual(scheme: Scheme) -> float:
     return float(scheme.params.get("gptaq_residual", 0.0)) if _rounds_by_gptq(scheme) else 0.0
 
 
+def gptaq_head(scheme: Scheme) -> float:
+    """The ``gptaq_head`` parameter of a rule GPTQ rounds (0: none)."""
+    return float(scheme.params.get("gptaq_head", 0.0)) if _rounds_by_gptq(scheme) else 0.0
+
+
 class _Gap:
     """Sums ``r^T x_q`` in fp64 for a layer's last linear (``gptaq_residual``,
     `algorithms.gptaq_target`'s ``gap``): ``x_q`` is what it reads in the model being rounded,
@@ -240,7 +245,8 @@ def hessian_rounded(weight: torch.Tensor, scheme: Scheme, hessian: torch.Tensor,
     ``gap``, `_Gap.value`, too with a ``gptaq_residual``)."""
     if scheme.algorithm == "imatrix":
         return imatrix_rounded(weight, scheme, hessian)
-    params = {k: v for k, v in scheme.params.items() if k not in ("gptaq", "gptaq_residual")}
+    params = {k: v for k, v in scheme.params.items()
+              if k not in ("gptaq", "gptaq_residual", "gptaq_head")}
     if scheme.algorithm != "gptq":  # awq with gptq: true passes on its magnitude only
         params = {k: v for k, v in params.items() if k == "magnitude"}
     alpha = gptaq_strength(scheme)
@@ -535,6 +541,8 @@ def run(
     for i in progress_bar(range(len(steps.layers)), len(steps.layers), steps.label, "layer"):
         results.update(steps.step(i, _scales))
     rest = {fqn: s for fqn, s in schemes.items() if fqn not in results}
+    if _scales is None:
+        steps.fit_float_head(model)  # before `outside` lets go of the hidden states
     if rest and _scales is None:
         final = head_norm(model, rest)
         if final is not None:  # the head: from the last layer's hidden states, already here
@@ -802,6 +810,45 @@ class LayerByLayer:
             )
         weight = linear_weight(modules[name])
         return name, _Gap(weight.shape[0], weight.shape[1])
+
+    @torch.no_grad()
+    def fit_float_head(self, model: nn.Module) -> None:
+        """``gptaq_head`` (the largest of the rules'): a head the recipe keeps float moves that
+        fraction of the way to the weight that maps the rounded model's final hidden states
+        (through the final norm) to the float model's logits by least squares:
+        `algorithms.gptaq_target` with the whole ``gptaq_head`` as its fraction, from the last
+        layer's hidden states of both models, which are already here. Nothing is rounded, so
+        nothing of the rounding's noise is fitted, unlike a rounded linear's step; the fit is
+        damped toward the head's own weight as GPTQ damps (``damp``, 0.01). A head rounded by
+        its own rule, or none, is left alone; a head tied to the embedding is refused (its
+        lookups would change too)."""
+        alpha = max((gptaq_head(s) for s in self.schemes.values()), default=0.0)
+        if alpha == 0:
+            return
+        from edgequant.models.families import module_name
+
+        fqn, norm = module_name(model, "output"), module_name(model, "norm")
+        if fqn is None or norm is None or fqn in self.schemes:
+            log.info("gptaq_head: the model's head is %s; nothing to fit",
+                     "rounded by its own rule" if fqn else "not there")  # fmt: skip
+            return
+        head = model.get_submodule(fqn)
+        weight = linear_weight(head)
+        if any(p is head.weight for n, p in model.named_parameters(remove_duplicate=False)
+               if n != f"{fqn}.weight"):  # fmt: skip
+            raise ValueError(
+                f"gptaq_head: {fqn} is tied to the embedding, whose lookups would change too; "
+                "untie the head (a rotation unties it where the final norm has a weight) or "
+                "drop gptaq_head"
+            )
+        modules = {fqn: head}
+        hessians, shifts = _hessians_after(model.get_submodule(norm), modules, self.hidden(),
+                                           self.floats)  # fmt: skip
+        fitted = algorithms.gptaq_target(weight, hessians[fqn].value(), shifts[fqn].value(),
+                                         alpha)  # fmt: skip
+        if is_conv1d(head):
+            fitted = fitted.T
+        head.weight = nn.Parameter(fitted.to(head.weight.dtype), requires_grad=False)
 
     def outside(
         self, model: nn.Module, schemes: dict[str, Scheme], final: nn.Module

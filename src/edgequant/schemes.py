@@ -46,6 +46,7 @@ ALGORITHMS: dict[str, dict[str, type]] = {
         "sequential": bool,
         "gptaq": float,
         "gptaq_residual": float,
+        "gptaq_head": float,
     },
     "awq": {
         "grid": int,
@@ -56,6 +57,7 @@ ALGORITHMS: dict[str, dict[str, type]] = {
         "magnitude": float,
         "gptaq": float,
         "gptaq_residual": float,
+        "gptaq_head": float,
     },
     "smoothquant": {"alpha": float, "grid": int, "tokens": int},
     # llama.cpp's quantizer weighing each input column by its calibration inputs' mean square
@@ -82,6 +84,7 @@ PARAM_RANGES: dict[str, tuple] = {
     "alpha": (0.0, 1.0),
     "gptaq": (0.0, 1.0),
     "gptaq_residual": (0.0, 1.0),
+    "gptaq_head": (0.0, 1.0),
 }
 
 
@@ -213,11 +216,12 @@ algorithm_params=())
                 "Scheme: awq parameter gptaq applies to the GPTQ rounding after AWQ's scales: "
                 "it needs gptq: true"
             )
-        if named.get("gptaq_residual", 0) and not named.get("gptaq", 0):
-            raise ValueError(
-                f"Scheme: {self.algorithm} parameter gptaq_residual moves GPTAQ's target: it "
-                "needs gptaq > 0"
-            )
+        for name in ("gptaq_residual", "gptaq_head"):
+            if named.get(name, 0) and not named.get("gptaq", 0):
+                raise ValueError(
+                    f"Scheme: {self.algorithm} parameter {name} works with GPTAQ's float twin: "
+                    "it needs gptaq > 0"
+                )
 
         if self.algorithm != "minmax" and self.granularity == "per_tensor":
             raise ValueError(

@@ -123,6 +123,13 @@ def quantize(
     p = plan(model, recipe)
     todo = [lp for lp in p if lp.scheme is not None and lp.scheme.weight != "fp32"]
     schemes = calibrated_schemes(todo)
+    fitted = sorted(f for f, s in schemes.items() if s.params.get("gptaq_head", 0))
+    if fitted:
+        raise ValueError(
+            f"gptaq_head ({fitted[0]}{' and others' if len(fitted) > 1 else ''}) fits the float "
+            "head to the rounded model, which a streamed run does not do yet: quantize in "
+            "memory (--no-stream) or drop gptaq_head"
+        )
     if schemes and calibration is None:
         needs_calibration(schemes)  # raises, naming the modules
     prefix, layers = decoder_layers(model)
