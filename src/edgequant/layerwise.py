@@ -245,8 +245,9 @@ def hessian_rounded(weight: torch.Tensor, scheme: Scheme, hessian: torch.Tensor,
     ``gap``, `_Gap.value`, too with a ``gptaq_residual``)."""
     if scheme.algorithm == "imatrix":
         return imatrix_rounded(weight, scheme, hessian)
-    params = {k: v for k, v in scheme.params.items()
-              if k not in ("gptaq", "gptaq_residual", "gptaq_head")}
+    params = {
+        k: v for k, v in scheme.params.items() if k not in ("gptaq", "gptaq_residual", "gptaq_head")
+    }
     if scheme.algorithm != "gptq":  # awq with gptq: true passes on its magnitude only
         params = {k: v for k, v in params.items() if k == "magnitude"}
     alpha = gptaq_strength(scheme)
