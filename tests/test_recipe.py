@@ -450,8 +450,8 @@ def test_deep_json_is_refused_even_with_a_raised_recursion_limit(tmp_path, value
 
 def test_the_rotated_gptaq_example_is_the_measured_configuration():
     # examples/rotated-gptaq.yaml: what docs/rotation.md measured (Hadamard, 8da4w g32 decoder
-    # linears by GPTQ with gptaq 0.25, gptaq_residual 0.25 and sequential, embedding and head
-    # float)
+    # linears by GPTQ with gptaq 0.25, gptaq_residual 0.25, gptaq_head 1 and sequential,
+    # embedding and head float)
     from pathlib import Path
 
     from edgequant.quantize import as_recipe
@@ -463,7 +463,7 @@ def test_the_rotated_gptaq_example_is_the_measured_configuration():
     assert linear == Scheme("int4", "per_group", 32, scale_dtype="fp16",
                             activation="int8_dynamic", algorithm="gptq",
                             algorithm_params={"gptaq": 0.25, "gptaq_residual": 0.25,
-                                              "sequential": True})  # fmt: skip
+                                              "gptaq_head": 1.0, "sequential": True})  # fmt: skip
     for fqn, role in (("model.embed_tokens", "embedding"), ("lm_head", "lm_head")):
         scheme, rule = recipe.resolve(fqn, role, None)
         assert scheme is None and recipe.rules[rule].role == role  # float by its own rule
