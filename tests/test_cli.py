@@ -387,7 +387,7 @@ def test_quantize_with_an_algorithm_and_calibration(stories260k, tmp_path, capsy
     assert main([*base, "--algorithm", "gptq@gptaqq=0.25", "--out", str(out)]) == 2
     assert (
         "Scheme: algorithm 'gptq' takes no parameter 'gptaqq'; it takes ['act_order', 'block', "
-        "'damp', 'gptaq', 'gptaq_residual', 'magnitude', 'scales', 'sequential']"
+        "'damp', 'gptaq', 'gptaq_head', 'gptaq_residual', 'magnitude', 'scales', 'sequential']"
         in capsys.readouterr().err
     )
     assert not out.exists()  # refused before any work

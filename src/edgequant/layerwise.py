@@ -830,8 +830,8 @@ class LayerByLayer:
 
         fqn, norm = module_name(model, "output"), module_name(model, "norm")
         if fqn is None or norm is None or fqn in self.schemes:
-            log.info("gptaq_head: the model's head is %s; nothing to fit",
-                     "rounded by its own rule" if fqn else "not there")  # fmt: skip
+            why = "rounded by its own rule" if fqn in self.schemes else "not after a final norm"
+            log.info("gptaq_head: the model's head is %s; nothing to fit", why)
             return
         head = model.get_submodule(fqn)
         weight = linear_weight(head)
