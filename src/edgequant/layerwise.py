@@ -151,19 +151,13 @@ def _stasher(stash: dict, name: str):
     return hook
 
 
-def gptaq_strength(scheme: Scheme) -> float:
-    """The ``gptaq`` parameter of a rule GPTQ rounds (0: plain GPTQ)."""
-    return float(scheme.params.get("gptaq", 0.0)) if _rounds_by_gptq(scheme) else 0.0
+# GPTAQ's parameters, which `hessian_rounded` reads and does not pass on to `algorithms.gptq`
+GPTAQ_PARAMS = ("gptaq", "gptaq_residual", "gptaq_head")
 
 
-def gptaq_residual(scheme: Scheme) -> float:
-    """The ``gptaq_residual`` parameter of a rule GPTQ rounds (0: none)."""
-    return float(scheme.params.get("gptaq_residual", 0.0)) if _rounds_by_gptq(scheme) else 0.0
-
-
-def gptaq_head(scheme: Scheme) -> float:
-    """The ``gptaq_head`` parameter of a rule GPTQ rounds (0: none)."""
-    return float(scheme.params.get("gptaq_head", 0.0)) if _rounds_by_gptq(scheme) else 0.0
+def gptaq_param(scheme: Scheme, name: str = "gptaq") -> float:
+    """One of `GPTAQ_PARAMS` of a rule GPTQ rounds (0: none; ``gptaq`` 0 is plain GPTQ)."""
+    return float(scheme.params.get(name, 0.0)) if _rounds_by_gptq(scheme) else 0.0
 
 
 class _Gap:
@@ -218,12 +212,16 @@ class _Inputs:
 
 def _write(module: nn.Module, result: algorithms.Quantized, scheme: Scheme) -> None:
     """Replace ``module``'s weight by ``result`` dequantized (what the next layers will see)."""
-    weight = linear_weight(module)
-    dequantized = result.dequantize(algorithms.group_size_of(scheme, weight.shape[1]))
+    cols = linear_weight(module).shape[1]
+    _set_weight(module, result.dequantize(algorithms.group_size_of(scheme, cols)))
+
+
+def _set_weight(module: nn.Module, weight: torch.Tensor) -> None:
+    """Give ``module`` the ``[out, in]`` ``weight`` (in its own dtype and layout) as a new
+    tensor: the old one may be shared (an lm_head tied to an embedding kept float)."""
     if is_conv1d(module):  # HF Conv1D keeps [in, out]
-        dequantized = dequantized.T
-    # a new tensor: the old one may be shared (an lm_head tied to an embedding kept float)
-    module.weight = nn.Parameter(dequantized.to(module.weight.dtype), requires_grad=False)
+        weight = weight.T
+    module.weight = nn.Parameter(weight.to(module.weight.dtype), requires_grad=False)
 
 
 def _rounds_by_gptq(scheme: Scheme) -> bool:
@@ -245,16 +243,14 @@ def hessian_rounded(weight: torch.Tensor, scheme: Scheme, hessian: torch.Tensor,
     ``gap``, `_Gap.value`, too with a ``gptaq_residual``)."""
     if scheme.algorithm == "imatrix":
         return imatrix_rounded(weight, scheme, hessian)
-    params = {
-        k: v for k, v in scheme.params.items() if k not in ("gptaq", "gptaq_residual", "gptaq_head")
-    }
+    params = {k: v for k, v in scheme.params.items() if k not in GPTAQ_PARAMS}
     if scheme.algorithm != "gptq":  # awq with gptq: true passes on its magnitude only
         params = {k: v for k, v in params.items() if k == "magnitude"}
-    alpha = gptaq_strength(scheme)
+    alpha = gptaq_param(scheme)
     if shift is not None and alpha > 0:
         damp = params.get("damp", 0.01)
         weight = algorithms.gptaq_target(weight, hessian, shift, alpha, damp, gap=gap,
-                                         beta=gptaq_residual(scheme))  # fmt: skip
+                                         beta=gptaq_param(scheme, "gptaq_residual"))  # fmt: skip
     return algorithms.gptq(weight, scheme, hessian, overwrite_hessian=overwrite, **params)
 
 
@@ -659,7 +655,7 @@ class LayerByLayer:
         self.schemes = schemes
         self.prefix, self.layers = decoder_layers(model)
         outside = {f for f in schemes if not f.startswith(f"{self.prefix}.")}
-        asym = sorted(f for f in outside if gptaq_strength(schemes[f]) > 0)
+        asym = sorted(f for f in outside if gptaq_param(schemes[f]) > 0)
         if asym and head_norm(model, outside) is None:  # before any layer runs
             raise ValueError(
                 f"gptaq: {asym} are outside the decoder layers and are not the model's head (the "
@@ -669,7 +665,7 @@ class LayerByLayer:
         self.label = " + ".join(sorted({s.algorithm for s in schemes.values()}))
         # GPTAQ: the float model's hidden states of the batches too (the first layer's inputs
         # are the same in both), each layer's float twin taking them on
-        self.gptaq = any(gptaq_strength(s) > 0 for s in schemes.values())
+        self.gptaq = any(gptaq_param(s) > 0 for s in schemes.values())
         self.floats: list[torch.Tensor] | None = self.hidden() if self.gptaq else None
 
     def hidden(self) -> list[torch.Tensor]:
@@ -734,7 +730,7 @@ class LayerByLayer:
             modules = {n: layer.get_submodule(n) for n in gptq}
             sequential = any(s.params.get("sequential", False) for s in gptq.values())
             stages = _stages(layer, inputs, modules) if sequential else [list(gptq)]
-            asyms = [[n for n in stage if gptaq_strength(gptq[n]) > 0] for stage in stages]
+            asyms = [[n for n in stage if gptaq_param(gptq[n]) > 0] for stage in stages]
             writer = self._writer(layer, gptq, modules, inputs, where)
             twin_rows = None
             if sequential and any(asyms):
@@ -792,13 +788,14 @@ class LayerByLayer:
                 where: str) -> tuple[str, _Gap] | None:  # fmt: skip
         """The layer's last linear and a `_Gap` for it when its rule has a ``gptaq_residual``
         (and GPTAQ), else None; refused where the gap cannot be gathered."""
-        if not any(gptaq_residual(s) > 0 for s in gptq.values()):
+        if not any(gptaq_param(s, "gptaq_residual") > 0 for s in gptq.values()):
             return None
         # the last of all the layer's linears that run (rounded by GPTQ or not)
         linears = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
         last = _stages(layer, inputs, {**linears, **modules}, ran_only=True)[-1]
         name = last[-1]
-        if name not in gptq or gptaq_residual(gptq[name]) == 0 or gptaq_strength(gptq[name]) == 0:
+        rule = gptq.get(name)
+        if rule is None or gptaq_param(rule, "gptaq_residual") == 0 or gptaq_param(rule) == 0:
             log.info("gptaq_residual: %s.%s, the layer's last linear, has no gptaq_residual",
                      where, name)  # fmt: skip
             return None
@@ -823,7 +820,7 @@ class LayerByLayer:
         damped toward the head's own weight as GPTQ damps (``damp``, 0.01). A head rounded by
         its own rule, or none, is left alone; a head tied to the embedding is refused (its
         lookups would change too)."""
-        alpha = max((gptaq_head(s) for s in self.schemes.values()), default=0.0)
+        alpha = max((gptaq_param(s, "gptaq_head") for s in self.schemes.values()), default=0.0)
         if alpha == 0:
             return
         from edgequant.models.families import module_name
@@ -833,10 +830,13 @@ class LayerByLayer:
             why = "rounded by its own rule" if fqn in self.schemes else "not after a final norm"
             log.info("gptaq_head: the model's head is %s; nothing to fit", why)
             return
+        from edgequant.quantize import sharing_one_weight
+
         head = model.get_submodule(fqn)
-        weight = linear_weight(head)
-        if any(p is head.weight for n, p in model.named_parameters(remove_duplicate=False)
-               if n != f"{fqn}.weight"):  # fmt: skip
+        embedding = module_name(model, "tok_embeddings")
+        if embedding is not None and len(sharing_one_weight(
+            {fqn: head, embedding: model.get_submodule(embedding)}
+        )) == 1:  # fmt: skip
             raise ValueError(
                 f"gptaq_head: {fqn} is tied to the embedding, whose lookups would change too; "
                 "untie the head (a rotation unties it where the final norm has a weight) or "
@@ -845,11 +845,8 @@ class LayerByLayer:
         modules = {fqn: head}
         hessians, shifts = _hessians_after(model.get_submodule(norm), modules, self.hidden(),
                                            self.floats)  # fmt: skip
-        fitted = algorithms.gptaq_target(weight, hessians[fqn].value(), shifts[fqn].value(),
-                                         alpha)  # fmt: skip
-        if is_conv1d(head):
-            fitted = fitted.T
-        head.weight = nn.Parameter(fitted.to(head.weight.dtype), requires_grad=False)
+        _set_weight(head, algorithms.gptaq_target(linear_weight(head), hessians[fqn].value(),
+                                                  shifts[fqn].value(), alpha))  # fmt: skip
 
     def outside(
         self, model: nn.Module, schemes: dict[str, Scheme], final: nn.Module

@@ -109,7 +109,7 @@ def quantize(
     """Quantize ``source`` with ``recipe`` one decoder layer at a time into the bundle ``out``;
     with ``windows`` (``[n, L]`` token ids) also compute the float model's logits on them."""
     from edgequant.artifact import check_writable
-    from edgequant.layerwise import LayerByLayer, decoder_layers
+    from edgequant.layerwise import LayerByLayer, decoder_layers, gptaq_param
 
     out = Path(out)
     check_writable(out, overwrite)
@@ -123,7 +123,7 @@ def quantize(
     p = plan(model, recipe)
     todo = [lp for lp in p if lp.scheme is not None and lp.scheme.weight != "fp32"]
     schemes = calibrated_schemes(todo)
-    fitted = sorted(f for f, s in schemes.items() if s.params.get("gptaq_head", 0))
+    fitted = sorted(f for f, s in schemes.items() if gptaq_param(s, "gptaq_head"))
     if fitted:
         raise ValueError(
             f"gptaq_head ({fitted[0]}{' and others' if len(fitted) > 1 else ''}) fits the float "
