@@ -269,18 +269,9 @@ def test_gptaq_head_fits_a_float_head_to_the_rounded_models_final_hidden_states(
     schemes = {n: _gptq_int4(gptaq=0.25, gptaq_head=1.0) for n in _layer_linears(model)}
     layerwise.run(model, schemes, batches)
 
-    def head_inputs(m) -> torch.Tensor:
-        rows: list[torch.Tensor] = []
-        h = m.lm_head.register_forward_hook(
-            lambda mod, a, out: rows.append(a[0].reshape(-1, a[0].shape[-1]).double())
-        )
-        for ids in batches:
-            m(ids, use_cache=False)
-        h.remove()
-        return torch.cat(rows)
-
-    # the rounded model (its layers hold their dequantized weights) and the float one
-    xq, xf = head_inputs(model), head_inputs(float_model)
+    # the rounded model's head inputs (its layers hold their dequantized weights), the float's
+    xq = _inputs_of(model, ["lm_head"], batches)["lm_head"]
+    xf = _inputs_of(float_model, ["lm_head"], batches)["lm_head"]
     n = xq.shape[0]
     want = gptaq_target(original, 2.0 * xq.T @ xq / n, 2.0 * (xf - xq).T @ xq / n, 1.0)
     fitted = model.lm_head.weight
